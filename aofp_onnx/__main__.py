@@ -1,0 +1,3 @@
+from aofp_onnx.cli import main
+
+main()
