@@ -1,0 +1,302 @@
+"""Load and normalize an ONNX model; give the analysis its shapes.
+
+Two views of one model:
+
+* the **working model** (`Graph.model`): the file as loaded (external data included) with `Constant`
+  nodes and `Identity`-of-initializer nodes folded into initializers, so every weight is an
+  initializer. Dynamic dims stay dynamic: this is the graph that is cut and written.
+* the **shape view**: a copy whose dynamic input dims are fixed (`--input-shape`, the data, or 1 for a
+  leading batch dim), shapes inferred by `onnx.shape_inference` with data propagation; tensors that
+  inference leaves unknown are read from one onnxruntime run of that copy.
+
+The folding is written here rather than taken from onnx-graphsurgeon's `fold_constants` because a
+graphsurgeon round trip re-creates the model (value_info, unused initializers, metadata) and, with
+shapes folded, bakes runtime shapes into constants; we need exactly "Constant → initializer" and
+nothing else, so node names, order and metadata stay those of the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from .errors import InputError
+
+MIN_OPSET, MAX_OPSET = 11, 21
+QUANTIZED_OPS = {
+    "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QuantizeLinear",
+    "DequantizeLinear", "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul", "QGemm",
+    "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+}
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an .onnx file (external data too) and check it is a float model we can work on."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not an ONNX file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: empty file")
+    try:
+        model = onnx.load(path, load_external_data=True)
+    except Exception as exc:  # protobuf decode errors, missing external data, ...
+        raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    check_model(model, path)
+    return model
+
+
+def check_model(model: onnx.ModelProto, label: str = "model") -> None:
+    """Refuse what is not a float ONNX model of a supported opset, with a reason."""
+    if not model.graph.node:
+        raise InputError(f"{label}: not an ONNX model (the graph has no nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise InputError(f"{label}: invalid ONNX model ({_first_line(exc)})") from None
+    opset = default_opset(model)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"{label}: opset {opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET})")
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS or node.domain == "com.microsoft" and node.op_type.startswith("QLinear"):
+            raise InputError(
+                f"{label}: quantized graph ({node.op_type} at node '{node.name}'); aofp-onnx prunes float models, "
+                "prune before quantizing")
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy where Constant nodes and Identity nodes of initializers are initializers.
+
+    Requires: a topologically sorted graph. Ensures: every node output that is a compile-time
+    constant of those two kinds is an initializer of the same name; other nodes keep their order.
+    """
+    model = _copy(model)
+    graph = model.graph
+    known = {init.name for init in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        tensor = None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            tensor = _constant_value(node)
+        elif node.op_type == "Identity" and node.input[0] in known and node.output[0] not in outputs:
+            src = next(i for i in graph.initializer if i.name == node.input[0])
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(src)
+        if tensor is None:
+            keep.append(node)
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        known.add(tensor.name)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    attr = {a.name: a for a in node.attribute}
+    if "value" in attr:
+        out = onnx.TensorProto()
+        out.CopyFrom(attr["value"].t)
+        return out
+    if "value_float" in attr:
+        return numpy_helper.from_array(np.array(attr["value_float"].f, np.float32))
+    if "value_floats" in attr:
+        return numpy_helper.from_array(np.array(list(attr["value_floats"].floats), np.float32))
+    if "value_int" in attr:
+        return numpy_helper.from_array(np.array(attr["value_int"].i, np.int64))
+    if "value_ints" in attr:
+        return numpy_helper.from_array(np.array(list(attr["value_ints"].ints), np.int64))
+    return None  # sparse or string constants stay nodes
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def input_dims(value_info: onnx.ValueInfoProto) -> list:
+    """Dims of a graph input: ints where fixed, the symbol (or None) where dynamic."""
+    dims = []
+    for d in value_info.type.tensor_type.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return dims
+
+
+def fixed_input_shapes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes for the graph inputs: `given` where named, static dims, and 1 for a dynamic batch dim."""
+    given = dict(given or {})
+    inits = {i.name for i in model.graph.initializer}
+    shapes = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = input_dims(vi)
+        if vi.name in given:
+            shape = tuple(given.pop(vi.name))
+            if len(shape) != len(dims):
+                raise InputError(f"--input-shape {vi.name}: rank {len(shape)} but the model input has rank {len(dims)}")
+            for axis, (want, got) in enumerate(zip(dims, shape)):
+                if isinstance(want, int) and want > 0 and want != got:
+                    raise InputError(f"--input-shape {vi.name}: dim {axis} is fixed to {want} in the model, got {got}")
+            shapes[vi.name] = shape
+            continue
+        shape = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif axis == 0:
+                shape.append(1)
+            else:
+                raise InputError(
+                    f"input '{vi.name}' has dynamic dim {axis} ({d or '?'}): pass --input-shape {vi.name}:"
+                    + ",".join(str(x if isinstance(x, int) and x > 0 else "N") for x in dims))
+        shapes[vi.name] = tuple(shape)
+    if given:
+        raise InputError(f"--input-shape names unknown input(s) {sorted(given)}; the model's inputs are "
+                         f"{[n for n in shapes]}")
+    return shapes
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """Copy of `model` with its inputs' dims set to `shapes` and stale value_info dropped."""
+    model = _copy(model)
+    for vi in model.graph.input:
+        if vi.name in shapes:
+            dims = vi.type.tensor_type.shape.dim
+            for d, value in zip(dims, shapes[vi.name]):
+                d.Clear()
+                d.dim_value = int(value)
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    return model
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static shapes of every tensor: onnx shape inference (data propagation on), then onnxruntime for the rest."""
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = model
+    shapes: dict[str, tuple[int, ...]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+    missing = [o for n in g.node for o in n.output if o and o not in shapes]
+    if missing:
+        shapes.update(_shapes_from_run(model, missing))
+    return shapes
+
+
+def _shapes_from_run(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of `names` from one onnxruntime run of `model` on zeros (inputs must have fixed dims)."""
+    import onnxruntime as ort
+
+    probe = _copy(model)
+    have = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in have:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    feeds = {}
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        feeds[vi.name] = np.zeros([d.dim_value for d in vi.type.tensor_type.shape.dim], dtype)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        values = sess.run(names, feeds)
+    except Exception:
+        return {}
+    return {n: tuple(v.shape) for n, v in zip(names, values) if isinstance(v, np.ndarray)}
+
+
+@dataclass
+class Graph:
+    """The working model plus what the analysis reads from it: initializers, producers, consumers, shapes."""
+
+    model: onnx.ModelProto
+    input_shapes: dict[str, tuple[int, ...]]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        g = self.model.graph
+        self.nodes = list(g.node)
+        self.inits = {i.name: i for i in g.initializer}
+        self.producer = {o: n for n in self.nodes for o in n.output if o}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for n in self.nodes:
+            for k, name in enumerate(n.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((n, k))
+        self.outputs = [o.name for o in g.output]
+        self.inputs = [i.name for i in g.input if i.name not in self.inits]
+        self.opset = default_opset(self.model)
+        first = next(iter(self.input_shapes.values()), (1,))
+        self.batch = int(first[0]) if first else 1  # MACs are reported per sample
+        self._arrays: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> "Graph":
+        model = fold_constants(model)
+        fixed = fixed_input_shapes(model, input_shapes)
+        shapes = infer_shapes(with_input_shapes(model, fixed))
+        return cls(model, fixed, shapes)
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The value of an initializer (cached), or None when `name` is not one."""
+        if name not in self.inits:
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.inits[name])
+        return self._arrays[name]
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        s = self.shapes.get(name)
+        return None if s is None else len(s)
+
+    def fingerprint(self) -> str:
+        """sha256 of the graph's structure (ops, wiring, attributes, initializer names/shapes/types), not its values."""
+        h = hashlib.sha256()
+        g = self.model.graph
+        h.update(str(self.opset).encode())
+        for vi in g.input:
+            h.update(vi.name.encode())
+        for n in g.node:
+            h.update(f"{n.domain}:{n.op_type}|{','.join(n.input)}|{','.join(n.output)}".encode())
+            for a in n.attribute:
+                h.update(a.SerializeToString())
+        for i in sorted(g.initializer, key=lambda t: t.name):
+            h.update(f"{i.name}:{i.data_type}:{list(i.dims)}".encode())
+        return h.hexdigest()[:16]

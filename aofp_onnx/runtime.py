@@ -1,0 +1,189 @@
+"""onnxruntime sessions with one lifecycle: build once, run many.
+
+`resolve_provider` turns auto/cpu/cuda into an execution provider, trusting CUDA only after a tiny
+session really runs on it. A `Runner` owns one session; on CUDA it feeds inputs through IOBinding
+and can keep an input on the device across calls (`bind_persistent`), so a calibration batch is
+uploaded once. `latency_ms` times several runners round-robin so machine noise hits them alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from .errors import InputError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDERS = ("auto", "cpu", "cuda")
+OPTIMIZATION_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+# protobuf refuses to serialize 2 GiB; larger models go through a file with external data
+MAX_IN_MEMORY_BYTES = int(1.8e9)
+ERRORS_ONLY = 3
+
+
+def resolve_provider(provider: str) -> str:
+    """The execution provider for "auto", "cpu" or "cuda"; "cuda" must really run here."""
+    if provider not in PROVIDERS:
+        raise InputError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if provider == "cpu":
+        return CPU
+    if _cuda_runs():
+        return CUDA
+    if provider == "cuda":
+        raise InputError("provider cuda: onnxruntime cannot run a session on CUDAExecutionProvider here "
+                         "(missing CUDA/cuDNN libraries or no GPU); use --provider cpu or auto")
+    return CPU
+
+
+@functools.cache
+def _cuda_runs() -> bool:
+    """Whether a 1-node Relu session runs on CUDAExecutionProvider (probed once per process)."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    ort.set_default_logger_severity(4)  # a failed CUDA load logs errors; the probe's answer says it all
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA, CPU])
+        session.run(None, {"x": np.ones(1, np.float32)})
+        return session.get_providers()[0] == CUDA
+    except Exception:  # any failure to start CUDA means "not usable"
+        return False
+    finally:
+        ort.set_default_logger_severity(ERRORS_ONLY)
+
+
+def _session_options(threads: int | None, optimization: str) -> ort.SessionOptions:
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise InputError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
+    options = ort.SessionOptions()
+    options.log_severity_level = ERRORS_ONLY
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = threads
+    return options
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+
+
+class Runner:
+    """One onnxruntime session over a model (a ModelProto or a path), built once and run many times."""
+
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike, provider: str = "auto", *,
+                 threads: int | None = None, optimization: str = "all", outputs: list[str] | None = None):
+        resolved = resolve_provider(provider)
+        providers = [CUDA, CPU] if resolved == CUDA else [CPU]
+        self._tempdir: str | None = None  # a large model's files, removed with the runner
+        self.session = ort.InferenceSession(self._source(model), _session_options(threads, optimization),
+                                            providers=providers)
+        self.provider: str = self.session.get_providers()[0]
+        self._device = "cuda" if self.provider == CUDA else None  # None: plain session.run, no IOBinding
+        self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
+        self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
+        self.outputs = self._checked_outputs(outputs) if outputs is not None else list(self.output_names)
+        self._persistent: dict[str, np.ndarray | ort.OrtValue] = {}
+
+    def _source(self, model) -> bytes | str:
+        if not isinstance(model, onnx.ModelProto):
+            if not Path(model).is_file():
+                raise InputError(f"model file not found: {model}")
+            return str(model)
+        if _uses_external_data(model):
+            raise ValueError("the ModelProto references external data that is not loaded; "
+                             "load it with onnx.load(path) or pass the model path")
+        if model.ByteSize() <= MAX_IN_MEMORY_BYTES:
+            return model.SerializeToString()
+        self._tempdir = tempfile.mkdtemp(prefix="aofp-onnx-")
+        weakref.finalize(self, shutil.rmtree, self._tempdir, ignore_errors=True)
+        path = os.path.join(self._tempdir, "model.onnx")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # save_model with external data rewrites the proto it is given
+        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data")
+        return path
+
+    def _checked_outputs(self, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in self.output_names]
+        if unknown:
+            raise ValueError(f"unknown output(s) {', '.join(unknown)} "
+                             f"(model outputs: {', '.join(self.output_names)})")
+        return list(names)
+
+    def bind_persistent(self, name: str, array: np.ndarray) -> None:
+        """Feed `array` to input `name` on every later run (kept on the device under CUDA)."""
+        if name not in self.input_names:
+            raise ValueError(f"unknown input {name!r} (model inputs: {', '.join(self.input_names)})")
+        self._persistent[name] = array if self._device is None else self._to_device(array)
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        """The requested outputs (default: the runner's outputs) as numpy arrays, in that order."""
+        names = self.outputs if outputs is None else self._checked_outputs(outputs)
+        feeds = {**self._persistent, **feeds}
+        unknown = sorted(set(feeds) - set(self.input_names))
+        missing = [n for n in self.input_names if n not in feeds]
+        if unknown or missing:
+            raise ValueError(f"feeds must name exactly the inputs {', '.join(self.input_names)}; "
+                             f"missing: {', '.join(missing) or '-'}; unknown: {', '.join(unknown) or '-'}")
+        if self._device is None:
+            return self.session.run(names, feeds)
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            device_value = value if isinstance(value, ort.OrtValue) else self._to_device(value)
+            binding.bind_ortvalue_input(name, device_value)
+        for name in names:
+            binding.bind_output(name, self._device, 0)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def _to_device(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
+
+
+def latency_ms(runners: list[Runner], feeds_per_runner: list[dict], *, warmup: int = 3,
+               repeats: int = 20) -> list[dict]:
+    """Per runner {"median", "p10", "p90", "repeats"} in milliseconds of `run`, measured round-robin.
+
+    Each timed call includes that call's host-to-device input copies and device-to-host output copies.
+    """
+    if len(runners) != len(feeds_per_runner):
+        raise ValueError(f"{len(runners)} runners but {len(feeds_per_runner)} feed dicts")
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    pairs = list(zip(runners, feeds_per_runner))
+    for _ in range(warmup):
+        for runner, feeds in pairs:
+            runner.run(feeds)
+    times = [[] for _ in runners]
+    for _ in range(repeats):
+        for i, (runner, feeds) in enumerate(pairs):
+            start = time.perf_counter()
+            runner.run(feeds)
+            times[i].append((time.perf_counter() - start) * 1e3)
+    return [_summary(t) for t in times]
+
+
+def _summary(times_ms: list[float]) -> dict:
+    p10, median, p90 = np.percentile(times_ms, [10, 50, 90])
+    return {"median": float(median), "p10": float(p10), "p90": float(p90), "repeats": len(times_ms)}
