@@ -214,6 +214,11 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 def _shapes_from_run(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ...]]:
     """Shapes of `names` from one onnxruntime run of `model` on zeros (inputs must have fixed dims)."""
+    return {n: tuple(v.shape) for n, v in probe_values(model, names).items()}
+
+
+def probe_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """Values of tensors `names` from one onnxruntime run of `model` on zeros ({} when it cannot run)."""
     import onnxruntime as ort
 
     probe = _copy(model)
@@ -236,7 +241,7 @@ def _shapes_from_run(model: onnx.ModelProto, names: list[str]) -> dict[str, tupl
         values = sess.run(names, feeds)
     except Exception:
         return {}
-    return {n: tuple(v.shape) for n, v in zip(names, values) if isinstance(v, np.ndarray)}
+    return {n: v for n, v in zip(names, values) if isinstance(v, np.ndarray)}
 
 
 @dataclass
@@ -246,6 +251,7 @@ class Graph:
     model: onnx.ModelProto
     input_shapes: dict[str, tuple[int, ...]]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    view: onnx.ModelProto | None = None  # the shape view (fixed input dims)
 
     def __post_init__(self):
         g = self.model.graph
@@ -268,8 +274,8 @@ class Graph:
     def from_model(cls, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> "Graph":
         model = fold_constants(model)
         fixed = fixed_input_shapes(model, input_shapes)
-        shapes = infer_shapes(with_input_shapes(model, fixed))
-        return cls(model, fixed, shapes)
+        view = with_input_shapes(model, fixed)
+        return cls(model, fixed, infer_shapes(view), view)
 
     def array(self, name: str) -> np.ndarray | None:
         """The value of an initializer (cached), or None when `name` is not one."""
@@ -278,6 +284,15 @@ class Graph:
         if name not in self._arrays:
             self._arrays[name] = numpy_helper.to_array(self.inits[name])
         return self._arrays[name]
+
+    def value(self, name: str) -> np.ndarray | None:
+        """A constant, or a computed tensor's value at the analysis shapes (one onnxruntime run, cached)."""
+        found = self.array(name)
+        if found is None and self.view is not None:
+            if name not in self._arrays:
+                self._arrays[name] = probe_values(self.view, [name]).get(name)
+            found = self._arrays[name]
+        return found
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return self.shapes.get(name)

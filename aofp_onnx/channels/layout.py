@@ -117,8 +117,13 @@ class Slice(Handler):
         where = ctx.describe(node)
         params = [const_input(ctx, node, k) for k in range(1, 5)]
         starts, ends, axes, steps = params
-        if starts is None or ends is None or (has_input(node, 3) and axes is None) or (has_input(node, 4) and steps is None):
-            return ctx.block(ch.ids, f"{where}: slice bounds are computed at run time")
+        if (has_input(node, 3) and axes is None) or (has_input(node, 4) and steps is None):
+            return ctx.block(ch.ids, f"{where}: slice axes or steps are computed at run time")
+        computed = starts is None or ends is None
+        if computed:
+            starts, ends = ctx.graph.value(node.input[1]), ctx.graph.value(node.input[2])
+            if starts is None or ends is None:
+                return ctx.block(ch.ids, f"{where}: slice bounds are computed at run time")
         rank = len(shape)
         axes = list(range(len(starts))) if axes is None else [_norm(int(a), rank) for a in axes]
         steps = [1] * len(starts) if steps is None else steps.tolist()
@@ -129,8 +134,35 @@ class Slice(Handler):
             return ctx.block(ch.ids, f"{where}: slices the channel axis with step {steps[k]}")
         begin, end, _ = slice(int(starts[k]), int(ends[k])).indices(shape[ch.axis])
         end = max(begin, end)
+        if computed:  # torch's chunk(): bounds i·C/n from Shape(x); they follow C' if the n chunks stay equal
+            width = len(ch.ids)
+            size = end - begin
+            if not (size and width % size == 0 and begin % size == 0 and _reads_shape_of(ctx, node, node.input[0])):
+                return ctx.block(ch.ids, f"{where}: slice bounds are computed at run time")
+            chunks = ch.ids.reshape(width // size, size)
+            for other in chunks[1:]:
+                ctx.union(chunks[0], other)
+        else:
+            ctx.rewrite(node, _slice_bounds(node.input[0], k, begin, end))
         ctx.set(node.output[0], Channels(ch.axis, ch.ids[begin:end]))
-        ctx.rewrite(node, _slice_bounds(node.input[0], k, begin, end))
+
+
+def _reads_shape_of(ctx, node, tensor) -> bool:
+    """Whether `node`'s bounds are computed from Shape(tensor) (so they follow the cut channel count)."""
+    todo = [i for i in node.input[1:3] if i]
+    seen = set()
+    while todo:
+        name = todo.pop()
+        producer = ctx.graph.producer.get(name)
+        if producer is None or name in seen:
+            continue
+        seen.add(name)
+        if producer.op_type == "Shape":
+            if producer.input[0] == tensor:
+                return True
+            continue
+        todo.extend(i for i in producer.input if i)
+    return False
 
 
 def _slice_bounds(tensor, k, begin, end):

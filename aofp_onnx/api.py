@@ -1,0 +1,250 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+    load → analyze → (criterion → keep) → cut → verify → save + report
+
+`Pruner` holds one loaded model and its channel map so several plans can be tried without reloading.
+Every function that writes refuses an output path equal to the input and writes atomically.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import criteria
+from .calib import Data, ImageOptions, apply_input_shapes, input_specs, load_data
+from .count import count_params
+from .errors import InputError
+from .graph import Graph, load_model
+from .groups import ChannelMap, analyze
+from .io import write_atomic
+from .plan import Plan, keep_from_plan, plan_from_keep
+from .runtime import Runner, latency_ms
+from .select import round_widths, select_by_score
+from .surgery import cut
+from .verify import Verification, verify
+
+CRITERIA = ("aofp", "l1", "random", "oracle")
+VERIFY_SAMPLES = 32
+
+
+@dataclass
+class Pruner:
+    """A loaded model: its working graph, channel map and (optionally) calibration data."""
+
+    path: str
+    graph: Graph
+    cmap: ChannelMap
+    data: Data | None = None
+    input_shapes: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path, *, input_shapes: dict | None = None, data: str | None = None, limit: int | None = None,
+             image_options: ImageOptions | None = None, seed: int = 0, labels: bool = False) -> "Pruner":
+        model = load_model(path)
+        specs = input_specs(model)
+        if input_shapes:
+            specs = apply_input_shapes(specs, input_shapes)
+        loaded = load_data(data, specs, limit=limit, image_options=image_options, seed=seed, labels=labels) \
+            if data else None
+        shapes = dict(input_shapes or {})
+        if loaded is not None:
+            for name, arr in loaded.inputs.items():
+                shapes.setdefault(name, (1,) + tuple(arr.shape[1:]))
+        graph = Graph.from_model(model, shapes)
+        return cls(os.fspath(path), graph, analyze(graph), loaded, shapes)
+
+    # -- data ----------------------------------------------------------------------------------
+    def feeds(self, n: int = VERIFY_SAMPLES, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+        """Batches for verification: the calibration data, or seeded normal noise at the analysis shapes."""
+        if self.data is not None:
+            return list(self.data.take(min(n, len(self.data))).batches(batch_size))
+        rng = np.random.default_rng(0)
+        inputs = {}
+        for name in self.graph.inputs:
+            shape = self.graph.input_shapes[name]
+            vi = next(v for v in self.graph.model.graph.input if v.name == name)
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+            inputs[name] = rng.standard_normal((n,) + tuple(shape[1:])).astype(dtype)
+        return list(Data(inputs, None, "noise", True).batches(batch_size))
+
+    # -- steps ---------------------------------------------------------------------------------
+    def inspect(self) -> dict:
+        cm = self.cmap
+        return {
+            "model": self.path,
+            "fingerprint": self.graph.fingerprint(),
+            "opset": self.graph.opset,
+            "input_shapes": {k: list(v) for k, v in self.graph.input_shapes.items()},
+            "macs": cm.total_macs,
+            "params": count_params(self.graph.model),
+            "prunable_macs_fraction": cm.prunable_macs_fraction(),
+            "groups": [{"id": g.id, "width": g.width, "macs": g.macs, "prunable": g.prunable,
+                        "reason": None if g.prunable else "; ".join(g.reasons)} for g in cm.groups],
+        }
+
+    def cut_and_verify(self, keep: np.ndarray, provider: str = "auto") -> tuple[onnx.ModelProto, Verification]:
+        pruned = cut(self.cmap, keep)
+        return pruned, verify(self.cmap, keep, pruned, self.feeds(), provider)
+
+
+def inspect(path, input_shapes: dict | None = None) -> dict:
+    """Groups, MACs, params and the prunable share of a model (the `inspect --json` contract)."""
+    return Pruner.load(path, input_shapes=input_shapes).inspect()
+
+
+def check_output_path(src, out) -> None:
+    """Refuse writing over the input, into a missing folder, or onto a folder."""
+    out = os.fspath(out)
+    if os.path.isdir(out):
+        raise InputError(f"{out}: is a directory; give an output file name")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise InputError(f"{out}: folder {folder} does not exist")
+    if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
+        raise InputError(f"{out}: the output path is the input model; choose another name")
+
+
+def save_model(model: onnx.ModelProto, path, external_data: bool = False) -> None:
+    """Write `model` atomically; with external data (asked, or > 1.8 GB) weights go to `<name>.data` beside it."""
+    if not external_data and model.ByteSize() < int(1.8e9):
+        write_atomic(path, model.SerializeToString())
+        return
+    path = os.path.abspath(os.fspath(path))
+    folder, base = os.path.split(path)
+    tmpdir = tempfile.mkdtemp(prefix=".aofp-", dir=folder)
+    try:
+        onnx.save_model(model, os.path.join(tmpdir, base), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=base + ".data", size_threshold=1024)
+        os.replace(os.path.join(tmpdir, base + ".data"), os.path.join(folder, base + ".data"))
+        os.replace(os.path.join(tmpdir, base), path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def measure_latency(before: onnx.ModelProto, after: onnx.ModelProto, feeds: dict, provider: str,
+                    repeats: int = 20) -> dict:
+    runners = [Runner(before, provider), Runner(after, provider)]
+    stats = latency_ms(runners, [feeds, feeds], repeats=repeats)
+    return {"before": stats[0]["median"], "after": stats[1]["median"], "provider": runners[0].provider,
+            "batch_size": int(len(next(iter(feeds.values())))), "repeats": repeats}
+
+
+def accuracy(model: onnx.ModelProto, data: Data, provider: str, batch_size: int = 256) -> float:
+    """Top-1 accuracy of the first output's argmax over axis 1 against `data.labels`."""
+    runner = Runner(model, provider)
+    correct = 0
+    for k, feeds in enumerate(data.batches(batch_size)):
+        logits = runner.run(feeds)[0]
+        labels = data.labels[k * batch_size: k * batch_size + len(logits)]
+        correct += int((logits.reshape(len(logits), -1).argmax(axis=1) == labels).sum())
+    return correct / len(data)
+
+
+def report(pruner: Pruner, keep: np.ndarray, pruned: onnx.ModelProto, verification: Verification,
+           criterion: str, search: dict, latency: dict | None) -> dict:
+    cm = pruner.cmap
+    return {
+        "model": pruner.path,
+        "criterion": criterion,
+        "macs_before": cm.total_macs,
+        "macs_after": cm.macs(keep),
+        "params_before": count_params(pruner.graph.model),
+        "params_after": count_params(pruned),
+        "groups": [{"id": g.id, "width_before": g.width, "width_after": int(keep[g.slots].sum())}
+                   for g in cm.prunable],
+        "verification": verification.to_json(),
+        "latency_ms": latency,
+        "search": search,
+    }
+
+
+def apply_plan(model_path, plan_path, output, *, calib: str | None = None, input_shapes: dict | None = None,
+               provider: str = "auto", latency: bool = False) -> dict:
+    """Cut `model_path` as `plan_path` says, verify, and write `output`; returns the report."""
+    check_output_path(model_path, output)
+    pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=VERIFY_SAMPLES)
+    plan = Plan.load(plan_path)
+    keep = keep_from_plan(pruner.cmap, plan, label=os.fspath(plan_path))
+    return finish(pruner, keep, output, criterion=plan.criterion or "plan",
+                  search={"trials": 0, "seconds": 0.0}, provider=provider, latency=latency)[0]
+
+
+def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: dict, provider: str,
+           latency: bool, batch_size: int = 32) -> tuple[dict, onnx.ModelProto]:
+    """Cut, verify (refusing to write a model that fails), write; the report and the pruned model."""
+    pruned, verification = pruner.cut_and_verify(keep, provider)
+    if not verification.passed:
+        raise RuntimeError(f"verification failed: pruned model differs from the masked original "
+                           f"(max abs diff {verification.max_abs_diff:.3g}; {verification.detail}); nothing written")
+    lat = None
+    if latency:
+        feeds = pruner.feeds(batch_size, batch_size)[0]
+        lat = measure_latency(pruner.graph.model, pruned, feeds, provider)
+    save_model(pruned, output, external_data=_has_external_data(pruner.path))
+    return report(pruner, keep, pruned, verification, criterion, search, lat), pruned
+
+
+def _has_external_data(path) -> bool:
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def verify_plan(original, pruned_path, plan_path, *, calib: str | None = None, input_shapes: dict | None = None,
+                provider: str = "auto") -> Verification:
+    """Check an already written pruned model against the original masked by the plan."""
+    pruner = Pruner.load(original, input_shapes=input_shapes, data=calib, limit=VERIFY_SAMPLES)
+    keep = keep_from_plan(pruner.cmap, Plan.load(plan_path), label=os.fspath(plan_path))
+    return verify(pruner.cmap, keep, load_model(pruned_path), pruner.feeds(), provider)
+
+
+def choose_keep(pruner: Pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1,
+                seed: int = 0, **search_options) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(keep, scores, search stats) for a criterion; l1/random need a MACs target."""
+    if criterion not in CRITERIA:
+        raise InputError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    start = time.perf_counter()
+    if criterion in ("l1", "random"):
+        if flops_target is None:
+            raise InputError(f"--criterion {criterion} needs --flops-target (the share of MACs to keep)")
+        scores = criteria.l1_scores(pruner.cmap) if criterion == "l1" else criteria.random_scores(pruner.cmap, seed)
+        keep = select_by_score(pruner.cmap, scores, flops_target, min_channels)
+        return keep, scores, {"trials": 0, "seconds": time.perf_counter() - start}
+    from . import search
+
+    return search.run(pruner, criterion, flops_target=flops_target, min_channels=min_channels, seed=seed,
+                      **search_options)
+
+
+def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_target: float | None = None,
+          round_to: int = 1, min_channels: int = 1, provider: str = "auto", seed: int = 0,
+          input_shapes: dict | None = None, plan_out=None, batch_size: int = 32, calib_limit: int | None = None,
+          latency: bool = True, image_options: ImageOptions | None = None, eval_src: str | None = None,
+          **search_options) -> dict:
+    """Search (criterion) → plan → cut → verify → write; returns the report (the `prune --report` contract)."""
+    check_output_path(model_path, output)
+    if flops_target is not None and not 0 < flops_target <= 1:
+        raise InputError(f"--flops-target must be in (0, 1], got {flops_target}")
+    if round_to < 1 or min_channels < 1:
+        raise InputError("--round-to and --min-channels must be at least 1")
+    pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=calib_limit,
+                         image_options=image_options, seed=seed)
+    labelled = load_data(eval_src, input_specs(pruner.graph.model), image_options=image_options, labels=True) \
+        if eval_src else None
+    keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
+                                       seed=seed, provider=provider, batch_size=batch_size, **search_options)
+    keep = round_widths(pruner.cmap, keep, scores, round_to, min_channels, flops_target)
+    plan = plan_from_keep(pruner.cmap, keep, criterion, seed=seed, flops_target=flops_target)
+    rep, pruned = finish(pruner, keep, output, criterion=criterion, search=search, provider=provider,
+                         latency=latency, batch_size=batch_size)
+    if labelled is not None:
+        rep["accuracy"] = {"before": accuracy(pruner.graph.model, labelled, provider),
+                           "after": accuracy(pruned, labelled, provider), "samples": len(labelled)}
+    if plan_out:
+        plan.save(plan_out)
+    return rep

@@ -1,0 +1,251 @@
+"""The `aofp-onnx` command line: a thin layer over `aofp_onnx.api`.
+
+Exit codes: 0 done; 2 the input was refused (one line on stderr, nothing written); 1 an internal
+error; 130 interrupted. Set AOFP_ONNX_DEBUG=1 for tracebacks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from . import api
+from .calib import ImageOptions, parse_input_shapes
+from .errors import InputError
+from .io import write_atomic
+
+shape_option = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,..",
+                            help="Fix an input's dims (repeatable); needed for dynamic dims without data.")
+provider_option = click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                               show_default=True, help="onnxruntime execution provider.")
+
+
+def image_options(f):
+    """Options describing how an image-folder SRC becomes input tensors."""
+    opts = [
+        click.option("--image-size", metavar="HxW", help="Resize images to H×W (default: the model's fixed dims)."),
+        click.option("--mean", metavar="M[,M,M]", help="Per-channel mean subtracted after scaling."),
+        click.option("--std", metavar="S[,S,S]", help="Per-channel std divided after the mean."),
+        click.option("--pixel-scale", type=float, default=1 / 255, show_default=True, help="Pixel multiplier."),
+        click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True),
+        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True),
+        click.option("--grayscale", is_flag=True, help="Decode images as one channel."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _floats(text, what):
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise InputError(f"--{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _image_options(kw) -> ImageOptions:
+    size = None
+    if kw.get("image_size"):
+        try:
+            h, w = (int(x) for x in kw["image_size"].lower().split("x"))
+            size = (h, w)
+        except ValueError:
+            raise InputError(f"--image-size: expected HxW, got {kw['image_size']!r}") from None
+    return ImageOptions(size=size, mean=_floats(kw.get("mean"), "mean") or (0.0,),
+                        std=_floats(kw.get("std"), "std") or (1.0,), scale=kw.get("pixel_scale", 1 / 255),
+                        channel_order=kw.get("channel_order", "rgb"), layout=kw.get("layout", "nchw"),
+                        grayscale=bool(kw.get("grayscale")))
+
+
+def _write_json(path, data) -> None:
+    write_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aofp-onnx")
+def cli():
+    """Prune whole convolution filters of an ONNX CNN with AOFP, verified against the masked original."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@shape_option
+@click.option("--json", "json_out", type=click.Path(), help="Write the inspection as JSON here.")
+@click.option("--all", "show_all", is_flag=True, help="List every group (default: the 40 largest by MACs).")
+def inspect(model, input_shape, json_out, show_all):
+    """Show the channel groups of MODEL: width, MACs, and why a group cannot be pruned."""
+    info = api.inspect(model, parse_input_shapes(list(input_shape)))
+    if json_out:
+        _write_json(json_out, info)
+    groups = info["groups"]
+    prunable = [g for g in groups if g["prunable"]]
+    click.echo(f"{info['model']}  opset {info['opset']}  inputs {info['input_shapes']}")
+    click.echo(f"MACs {info['macs']:,}  params {info['params']:,}  groups {len(groups)} ({len(prunable)} prunable)  "
+               f"prunable MACs {100 * info['prunable_macs_fraction']:.1f}%")
+    shown = groups if show_all else sorted(groups, key=lambda g: -g["macs"])[:40]
+    width = min(60, max([len(g["id"]) for g in shown] + [5]))
+    click.echo(f"{'group':<{width}} {'width':>6} {'MACs':>14}  status")
+    for g in shown:
+        status = "prunable" if g["prunable"] else f"blocked: {g['reason']}"
+        gid = g["id"] if len(g["id"]) <= width else "…" + g["id"][-width + 1:]
+        click.echo(f"{gid:<{width}} {g['width']:>6} {g['macs']:>14,}  {status}")
+    if len(shown) < len(groups):
+        click.echo(f"... {len(groups) - len(shown)} more groups (--all lists them)")
+
+
+def _summary(rep: dict) -> None:
+    ratio = rep["macs_after"] / max(rep["macs_before"], 1)
+    click.echo(f"MACs    {rep['macs_before']:,} -> {rep['macs_after']:,}  (x{ratio:.3f})")
+    click.echo(f"params  {rep['params_before']:,} -> {rep['params_after']:,}  "
+               f"(x{rep['params_after'] / max(rep['params_before'], 1):.3f})")
+    changed = sum(g["width_after"] != g["width_before"] for g in rep["groups"])
+    click.echo(f"groups  {changed} of {len(rep['groups'])} prunable groups narrowed")
+    v = rep["verification"]
+    click.echo(f"verify  {'passed' if v['passed'] else 'FAILED'}: max abs diff {v['max_abs_diff']:.3g} vs the masked "
+               f"original on {v['samples']} samples ({v['provider']})")
+    lat = rep.get("latency_ms")
+    if lat:
+        click.echo(f"latency {lat['before']:.2f} ms -> {lat['after']:.2f} ms  (x{lat['after'] / lat['before']:.3f}, "
+                   f"median of {lat['repeats']}, batch {lat['batch_size']}, {lat['provider']})")
+    acc = rep.get("accuracy")
+    if acc:
+        click.echo(f"accuracy {100 * acc['before']:.2f}% -> {100 * acc['after']:.2f}%  on {acc['samples']} samples")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Pruned model path.")
+@click.option("--calib", required=True, metavar="SRC", help=".npz, .npy, image folder, or random:N.")
+@click.option("--criterion", type=click.Choice(list(api.CRITERIA)), default="aofp", show_default=True)
+@click.option("--flops-target", type=float, help="Fraction of the original MACs to keep (0.5 = half).")
+@click.option("--threshold", type=float, default=0.01, show_default=True, help="AOFP damage threshold.")
+@click.option("--trials-per-half", type=int, default=8, show_default=True, help="AOFP trials before ranking a half.")
+@click.option("--max-trials", type=int, default=None, help="Stop the search after this many trial rounds.")
+@click.option("--oracle-step", type=int, default=None, help="Oracle: channels removed per re-ranking.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--calib-limit", type=int, default=None, help="Use at most this many calibration samples.")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Round widths to a multiple (8 for TensorRT).")
+@click.option("--min-channels", type=int, default=1, show_default=True)
+@provider_option
+@click.option("--seed", type=int, default=0, show_default=True)
+@shape_option
+@click.option("--plan-out", type=click.Path(), help="Write the plan (kept channels per group) here.")
+@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
+@click.option("--eval", "eval_src", metavar="SRC", help="Labelled data (.npz with 'labels'): accuracy before/after.")
+@click.option("--plot", type=click.Path(), help="Write a PNG of the widths per group before/after.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@image_options
+def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
+          batch_size, calib_limit, round_to, min_channels, provider, seed, input_shape, plan_out, report_path,
+          eval_src, plot, no_progress, **img):
+    """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
+    shapes = parse_input_shapes(list(input_shape))
+    for path in (plan_out, report_path, plot):
+        if path:
+            api.check_output_path(model, path)
+    search_options = {}
+    if criterion in ("aofp", "oracle"):
+        search_options = dict(threshold=threshold, trials_per_half=trials_per_half, max_trials=max_trials,
+                              oracle_step=oracle_step, progress=not no_progress)
+    rep = api.prune(model, output, calib=calib, criterion=criterion, flops_target=flops_target, round_to=round_to,
+                    min_channels=min_channels, provider=provider, seed=seed, input_shapes=shapes, plan_out=plan_out,
+                    batch_size=batch_size, calib_limit=calib_limit, image_options=_image_options(img),
+                    eval_src=eval_src, **search_options)
+    if plot:
+        from .plot import plot_widths
+
+        plot_widths(rep, plot)
+    if report_path:
+        _write_json(report_path, rep)
+    _summary(rep)
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--plan", "plan_path", required=True, type=click.Path(), help="Plan JSON (from prune --plan-out).")
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--calib", metavar="SRC", help="Data for verification (default: seeded noise).")
+@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
+@provider_option
+@shape_option
+def apply(model, plan_path, output, calib, report_path, provider, input_shape):
+    """Cut MODEL as PLAN says, verify, and write OUTPUT."""
+    rep = api.apply_plan(model, plan_path, output, calib=calib, input_shapes=parse_input_shapes(list(input_shape)),
+                         provider=provider)
+    if report_path:
+        api.check_output_path(model, report_path)
+        _write_json(report_path, rep)
+    _summary(rep)
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("original", type=click.Path())
+@click.argument("pruned", type=click.Path())
+@click.option("--plan", "plan_path", required=True, type=click.Path())
+@click.option("--calib", metavar="SRC", help="Data to compare on (default: seeded noise).")
+@provider_option
+@shape_option
+def verify(original, pruned, plan_path, calib, provider, input_shape):
+    """Check PRUNED against ORIGINAL with the plan's removed channels zeroed at their consumers."""
+    v = api.verify_plan(original, pruned, plan_path, calib=calib, input_shapes=parse_input_shapes(list(input_shape)),
+                        provider=provider)
+    click.echo(f"{'passed' if v.passed else 'FAILED'}: max abs diff {v.max_abs_diff:.3g} "
+               f"(relative {v.max_rel_diff:.3g}) on {v.samples} samples ({v.provider}) {v.detail}".rstrip())
+    sys.exit(0 if v.passed else 1)
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@provider_option
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--repeats", type=int, default=50, show_default=True)
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
+@shape_option
+@click.option("--json", "json_out", type=click.Path(), help="Write the timings as JSON here.")
+def bench(models, provider, batch_size, repeats, warmup, threads, input_shape, json_out):
+    """Latency of one or more models side by side (interleaved runs, medians)."""
+    from .bench import bench_models
+
+    rows = bench_models(list(models), provider=provider, batch_size=batch_size, repeats=repeats, warmup=warmup,
+                        threads=threads, input_shapes=parse_input_shapes(list(input_shape)))
+    if json_out:
+        _write_json(json_out, rows)
+    base = rows[0]["median_ms"]
+    click.echo(f"{'model':<40} {'median ms':>10} {'p10':>8} {'p90':>8} {'ratio':>7}   "
+               f"(batch {batch_size}, {rows[0]['provider']})")
+    for r in rows:
+        click.echo(f"{os.path.basename(r['model']):<40} {r['median_ms']:>10.3f} {r['p10_ms']:>8.3f} {r['p90_ms']:>8.3f} "
+                   f"{r['median_ms'] / base:>7.3f}")
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="aofp-onnx", standalone_mode=False)
+    except InputError as exc:
+        click.echo(f"aofp-onnx: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aofp-onnx: interrupted; nothing written", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("aofp-onnx: interrupted; nothing written", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"aofp-onnx: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        if os.environ.get("AOFP_ONNX_DEBUG"):
+            traceback.print_exc()
+        click.echo(f"aofp-onnx: internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,344 @@
+"""AOFP and the exact oracle: choosing which channels to remove from data.
+
+AOFP (Ding et al. 2019), per prunable group g with kept set K_g and search space S_g (= K_g at start):
+each trial removes a random half R_g ⊂ S_g (|R_g| = ⌊|S_g|/2⌋) on top of K and adds its damage t_g
+(next-layer relative squared error, see `trial`) to every channel of R_g. After `trials_per_half`
+trials, S_g is ranked by mean damage; with granu = ⌊|S_g|/2⌋, if the granu-th smallest mean is below
+the threshold those granu channels are pruned and the search restarts on K_g; else, if granu > 1,
+S_g shrinks to its granu best (binary search); else g is saturated. All groups search at once; the
+run stops at the MACs target (the last prune is trimmed to land on it), when every group is saturated
+(with a target, the threshold then doubles and the search goes on), or at `max_trials`.
+
+The oracle zeroes one channel at a time, measures the relative squared error of the model outputs
+Σ‖y − y_c‖² / Σ‖y‖² over the calibration batch, removes the `oracle_step` least damaging channels and
+ranks again until the target holds.
+
+The AOFP state machine takes a `damage(keep, rows) -> [T, G]` function, so it runs against
+onnxruntime (`TrialEngine`) or against a fake in tests.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .groups import ChannelMap
+from .masking import KEEP_INPUT, keep_feed, masked_model
+from .runtime import Runner
+from .select import floor_for
+from .trial import DEN_OUTPUT, NUM_OUTPUT, TRIAL_INPUT, build_trial_model
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations one stacked run may use
+UNMEASURED = 1e9  # score of a channel no trial has measured yet (ranks as important)
+
+
+def _tile(feeds: dict[str, np.ndarray], times: int) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([v] * times, axis=0) if times > 1 else v for k, v in feeds.items()}
+
+
+def _activation_bytes(cmap: ChannelMap) -> int:
+    """Bytes of all node outputs for one sample (shapes of the analysis view, per sample)."""
+    total = 0
+    for node in cmap.graph.nodes:
+        for out in node.output:
+            shape = cmap.graph.shape(out)
+            if shape:
+                total += 4 * int(np.prod(shape)) // max(cmap.graph.batch, 1)
+    return max(total, 1)
+
+
+class TrialEngine:
+    """One session of the trial graph; scores stacked trials for every group in one run."""
+
+    def __init__(self, cmap: ChannelMap, provider: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        self.cmap = cmap
+        self.runner = Runner(build_trial_model(cmap), provider)
+        self.provider = self.runner.provider
+        # the trial graph holds the model's activations plus, per copy, three sink-output-sized tensors
+        self.sample_bytes = 4 * _activation_bytes(cmap)
+        self.memory_budget = memory_budget
+
+    def max_stack(self, batch: int) -> int:
+        return max(1, int(self.memory_budget // (self.sample_bytes * batch)))
+
+    def damage(self, keep: np.ndarray, rows: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """[T, G] damage of T trial rows (each [S+1], 0 = removed by the trial) on one calibration batch."""
+        n = len(next(iter(feeds.values())))
+        t = len(rows)
+        num, den = self.runner.run({**_tile(feeds, t), KEEP_INPUT: keep_feed(keep),
+                                    TRIAL_INPUT: np.repeat(rows.astype(np.float32), n, axis=0)},
+                                   [NUM_OUTPUT, DEN_OUTPUT])
+        num = num.reshape(t, n, -1).sum(axis=1, dtype=np.float64)
+        den = den.reshape(t, n, -1).sum(axis=1, dtype=np.float64)
+        return num / np.maximum(den, 1e-30)
+
+
+@dataclass
+class _Group:
+    slots: np.ndarray
+    floor: int
+    kept: np.ndarray = None
+    space: np.ndarray = None
+    total: np.ndarray = None
+    count: np.ndarray = None
+    score: np.ndarray = None
+    trials: int = 0
+    saturated: bool = False
+    halvings: int = 0
+
+    def __post_init__(self):
+        w = len(self.slots)
+        self.kept = np.ones(w, dtype=bool)
+        self.score = np.full(w, UNMEASURED)
+        self.restart()
+
+    def restart(self):
+        self.space = np.flatnonzero(self.kept)
+        self.total = np.zeros(len(self.slots))
+        self.count = np.zeros(len(self.slots), dtype=np.int64)
+        self.trials = 0
+        self.saturated = len(self.space) < 2 or int(self.kept.sum()) <= self.floor
+
+    def means(self) -> np.ndarray:
+        return np.where(self.count > 0, self.total / np.maximum(self.count, 1), UNMEASURED)
+
+
+@dataclass
+class SearchStats:
+    trials: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+    threshold: float = 0.0
+    first_half_damage: np.ndarray | None = None
+    history: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"trials": self.trials, "rounds": self.rounds, "seconds": self.seconds, "threshold": self.threshold}
+
+
+def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: int = 8,
+         flops_target: float | None = None, max_trials: int | None = None, min_channels: int = 1,
+         seed: int = 0, stack: int = 8, progress=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+    """The AOFP binary search over all prunable groups; `damage(keep, rows) -> [T, G]`."""
+    rng = np.random.default_rng(seed)
+    groups = [_Group(g.slots, floor_for(g.width, min_channels)) for g in cmap.prunable]
+    keep = cmap.full_keep()
+    goal = None if flops_target is None else flops_target * cmap.total_macs
+    stats = SearchStats(threshold=threshold)
+    start = time.perf_counter()
+    while True:
+        if goal is not None and cmap.macs(keep) <= goal:
+            break
+        if max_trials is not None and stats.trials >= max_trials:
+            break
+        active = [k for k, g in enumerate(groups) if not g.saturated]
+        if not active:
+            if goal is None or threshold > 1e6:
+                break
+            threshold *= 2  # a target the threshold cannot reach: loosen it and search again
+            for g in groups:
+                g.restart()
+            continue
+        t = min(stack, min(trials_per_half - groups[k].trials for k in active))
+        if max_trials is not None:
+            t = max(1, min(t, max_trials - stats.trials))
+        rows = np.ones((t, cmap.n_slots + 1), dtype=np.float32)
+        picks = {}
+        for k in active:
+            g = groups[k]
+            half = len(g.space) // 2
+            chosen = np.stack([rng.choice(g.space, size=half, replace=False) for _ in range(t)])
+            picks[k] = chosen
+            for row, local in zip(rows, chosen):
+                row[g.slots[local]] = 0.0
+        dmg = damage(keep, rows)
+        stats.trials += t
+        stats.rounds += 1
+        for k in active:
+            g = groups[k]
+            for trial, local in enumerate(picks[k]):
+                g.total[local] += dmg[trial, k]
+                g.count[local] += 1
+            g.trials += t
+        decided = [k for k in active if groups[k].trials >= trials_per_half]
+        if stats.first_half_damage is None and decided:
+            stats.first_half_damage = np.full(cmap.n_slots, np.nan)
+            for k in decided:
+                stats.first_half_damage[groups[k].slots] = groups[k].means()
+        # decide the most harmless prunes first, so a target is met by the cheapest ones
+        decided.sort(key=lambda k: np.sort(groups[k].means()[groups[k].space])[len(groups[k].space) // 2 - 1])
+        for k in decided:
+            if goal is not None and cmap.macs(keep) <= goal:
+                break
+            _decide(groups[k], keep, cmap, threshold, goal)
+        stats.history.append((stats.trials, cmap.macs(keep) / max(cmap.total_macs, 1)))
+        if progress:
+            progress(stats, cmap.macs(keep) / max(cmap.total_macs, 1), sum(not g.saturated for g in groups), len(groups))
+    stats.seconds = time.perf_counter() - start
+    stats.threshold = threshold
+    scores = np.zeros(cmap.n_slots)
+    for g in groups:
+        scores[g.slots] = g.score
+    return keep, scores, stats
+
+
+def _decide(g: _Group, keep: np.ndarray, cmap: ChannelMap, threshold: float, goal: float | None) -> None:
+    means = g.means()
+    g.score[g.space] = means[g.space]
+    order = g.space[np.argsort(means[g.space], kind="stable")]
+    granu = len(order) // 2
+    cand = order[:granu]
+    g.halvings += 1
+    if granu >= 1 and means[cand[-1]] < threshold and int(g.kept.sum()) - granu >= g.floor:
+        if goal is not None:
+            cand = _trim_to_goal(cand, g, keep, cmap, goal)
+        g.kept[cand] = False
+        keep[g.slots[cand]] = False
+        g.restart()
+    elif granu > 1:
+        g.space = cand
+        g.total[:] = 0
+        g.count[:] = 0
+        g.trials = 0
+    else:
+        g.saturated = True
+
+
+def _trim_to_goal(cand: np.ndarray, g: _Group, keep: np.ndarray, cmap: ChannelMap, goal: float) -> np.ndarray:
+    """The shortest prefix of `cand` (lowest damage first) whose removal meets the goal, or all of it."""
+    def macs_without(k):
+        trial = keep.copy()
+        trial[g.slots[cand[:k]]] = False
+        return cmap.macs(trial)
+
+    if macs_without(len(cand)) > goal:
+        return cand
+    lo, hi = 1, len(cand)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if macs_without(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return cand[:lo]
+
+
+def oracle(cmap: ChannelMap, runner: Runner, feeds: dict[str, np.ndarray], *, flops_target: float,
+           oracle_step: int | None = None, min_channels: int = 1, stack: int = 8,
+           progress=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+    """Exact oracle pruning: rank single-channel ablations at the outputs, remove the least damaging, repeat."""
+    goal = flops_target * cmap.total_macs
+    keep = cmap.full_keep()
+    scores = np.full(cmap.n_slots, UNMEASURED)
+    floors = [(g.slots, floor_for(g.width, min_channels)) for g in cmap.prunable]
+    stats = SearchStats()
+    start = time.perf_counter()
+    while cmap.macs(keep) > goal:
+        removable = np.concatenate([slots[keep[slots]] for slots, floor in floors if keep[slots].sum() > floor] or
+                                   [np.zeros(0, np.int64)])
+        if len(removable) == 0:
+            break
+        dmg = output_damage(runner, feeds, keep, removable, stack)
+        stats.trials += len(removable)
+        stats.rounds += 1
+        scores[removable] = dmg
+        if stats.first_half_damage is None:
+            stats.first_half_damage = scores.copy()
+        step = oracle_step or max(1, len(removable) // 16)
+        order = removable[np.argsort(dmg, kind="stable")]
+        removed = 0
+        for slot in order:
+            if removed >= step or cmap.macs(keep) <= goal:
+                break
+            slots, floor = next(f for f in floors if f[0][0] <= slot <= f[0][-1])
+            if keep[slots].sum() > floor:
+                keep[slot] = False
+                removed += 1
+        if progress:
+            progress(stats, cmap.macs(keep) / max(cmap.total_macs, 1), len(removable), cmap.n_slots)
+    stats.seconds = time.perf_counter() - start
+    return keep, scores, stats
+
+
+def output_damage(runner: Runner, feeds: dict[str, np.ndarray], keep: np.ndarray, slots: np.ndarray,
+                  stack: int) -> np.ndarray:
+    """Σ‖y − y_c‖² / Σ‖y‖² over outputs and batch, for removing each slot c alone on top of `keep`."""
+    n = len(next(iter(feeds.values())))
+    base = runner.run({**feeds, KEEP_INPUT: keep_feed(keep)})
+    den = sum(float(np.sum(np.square(y, dtype=np.float64))) for y in base)
+    out = np.zeros(len(slots))
+    for start in range(0, len(slots), stack):
+        chunk = slots[start:start + stack]
+        rows = np.repeat(keep.astype(np.float32)[None], len(chunk), axis=0)
+        rows[np.arange(len(chunk)), chunk] = 0.0
+        ys = runner.run({**_tile(feeds, len(chunk)), KEEP_INPUT: np.repeat(rows, n, axis=0)})
+        num = np.zeros(len(chunk))
+        for y, y0 in zip(ys, base):
+            diff = y.reshape(len(chunk), n, -1) - y0.reshape(1, n, -1)
+            num += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
+        out[start:start + len(chunk)] = num / max(den, 1e-30)
+    return out
+
+
+def _progress_printer(kind: str):
+    """A one-line progress display on stderr (redrawn on a terminal, every 10 rounds otherwise)."""
+    tty = sys.stderr.isatty()
+
+    def show(stats: SearchStats, macs_ratio: float, active: int, total: int):
+        line = f"{kind}: {stats.trials} trials, MACs x{macs_ratio:.3f}, {active}/{total} " \
+               f"{'groups searching' if kind == 'aofp' else 'candidates'}"
+        if tty:
+            sys.stderr.write("\r" + line + " " * 8)
+            sys.stderr.flush()
+        elif stats.rounds % 10 == 1:
+            sys.stderr.write(line + "\n")
+
+    return show
+
+
+def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1, seed: int = 0,
+        provider: str = "auto", batch_size: int = 32, threshold: float = 0.01, trials_per_half: int = 8,
+        max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
+        memory_budget: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data."""
+    if pruner.data is None:
+        raise InputError(f"--criterion {criterion} needs calibration data (--calib)")
+    if trials_per_half < 1 or batch_size < 1 or threshold <= 0:
+        raise InputError("--trials-per-half and --batch-size must be at least 1, --threshold positive")
+    cmap = pruner.cmap
+    if not cmap.prunable:
+        return cmap.full_keep(), np.zeros(0), {"trials": 0, "seconds": 0.0, "provider": None}
+    budget = memory_budget or int(os.environ.get("AOFP_ONNX_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
+    batches = list(pruner.data.batches(batch_size))
+    show = _progress_printer(criterion) if progress else None
+    if criterion == "oracle":
+        if flops_target is None:
+            raise InputError("--criterion oracle needs --flops-target")
+        runner = Runner(masked_model(cmap), provider)
+        stack = max(1, int(budget // (_activation_bytes(cmap) * len(next(iter(batches[0].values()))))))
+        keep, scores, stats = oracle(cmap, runner, batches[0], flops_target=flops_target, oracle_step=oracle_step,
+                                     min_channels=min_channels, stack=min(stack, 64), progress=show)
+        used = runner.provider
+    else:
+        engine = TrialEngine(cmap, provider, budget)
+        counter = iter(range(1 << 62))
+
+        def damage(keep, rows):
+            return engine.damage(keep, rows, batches[next(counter) % len(batches)])
+
+        stack = min(trials_per_half, engine.max_stack(len(next(iter(batches[0].values())))))
+        keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,
+                                   flops_target=flops_target, max_trials=max_trials, min_channels=min_channels,
+                                   seed=seed, stack=stack, progress=show)
+        used = engine.provider
+    if show:
+        sys.stderr.write("\n")
+    info = stats.to_json()
+    info["provider"] = used
+    if flops_target is not None and cmap.macs(keep) > flops_target * cmap.total_macs:
+        info["target_reached"] = False
+    return keep, scores, info
