@@ -20,9 +20,9 @@ from . import criteria
 from .calib import Data, ImageOptions, apply_input_shapes, input_specs, load_data
 from .count import count_params
 from .errors import InputError
-from .graph import Graph, load_model
+from .graph import Graph, ModelData, as_model_data, load_model, read_model
 from .groups import ChannelMap, analyze
-from .io import write_atomic
+from .io import release_memory, write_atomic
 from .plan import Plan, keep_from_plan, plan_from_keep
 from .runtime import Runner, latency_ms
 from .select import round_widths, select_by_score
@@ -30,7 +30,7 @@ from .surgery import cut
 from .verify import Verification, verify
 
 CRITERIA = ("aofp", "l1", "random", "oracle")
-VERIFY_SAMPLES = 32
+VERIFY_SAMPLES = 4  # compared layer by layer, a few samples expose any wrong channel; each costs 2 runs
 
 
 @dataclass
@@ -42,11 +42,12 @@ class Pruner:
     cmap: ChannelMap
     data: Data | None = None
     input_shapes: dict = field(default_factory=dict)
+    external_data: bool = False  # the file kept its weights in external data: so will the output
 
     @classmethod
     def load(cls, path, *, input_shapes: dict | None = None, data: str | None = None, limit: int | None = None,
              image_options: ImageOptions | None = None, seed: int = 0, labels: bool = False) -> "Pruner":
-        model = load_model(path)
+        model, external = read_model(path)
         specs = input_specs(model)
         if input_shapes:
             specs = apply_input_shapes(specs, input_shapes)
@@ -57,10 +58,12 @@ class Pruner:
             for name, arr in loaded.inputs.items():
                 shapes.setdefault(name, (1,) + tuple(arr.shape[1:]))
         graph = Graph.from_model(model, shapes)
-        return cls(os.fspath(path), graph, analyze(graph), loaded, shapes)
+        del model  # the weights now live in graph.weights; give the parsed file's memory back
+        release_memory()
+        return cls(os.fspath(path), graph, analyze(graph), loaded, shapes, external)
 
     # -- data ----------------------------------------------------------------------------------
-    def feeds(self, n: int = VERIFY_SAMPLES, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+    def feeds(self, n: int = VERIFY_SAMPLES, batch_size: int = 1) -> list[dict[str, np.ndarray]]:
         """Batches for verification: the calibration data, or seeded normal noise at the analysis shapes."""
         if self.data is not None:
             return list(self.data.take(min(n, len(self.data))).batches(batch_size))
@@ -88,9 +91,12 @@ class Pruner:
                         "reason": None if g.prunable else "; ".join(g.reasons)} for g in cm.groups],
         }
 
-    def cut_and_verify(self, keep: np.ndarray, provider: str = "auto") -> tuple[onnx.ModelProto, Verification]:
+    def cut_and_verify(self, keep: np.ndarray, provider: str = "auto") -> tuple[ModelData, Verification]:
         pruned = cut(self.cmap, keep)
-        return pruned, verify(self.cmap, keep, pruned, self.feeds(), provider)
+        # onnx.checker runs on the written file (save_model), where it costs no second copy in memory
+        verification = verify(self.cmap, keep, pruned, self.feeds(), provider, checker=False)
+        release_memory()
+        return pruned, verification
 
 
 def inspect(path, input_shapes: dict | None = None) -> dict:
@@ -110,24 +116,40 @@ def check_output_path(src, out) -> None:
         raise InputError(f"{out}: the output path is the input model; choose another name")
 
 
-def save_model(model: onnx.ModelProto, path, external_data: bool = False) -> None:
-    """Write `model` atomically; with external data (asked, or > 1.8 GB) weights go to `<name>.data` beside it."""
-    if not external_data and model.ByteSize() < int(1.8e9):
-        write_atomic(path, model.SerializeToString())
-        return
+def save_model(model: onnx.ModelProto | ModelData, path, external_data: bool = False, check: bool = True) -> None:
+    """Write `model` atomically (a temp file in the destination folder, then rename), after
+    onnx.checker (full check) when `check`. With `external_data` (or past 1.8 GB of weights) the weights
+    go to `<name>.data` beside it; otherwise one file, streamed an initializer at a time."""
+    data = as_model_data(model)
+    if check:
+        try:
+            data.check()
+        except Exception as exc:
+            raise RuntimeError(f"the pruned model fails onnx.checker: {_first_line(exc)}; nothing written") from None
     path = os.path.abspath(os.fspath(path))
     folder, base = os.path.split(path)
+    external_data = external_data or sum(a.nbytes for a in data.weights.values()) >= int(1.8e9)
     tmpdir = tempfile.mkdtemp(prefix=".aofp-", dir=folder)
     try:
-        onnx.save_model(model, os.path.join(tmpdir, base), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=base + ".data", size_threshold=1024)
-        os.replace(os.path.join(tmpdir, base + ".data"), os.path.join(folder, base + ".data"))
-        os.replace(os.path.join(tmpdir, base), path)
+        tmp = os.path.join(tmpdir, base)
+        if external_data:
+            onnx.save_model(data.materialize(), tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=base + ".data", size_threshold=1024)
+            os.replace(os.path.join(tmpdir, base + ".data"), os.path.join(folder, base + ".data"))
+        else:
+            with open(tmp, "wb") as f:
+                data.write(f)
+        os.replace(tmp, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def measure_latency(before: onnx.ModelProto, after: onnx.ModelProto, feeds: dict, provider: str,
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def measure_latency(before: ModelData, after: ModelData, feeds: dict, provider: str,
                     repeats: int = 20) -> dict:
     runners = [Runner(before, provider), Runner(after, provider)]
     stats = latency_ms(runners, [feeds, feeds], repeats=repeats)
@@ -135,7 +157,7 @@ def measure_latency(before: onnx.ModelProto, after: onnx.ModelProto, feeds: dict
             "batch_size": int(len(next(iter(feeds.values())))), "repeats": repeats}
 
 
-def accuracy(model: onnx.ModelProto, data: Data, provider: str, batch_size: int = 256) -> float:
+def accuracy(model: onnx.ModelProto | ModelData, data: Data, provider: str, batch_size: int = 256) -> float:
     """Top-1 accuracy of the first output's argmax over axis 1 against `data.labels`."""
     runner = Runner(model, provider)
     correct = 0
@@ -146,7 +168,7 @@ def accuracy(model: onnx.ModelProto, data: Data, provider: str, batch_size: int 
     return correct / len(data)
 
 
-def report(pruner: Pruner, keep: np.ndarray, pruned: onnx.ModelProto, verification: Verification,
+def report(pruner: Pruner, keep: np.ndarray, pruned: ModelData, verification: Verification,
            criterion: str, search: dict, latency: dict | None) -> dict:
     cm = pruner.cmap
     return {
@@ -155,7 +177,7 @@ def report(pruner: Pruner, keep: np.ndarray, pruned: onnx.ModelProto, verificati
         "macs_before": cm.total_macs,
         "macs_after": cm.macs(keep),
         "params_before": count_params(pruner.graph.model),
-        "params_after": count_params(pruned),
+        "params_after": count_params(pruned.proto),
         "groups": [{"id": g.id, "width_before": g.width, "width_after": int(keep[g.slots].sum())}
                    for g in cm.prunable],
         "verification": verification.to_json(),
@@ -176,7 +198,7 @@ def apply_plan(model_path, plan_path, output, *, calib: str | None = None, input
 
 
 def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: dict, provider: str,
-           latency: bool, batch_size: int = 32) -> tuple[dict, onnx.ModelProto]:
+           latency: bool, batch_size: int = 32) -> tuple[dict, ModelData]:
     """Cut, verify (refusing to write a model that fails), write; the report and the pruned model."""
     pruned, verification = pruner.cut_and_verify(keep, provider)
     if not verification.passed:
@@ -185,14 +207,9 @@ def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: 
     lat = None
     if latency:
         feeds = pruner.feeds(batch_size, batch_size)[0]
-        lat = measure_latency(pruner.graph.model, pruned, feeds, provider)
-    save_model(pruned, output, external_data=_has_external_data(pruner.path))
+        lat = measure_latency(pruner.graph.data, pruned, feeds, provider)
+    save_model(pruned, output, external_data=pruner.external_data)
     return report(pruner, keep, pruned, verification, criterion, search, lat), pruned
-
-
-def _has_external_data(path) -> bool:
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def verify_plan(original, pruned_path, plan_path, *, calib: str | None = None, input_shapes: dict | None = None,
@@ -243,7 +260,7 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     rep, pruned = finish(pruner, keep, output, criterion=criterion, search=search, provider=provider,
                          latency=latency, batch_size=batch_size)
     if labelled is not None:
-        rep["accuracy"] = {"before": accuracy(pruner.graph.model, labelled, provider),
+        rep["accuracy"] = {"before": accuracy(pruner.graph.data, labelled, provider),
                            "after": accuracy(pruned, labelled, provider), "samples": len(labelled)}
     if plan_out:
         plan.save(plan_out)

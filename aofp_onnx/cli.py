@@ -79,6 +79,8 @@ def cli():
 @click.option("--all", "show_all", is_flag=True, help="List every group (default: the 40 largest by MACs).")
 def inspect(model, input_shape, json_out, show_all):
     """Show the channel groups of MODEL: width, MACs, and why a group cannot be pruned."""
+    if json_out:
+        api.check_output_path(model, json_out)
     info = api.inspect(model, parse_input_shapes(list(input_shape)))
     if json_out:
         _write_json(json_out, info)
@@ -176,10 +178,11 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
 @shape_option
 def apply(model, plan_path, output, calib, report_path, provider, input_shape):
     """Cut MODEL as PLAN says, verify, and write OUTPUT."""
+    if report_path:
+        api.check_output_path(model, report_path)
     rep = api.apply_plan(model, plan_path, output, calib=calib, input_shapes=parse_input_shapes(list(input_shape)),
                          provider=provider)
     if report_path:
-        api.check_output_path(model, report_path)
         _write_json(report_path, rep)
     _summary(rep)
     click.echo(f"wrote {output}")
@@ -214,6 +217,9 @@ def bench(models, provider, batch_size, repeats, warmup, threads, input_shape, j
     """Latency of one or more models side by side (interleaved runs, medians)."""
     from .bench import bench_models
 
+    if json_out:
+        for m in models:
+            api.check_output_path(m, json_out)
     rows = bench_models(list(models), provider=provider, batch_size=batch_size, repeats=repeats, warmup=warmup,
                         threads=threads, input_shapes=parse_input_shapes(list(input_shape)))
     if json_out:

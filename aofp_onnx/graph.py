@@ -5,6 +5,9 @@ Two views of one model:
 * the **working model** (`Graph.model`): the file as loaded (external data included) with `Constant`
   nodes and `Identity`-of-initializer nodes folded into initializers, so every weight is an
   initializer. Dynamic dims stay dynamic: this is the graph that is cut and written.
+* weights of at least `LARGE` elements live outside the proto (`ModelData.weights`, numpy arrays); the
+  proto keeps an external-data placeholder for each, so protos stay small to copy and onnxruntime
+  sessions read the arrays in place (zero copy). `ModelData.materialize()` puts them back for writing.
 * the **shape view**: a copy whose dynamic input dims are fixed (`--input-shape`, the data, or 1 for a
   leading batch dim), shapes inferred by `onnx.shape_inference` with data propagation; tensors that
   inference leaves unknown are read from one onnxruntime run of that copy.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +31,8 @@ from onnx import numpy_helper, shape_inference
 from .errors import InputError
 
 MIN_OPSET, MAX_OPSET = 11, 21
+LARGE = 1024  # initializers with at least this many elements are kept as numpy arrays outside the proto
+PLACEHOLDER = "aofp-in-memory"
 QUANTIZED_OPS = {
     "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QuantizeLinear",
     "DequantizeLinear", "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul", "QGemm",
@@ -36,6 +42,11 @@ QUANTIZED_OPS = {
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an .onnx file (external data too) and check it is a float model we can work on."""
+    return read_model(path)[0]
+
+
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """(model, whether its weights came from external data files), checked like `load_model`."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
@@ -43,22 +54,35 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputError(f"{path}: is a directory, not an ONNX file")
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file")
+    try:  # the checker reads the file in C++ before Python holds a copy (and has no 2 GB limit)
+        onnx.checker.check_model(path)
+        problem = None
+    except Exception as exc:
+        problem = exc
     try:
-        model = onnx.load(path, load_external_data=True)
+        model = onnx.load(path, load_external_data=False)
+        has_external = any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+        if has_external:
+            onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     except Exception as exc:  # protobuf decode errors, missing external data, ...
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
-    check_model(model, path)
-    return model
+    check_model(model, path, problem)
+    return model, has_external
 
 
-def check_model(model: onnx.ModelProto, label: str = "model") -> None:
-    """Refuse what is not a float ONNX model of a supported opset, with a reason."""
+def check_model(model: onnx.ModelProto, label: str = "model", checker_error: Exception | None = None) -> None:
+    """Refuse what is not a float ONNX model of a supported opset, with a reason.
+
+    `checker_error`: what onnx.checker said of the file already (it is run here otherwise)."""
     if not model.graph.node:
         raise InputError(f"{label}: not an ONNX model (the graph has no nodes)")
-    try:
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        raise InputError(f"{label}: invalid ONNX model ({_first_line(exc)})") from None
+    if checker_error is None and not os.path.isfile(label):
+        try:
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            checker_error = exc
+    if checker_error is not None:
+        raise InputError(f"{label}: invalid ONNX model ({_first_line(checker_error)})")
     opset = default_opset(model)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"{label}: opset {opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET})")
@@ -67,6 +91,105 @@ def check_model(model: onnx.ModelProto, label: str = "model") -> None:
             raise InputError(
                 f"{label}: quantized graph ({node.op_type} at node '{node.name}'); aofp-onnx prunes float models, "
                 "prune before quantizing")
+
+
+@dataclass
+class ModelData:
+    """A model whose large initializers are numpy arrays beside a light proto (placeholders inside)."""
+
+    proto: onnx.ModelProto
+    weights: dict[str, np.ndarray]
+
+    def copy_proto(self) -> onnx.ModelProto:
+        return _copy(self.proto)
+
+    def write(self, f) -> None:
+        """Serialize to the binary file `f` one initializer at a time (never the whole model in memory).
+
+        Protobuf merges concatenated messages (repeated fields append), so the model without
+        initializers followed by one `ModelProto{graph{initializer: t}}` per initializer, in order,
+        parses as the whole model."""
+        head = self.copy_proto()
+        head.graph.ClearField("initializer")
+        f.write(head.SerializeToString())
+        for init in self.proto.graph.initializer:
+            tensor = numpy_helper.from_array(self.weights[init.name], init.name) if is_placeholder(init) else init
+            chunk = onnx.ModelProto()
+            chunk.graph.initializer.append(tensor)
+            f.write(chunk.SerializeToString())
+
+    def check(self) -> None:
+        """onnx.checker (full check) without materializing: placeholders point at a sparse file."""
+        with tempfile.TemporaryDirectory(prefix="aofp-onnx-") as tmp:
+            proto = self.copy_proto()
+            offset = 0
+            for init in proto.graph.initializer:
+                if is_placeholder(init):
+                    nbytes = self.weights[init.name].nbytes
+                    del init.external_data[:]
+                    for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(nbytes))):
+                        entry = init.external_data.add()
+                        entry.key, entry.value = key, value
+                    offset += nbytes
+            with open(os.path.join(tmp, "weights.bin"), "wb") as f:
+                f.truncate(offset)
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(proto, path)
+            onnx.checker.check_model(path, full_check=True)
+
+    def materialize(self) -> onnx.ModelProto:
+        """A self-contained ModelProto (the arrays copied back into the initializers)."""
+        model = _copy(self.proto)
+        for k, init in enumerate(model.graph.initializer):
+            if is_placeholder(init):
+                model.graph.initializer[k].CopyFrom(numpy_helper.from_array(self.weights[init.name], init.name))
+        return model
+
+
+def is_placeholder(init: onnx.TensorProto) -> bool:
+    return init.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == PLACEHOLDER for e in init.external_data)
+
+
+def placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """An initializer entry whose data is `array`, held outside the proto."""
+    t = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", PLACEHOLDER
+    return t
+
+
+def initializer(name: str, array: np.ndarray, weights: dict[str, np.ndarray]) -> onnx.TensorProto:
+    """A placeholder (registering `array` in `weights`) for a large array, an inline initializer otherwise."""
+    if array.size >= LARGE:
+        weights[name] = array
+        return placeholder(name, array)
+    return numpy_helper.from_array(array, name)
+
+
+def split_weights(model: onnx.ModelProto) -> ModelData:
+    """Large initializers of `model` as numpy arrays, beside a new light proto (`model` loses its initializers).
+
+    The light proto is a fresh message: protobuf frees a message's memory only with the message, so
+    the caller dropping `model` is what returns the weights' bytes."""
+    weights, inits = {}, []
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) >= LARGE and not is_placeholder(init):
+            weights[init.name] = numpy_helper.to_array(init)
+            inits.append(placeholder(init.name, weights[init.name]))
+        else:
+            kept = onnx.TensorProto()
+            kept.CopyFrom(init)
+            inits.append(kept)
+    model.graph.ClearField("initializer")
+    light = _copy(model)
+    light.graph.initializer.extend(inits)
+    return ModelData(light, weights)
+
+
+def as_model_data(model: "onnx.ModelProto | ModelData") -> ModelData:
+    return model if isinstance(model, ModelData) else ModelData(model, {})
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -82,12 +205,11 @@ def _first_line(exc: Exception) -> str:
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy where Constant nodes and Identity nodes of initializers are initializers.
+    """Turn Constant nodes and Identity nodes of initializers into initializers, in place.
 
     Requires: a topologically sorted graph. Ensures: every node output that is a compile-time
     constant of those two kinds is an initializer of the same name; other nodes keep their order.
     """
-    model = _copy(model)
     graph = model.graph
     known = {init.name for init in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -192,7 +314,7 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
     return model
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+def infer_shapes(model: onnx.ModelProto, weights: dict | None = None) -> dict[str, tuple[int, ...]]:
     """Static shapes of every tensor: onnx shape inference (data propagation on), then onnxruntime for the rest."""
     try:
         inferred = shape_inference.infer_shapes(model, data_prop=True)
@@ -208,18 +330,13 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
         shapes[init.name] = tuple(init.dims)
     missing = [o for n in g.node for o in n.output if o and o not in shapes]
     if missing:
-        shapes.update(_shapes_from_run(model, missing))
+        shapes.update({n: tuple(v.shape) for n, v in probe_values(model, missing, weights).items()})
     return shapes
 
 
-def _shapes_from_run(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ...]]:
-    """Shapes of `names` from one onnxruntime run of `model` on zeros (inputs must have fixed dims)."""
-    return {n: tuple(v.shape) for n, v in probe_values(model, names).items()}
-
-
-def probe_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+def probe_values(model: onnx.ModelProto, names: list[str], weights: dict | None = None) -> dict[str, np.ndarray]:
     """Values of tensors `names` from one onnxruntime run of `model` on zeros ({} when it cannot run)."""
-    import onnxruntime as ort
+    from .runtime import Runner
 
     probe = _copy(model)
     have = {o.name for o in probe.graph.output}
@@ -233,12 +350,8 @@ def probe_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarr
             continue
         dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
         feeds[vi.name] = np.zeros([d.dim_value for d in vi.type.tensor_type.shape.dim], dtype)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        values = sess.run(names, feeds)
+        values = Runner(ModelData(probe, weights or {}), "cpu", optimization="disable").run(feeds, names)
     except Exception:
         return {}
     return {n: v for n, v in zip(names, values) if isinstance(v, np.ndarray)}
@@ -248,10 +361,11 @@ def probe_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarr
 class Graph:
     """The working model plus what the analysis reads from it: initializers, producers, consumers, shapes."""
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto  # light: large initializers are placeholders for `weights`
     input_shapes: dict[str, tuple[int, ...]]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     view: onnx.ModelProto | None = None  # the shape view (fixed input dims)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
         g = self.model.graph
@@ -272,13 +386,20 @@ class Graph:
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> "Graph":
-        model = fold_constants(model)
-        fixed = fixed_input_shapes(model, input_shapes)
-        view = with_input_shapes(model, fixed)
-        return cls(model, fixed, infer_shapes(view), view)
+        """The working graph of `model` (which it takes over: folded and split in place)."""
+        data = split_weights(fold_constants(model))
+        fixed = fixed_input_shapes(data.proto, input_shapes)
+        view = with_input_shapes(data.proto, fixed)
+        return cls(data.proto, fixed, infer_shapes(view, data.weights), view, data.weights)
+
+    @property
+    def data(self) -> ModelData:
+        return ModelData(self.model, self.weights)
 
     def array(self, name: str) -> np.ndarray | None:
         """The value of an initializer (cached), or None when `name` is not one."""
+        if name in self.weights:
+            return self.weights[name]
         if name not in self.inits:
             return None
         if name not in self._arrays:
@@ -290,7 +411,7 @@ class Graph:
         found = self.array(name)
         if found is None and self.view is not None:
             if name not in self._arrays:
-                self._arrays[name] = probe_values(self.view, [name]).get(name)
+                self._arrays[name] = probe_values(self.view, [name], self.weights).get(name)
             found = self._arrays[name]
         return found
 

@@ -342,7 +342,20 @@ def analyze(graph: Graph) -> ChannelMap:
 def _unhandled(node: onnx.NodeProto, ctx: Analysis) -> None:
     """An op without handler: every channel tensor it reads is blocked; its outputs carry no channels."""
     op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-    for name in node.input:
+    for name in list(node.input) + subgraph_reads(node):
         ch = ctx.get(name) if name else None
         if ch is not None:
             ctx.block(ch.ids, f"feeds {op} '{node.name or node.output[0]}', which has no channel handler")
+
+
+def subgraph_reads(node: onnx.NodeProto) -> list[str]:
+    """Names read inside `node`'s subgraphs (If/Loop/Scan bodies, recursively): outer-scope values among them."""
+    names: list[str] = []
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.extend(i for i in n.input if i)
+                names.extend(subgraph_reads(n))
+            names.extend(o.name for o in g.output)  # a body may return an outer value as is
+    return names

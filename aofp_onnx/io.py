@@ -1,8 +1,27 @@
-"""Atomic writes: a temp file in the destination folder, then rename — never a half-written output."""
+"""Atomic writes (a temp file in the destination folder, then rename) and returning freed memory.
+
+`release_memory`: after a large protobuf message dies, glibc keeps its pages for reuse; on big models
+that is a whole model's size of resident memory. `malloc_trim(0)` hands them back (glibc only).
+"""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import tempfile
+
+_libc_name = ctypes.util.find_library("c")
+try:
+    _malloc_trim = ctypes.CDLL(_libc_name).malloc_trim if _libc_name else None
+except (OSError, AttributeError):
+    _malloc_trim = None
+
+
+def release_memory() -> None:
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .graph import ModelData
 from .groups import ChannelMap
 
 KEEP_INPUT = "aofp_keep"
@@ -60,7 +61,7 @@ def mask_input(name: str, n_slots: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["mask_batch", n_slots + 1])
 
 
-def masked_model(cmap: ChannelMap) -> onnx.ModelProto:
+def masked_model(cmap: ChannelMap) -> ModelData:
     """The working model with `aofp_keep` applied at every sink of a prunable group."""
     model = onnx.ModelProto()
     model.CopyFrom(cmap.graph.model)
@@ -81,7 +82,7 @@ def masked_model(cmap: ChannelMap) -> onnx.ModelProto:
     graph.initializer.extend(inserter.inits)
     graph.input.append(mask_input(KEEP_INPUT, cmap.n_slots))
     del graph.value_info[:]
-    return model
+    return ModelData(model, cmap.graph.weights)
 
 
 def keep_feed(keep: np.ndarray) -> np.ndarray:

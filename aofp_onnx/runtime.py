@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from .errors import InputError
+from .graph import ModelData, is_placeholder
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -91,19 +92,57 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
 class Runner:
     """One onnxruntime session over a model (a ModelProto or a path), built once and run many times."""
 
-    def __init__(self, model: onnx.ModelProto | str | os.PathLike, provider: str = "auto", *,
-                 threads: int | None = None, optimization: str = "all", outputs: list[str] | None = None):
+    def __init__(self, model: onnx.ModelProto | ModelData | str | os.PathLike, provider: str = "auto", *,
+                 threads: int | None = None, optimization: str = "all", outputs: list[str] | None = None,
+                 prepack: bool = True, arena: bool = True):
         resolved = resolve_provider(provider)
         providers = [CUDA, CPU] if resolved == CUDA else [CPU]
         self._tempdir: str | None = None  # a large model's files, removed with the runner
-        self.session = ort.InferenceSession(self._source(model), _session_options(threads, optimization),
-                                            providers=providers)
+        options = _session_options(threads, optimization)
+        if not prepack:  # kernels would keep a re-laid-out copy of every weight
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = arena  # without it, activations are freed after each run
+        if isinstance(model, ModelData) and optimization == "disable" and model.weights:
+            source = self._shared_weights(model, options)
+        else:
+            source = self._source(model.materialize() if isinstance(model, ModelData) else model)
+        self.session = ort.InferenceSession(source, options, providers=providers)
         self.provider: str = self.session.get_providers()[0]
         self._device = "cuda" if self.provider == CUDA else None  # None: plain session.run, no IOBinding
         self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
         self.outputs = self._checked_outputs(outputs) if outputs is not None else list(self.output_names)
         self._persistent: dict[str, np.ndarray | ort.OrtValue] = {}
+
+    def _shared_weights(self, data: ModelData, options: ort.SessionOptions) -> str:
+        """A model file whose large initializers are the caller's arrays, shared with the session (zero copy).
+
+        The placeholders point into a sparse file of the right size (ORT wants external data to exist),
+        and every one of them is handed over with `add_initializer`, which ORT uses in place. Only for
+        sessions without graph optimization: optimizers would read the placeholder file, not the arrays.
+        """
+        proto = data.copy_proto()
+        self._tempdir = tempfile.mkdtemp(prefix="aofp-onnx-")
+        weakref.finalize(self, shutil.rmtree, self._tempdir, ignore_errors=True)
+        self._shared = []  # the arrays and OrtValues must outlive the session
+        offset = 0
+        for init in proto.graph.initializer:
+            if not is_placeholder(init):
+                continue
+            array = np.ascontiguousarray(data.weights[init.name])
+            del init.external_data[:]
+            for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(array.nbytes))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+            offset += -(-array.nbytes // 4096) * 4096
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            self._shared.append((array, value))
+            options.add_initializer(init.name, value)
+        with open(os.path.join(self._tempdir, "weights.bin"), "wb") as f:
+            f.truncate(offset)  # sparse: no disk, never read
+        path = os.path.join(self._tempdir, "model.onnx")
+        onnx.save_model(proto, path)
+        return path
 
     def _source(self, model) -> bytes | str:
         if not isinstance(model, onnx.ModelProto):

@@ -14,9 +14,10 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference
+from onnx import shape_inference
 
-from .groups import ChannelMap
+from .graph import ModelData, initializer
+from .groups import ChannelMap, subgraph_reads
 
 
 class Cut:
@@ -26,6 +27,7 @@ class Cut:
         self.cmap = cmap
         self.keep = keep
         self.model = model
+        self.weights = dict(cmap.graph.weights)
         self.opset = cmap.graph.opset
         self._pending: dict[tuple[int, int], np.ndarray] = {}
         self._added: list[onnx.TensorProto] = []
@@ -45,7 +47,7 @@ class Cut:
 
     def add_input(self, node: onnx.NodeProto, index: int, value: np.ndarray, hint: str) -> None:
         name = _unique(f"{node.name or node.output[0]}__{hint}", self.cmap.graph.inits)
-        self._added.append(numpy_helper.from_array(np.asarray(value), name))
+        self._added.append(initializer(name, np.asarray(value), self.weights))
         while len(node.input) <= index:
             node.input.append("")
         node.input[index] = name
@@ -60,6 +62,8 @@ class Cut:
         for ni, node in enumerate(nodes):
             for ii, name in enumerate(node.input):
                 readers[name].append((ni, ii))
+            for name in subgraph_reads(node):  # read inside an If/Loop body: never cut in place
+                readers[name].append((ni, -1))
         replace: dict[str, onnx.TensorProto] = {}
         taken = set(self.cmap.graph.inits)
         for name, values in wanted.items():
@@ -72,15 +76,15 @@ class Cut:
                 else:
                     distinct.append((value, [key]))
             if len(distinct) == 1 and len(distinct[0][1]) == len(readers[name]):
-                replace[name] = numpy_helper.from_array(distinct[0][0], name)
+                replace[name] = initializer(name, distinct[0][0], self.weights)
                 continue
             for k, (arr, keys) in enumerate(distinct):
                 clone = _unique(f"{name}__aofp{k}", taken)
                 taken.add(clone)
-                self._added.append(numpy_helper.from_array(arr, clone))
+                self._added.append(initializer(clone, arr, self.weights))
                 for ni, ii in keys:
                     nodes[ni].input[ii] = clone
-        used = {name for n in nodes for name in n.input}
+        used = {name for n in nodes for name in [*n.input, *subgraph_reads(n)]}
         kept_inits = []
         for init in graph.initializer:
             if init.name not in used:
@@ -88,6 +92,7 @@ class Cut:
             kept_inits.append(replace.get(init.name, init))
         del graph.initializer[:]
         graph.initializer.extend(kept_inits + self._added)
+        self.weights = {n: a for n, a in self.weights.items() if n in used}
         inits = {i.name: i for i in graph.initializer}
         for vi in graph.input:  # old exports list initializers as inputs too
             if vi.name in inits:
@@ -108,8 +113,11 @@ def _unique(name: str, taken) -> str:
     return out
 
 
-def cut(cmap: ChannelMap, keep: np.ndarray) -> onnx.ModelProto:
-    """A pruned copy of `cmap.graph.model`: every channel whose slot in `keep` is False is removed."""
+def cut(cmap: ChannelMap, keep: np.ndarray) -> ModelData:
+    """A pruned copy of the working model: every channel whose slot in `keep` is False is removed.
+
+    Large initializers stay numpy arrays (unchanged ones shared with the original); `.materialize()`
+    gives a self-contained ModelProto."""
     model = onnx.ModelProto()
     model.CopyFrom(cmap.graph.model)
     cutter = Cut(cmap, keep, model)
@@ -138,4 +146,4 @@ def cut(cmap: ChannelMap, keep: np.ndarray) -> onnx.ModelProto:
         model = shape_inference.infer_shapes(model)
     except Exception:
         pass
-    return model
+    return ModelData(model, cutter.weights)

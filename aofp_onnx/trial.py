@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .graph import ModelData
 from .groups import ChannelMap
 from .masking import KEEP_INPUT, MaskInserter, mask_input
 
@@ -33,7 +34,7 @@ def _sq_norm(x: str, out: str, prefix: str) -> list[onnx.NodeProto]:
             helper.make_node("ReduceSumSquare", [flat], [out], axes=[1], keepdims=1, name=f"{prefix}_rss")]
 
 
-def build_trial_model(cmap: ChannelMap) -> onnx.ModelProto:
+def build_trial_model(cmap: ChannelMap) -> ModelData:
     """The trial graph of `cmap`'s model (see the module docstring); its only outputs are the damages."""
     src = cmap.graph.model
     opset = cmap.graph.opset
@@ -100,7 +101,7 @@ def build_trial_model(cmap: ChannelMap) -> onnx.ModelProto:
     _drop_dead_nodes(graph)
     if opset >= 18:  # ReduceSumSquare takes axes as an input from opset 18
         _add_axes_initializer(graph)
-    return model
+    return ModelData(model, cmap.graph.weights)
 
 
 def _constant_like(nodes, name, value, graph):

@@ -52,11 +52,14 @@ def register(*ops: str):
     """Class decorator: register one handler instance for `ops`; registering an op twice is an error."""
 
     def wrap(cls):
+        for k, op in enumerate(ops):  # check all first: a refused registration registers nothing
+            if op in _REGISTRY:
+                raise ValueError(f"op {op} already has a channel handler ({type(_REGISTRY[op]).__name__})")
+            if op in ops[:k]:
+                raise ValueError(f"op {op} is listed twice in one registration ({cls.__name__})")
         handler = cls()
         handler.ops = ops
         for op in ops:
-            if op in _REGISTRY:
-                raise ValueError(f"op {op} already has a channel handler ({type(_REGISTRY[op]).__name__})")
             _REGISTRY[op] = handler
         return cls
 
