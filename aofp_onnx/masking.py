@@ -58,7 +58,7 @@ class MaskInserter:
 
 
 def mask_input(name: str, n_slots: int) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["mask_batch", n_slots + 1])
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"{name}_rows", n_slots + 1])
 
 
 def masked_model(cmap: ChannelMap) -> ModelData:

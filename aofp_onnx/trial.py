@@ -7,11 +7,14 @@ of g reading tensor T, a copy of n (same initializers, no weight copies) reads
 T·K·trial[:, idx_g(T)], where idx_g keeps only g's slots (others point at the always-1 column), so
 the copy sees exactly "K with R_g also removed". With Y = n's base output and Y_R the copy's:
 
-    num_g[b] = Σ_n ‖Y_n[b] − Y_R,n[b]‖²,   den_g[b] = Σ_n ‖Y_n[b]‖²
+    num_g[b] = Σ_n ‖Y_n[b] − Y_R,n[b]‖²,   den_g[b] = Σ_n ‖Y_n[b] − bias_n‖²
 
 are the outputs `aofp_damage_num` / `aofp_damage_den`, both [B, G]. Several trials are stacked along
 the batch axis (the calibration batch tiled, each tile with its own trial rows); the damage of one
 trial is Σ_b num / Σ_b den over its tile — the paper's Σ(base − ablated)² / Σ base² at the next layer.
+The consumer's own bias (Conv/ConvTranspose B, Gemm C) is left out of the base energy: with BN folded
+into the conv that bias is the folded BN shift, which would dilute every damage by a constant the
+channels have no part in (it cancels in the numerator anyway).
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ def build_trial_model(cmap: ChannelMap) -> ModelData:
                 nodes.append(copy)
                 nodes.append(helper.make_node("Sub", [node.output[0], f"{base}_y"], [f"{base}_d"], name=f"{base}_sub"))
                 nodes.extend(_sq_norm(f"{base}_d", f"{base}_num", f"{base}_n"))
-                nodes.extend(_sq_norm(node.output[0], f"{base}_den", f"{base}_b"))
+                response = _without_bias(cmap, node, base, nodes, graph)
+                nodes.extend(_sq_norm(response, f"{base}_den", f"{base}_b"))
                 group_terms[g.id][0].append(f"{base}_num")
                 group_terms[g.id][1].append(f"{base}_den")
     nums, dens = [], []
@@ -102,6 +106,24 @@ def build_trial_model(cmap: ChannelMap) -> ModelData:
     if opset >= 18:  # ReduceSumSquare takes axes as an input from opset 18
         _add_axes_initializer(graph)
     return ModelData(model, cmap.graph.weights)
+
+
+def _without_bias(cmap: ChannelMap, node: onnx.NodeProto, base: str, nodes: list, graph) -> str:
+    """The consumer's output minus its constant bias (Conv/ConvTranspose input 2, Gemm input 2), if any."""
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or not node.input[2]:
+        return node.output[0]
+    bias = cmap.graph.array(node.input[2])
+    out_shape = cmap.graph.shape(node.output[0])
+    if bias is None or out_shape is None:
+        return node.output[0]
+    shape = [1] * len(out_shape)
+    shape[1 if node.op_type != "Gemm" else -1] = -1
+    if bias.ndim > 1 or bias.size not in (1, out_shape[1 if node.op_type != "Gemm" else -1]):
+        return node.output[0]
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(shape, np.int64), f"{base}_bshape"))
+    nodes.append(helper.make_node("Reshape", [node.input[2], f"{base}_bshape"], [f"{base}_bias"], name=f"{base}_breshape"))
+    nodes.append(helper.make_node("Sub", [node.output[0], f"{base}_bias"], [f"{base}_resp"], name=f"{base}_bsub"))
+    return f"{base}_resp"
 
 
 def _constant_like(nodes, name, value, graph):
