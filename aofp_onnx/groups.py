@@ -253,6 +253,7 @@ class ChannelMap:
             anchors.setdefault(key, anchor)
         result: list[Group] = []
         names: dict[str, int] = {}
+        sparse: dict[str, int] = {}
         offset = 0
         for key, roots in groups.items():
             anchor = anchors[key]
@@ -262,7 +263,14 @@ class ChannelMap:
                 reasons.extend(x for x in blocked_roots.get(r, []) if x not in reasons)
             positions = np.flatnonzero(np.isin(self.tensor_roots[anchor], atoms))
             whole = len(positions) == len(self.tensor_roots[anchor])
-            gid = anchor if whole else f"{anchor}[{positions[0]}:{positions[-1] + 1}]"
+            contiguous = positions[-1] - positions[0] + 1 == len(positions)
+            if whole:
+                gid = anchor
+            elif contiguous:
+                gid = f"{anchor}[{positions[0]}:{positions[-1] + 1}]"
+            else:  # interleaved channels (e.g. tied across the groups of a grouped conv): numbered
+                sparse[anchor] = sparse.get(anchor, -1) + 1
+                gid = f"{anchor}#{sparse[anchor]}"
             if gid in names:
                 names[gid] += 1
                 gid = f"{gid}#{names[gid]}"

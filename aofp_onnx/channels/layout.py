@@ -46,7 +46,8 @@ class Concat(Handler):
         if axis != ch_axis:
             for ch in labelled[1:]:
                 ctx.union(labelled[0].ids, ch.ids)
-            unlabelled = [n for n, ch in zip(node.input, chs) if ch is None and (ctx.shape(n) or (0, 0))[ch_axis] > 1]
+            unlabelled = [n for n, ch in zip(node.input, chs)
+                          if ch is None and (ctx.shape(n) is None or ctx.shape(n)[ch_axis] > 1)]
             if unlabelled:
                 ctx.block(labelled[0].ids, f"{where}: joins channels with an operand that carries none")
             ctx.set(node.output[0], Channels(ch_axis, labelled[0].ids))
@@ -143,7 +144,8 @@ class Slice(Handler):
             for other in chunks[1:]:
                 ctx.union(chunks[0], other)
         else:
-            ctx.rewrite(node, _slice_bounds(node.input[0], k, begin, end))
+            to_end = int(ends[k]) >= shape[ch.axis]  # "to the end" stays so (INT64_MAX, not a count)
+            ctx.rewrite(node, _slice_bounds(node.input[0], k, begin, end, to_end))
         ctx.set(node.output[0], Channels(ch.axis, ch.ids[begin:end]))
 
 
@@ -165,12 +167,14 @@ def _reads_shape_of(ctx, node, tensor) -> bool:
     return False
 
 
-def _slice_bounds(tensor, k, begin, end):
+def _slice_bounds(tensor, k, begin, end, to_end):
     def fn(node, cut):
         kept = cut.kept(tensor)
         new_begin = int(np.count_nonzero(kept < begin))
         new_end = new_begin + int(np.count_nonzero((kept >= begin) & (kept < end)))
-        for index, value in ((1, new_begin), (2, new_end)):
+        for index, value in ((1, new_begin), (2, None if to_end else new_end)):
+            if value is None:
+                continue
             arr = cut.input_value(node, index).copy()
             arr[k] = value
             cut.set_input(node, index, arr)
@@ -185,6 +189,8 @@ class Flatten(Handler):
         if ch is None or shape is None:
             return
         axis = _norm(int(attr(node, "axis", 1)), len(shape))
+        if axis == 0:
+            return ctx.block(ch.ids, f"{ctx.describe(node)}: flattens the batch axis into the channels")
         if ch.axis < axis:
             return ctx.block(ch.ids, f"{ctx.describe(node)}: flattens the channel axis into the outer dimension")
         inner = int(np.prod(shape[ch.axis + 1:]))
@@ -270,8 +276,10 @@ class Squeeze(Handler):
         if ch is None or shape is None:
             return
         axes = _axes(node, ctx)
-        if axes is None:
-            axes = [a for a, d in enumerate(shape) if d == 1] if not has_input(node, 1) else None
+        if axes is None and not has_input(node, 1):
+            if shape[0] == 1:  # the analysis batch of 1 would be squeezed too, a larger one would not
+                return ctx.block(ch.ids, f"{ctx.describe(node)}: squeezes every size-1 dim, the batch's too")
+            axes = [a for a, d in enumerate(shape) if d == 1]
         if axes is None:
             return ctx.block(ch.ids, f"{ctx.describe(node)}: axes are computed at run time")
         axes = [_norm(a, len(shape)) for a in axes]
