@@ -58,8 +58,9 @@ class TrialEngine:
         self.cmap = cmap
         self.runner = Runner(build_trial_model(cmap), provider)
         self.provider = self.runner.provider
-        # the trial graph holds the model's activations plus, per copy, three sink-output-sized tensors
-        self.sample_bytes = 4 * _activation_bytes(cmap)
+        # per stacked trial and sample: the consumer copies' inputs and outputs (~ one activation set, x3
+        # for the masked input, the copy's output and the difference)
+        self.sample_bytes = 3 * _activation_bytes(cmap)
         self.memory_budget = memory_budget
 
     def max_stack(self, batch: int) -> int:
@@ -67,14 +68,9 @@ class TrialEngine:
 
     def damage(self, keep: np.ndarray, rows: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """[T, G] damage of T trial rows (each [S+1], 0 = removed by the trial) on one calibration batch."""
-        n = len(next(iter(feeds.values())))
-        t = len(rows)
-        num, den = self.runner.run({**_tile(feeds, t), KEEP_INPUT: keep_feed(keep),
-                                    TRIAL_INPUT: np.repeat(rows.astype(np.float32), n, axis=0)},
+        num, den = self.runner.run({**feeds, KEEP_INPUT: keep_feed(keep), TRIAL_INPUT: rows.astype(np.float32)},
                                    [NUM_OUTPUT, DEN_OUTPUT])
-        num = num.reshape(t, n, -1).sum(axis=1, dtype=np.float64)
-        den = den.reshape(t, n, -1).sum(axis=1, dtype=np.float64)
-        return num / np.maximum(den, 1e-30)
+        return num.astype(np.float64) / np.maximum(den.astype(np.float64), 1e-30)
 
 
 @dataclass

@@ -1,20 +1,22 @@
 """The multi-path trial graph: one onnxruntime session scores every group's trial at once.
 
-Inputs: the model's inputs, `aofp_keep` [1, S+1] (the current kept set K) and `aofp_trial` [B, S+1]
-(per batch row, 0 on the channels R that row's trial removes, 1 elsewhere; column S is always 1).
-The base path is the model masked by K at every sink. For each prunable group g and each sink node n
-of g reading tensor T, a copy of n (same initializers, no weight copies) reads
-T·K·trial[:, idx_g(T)], where idx_g keeps only g's slots (others point at the always-1 column), so
-the copy sees exactly "K with R_g also removed". With Y = n's base output and Y_R the copy's:
+Inputs: the model's inputs (a calibration batch of N samples), `aofp_keep` [1, S+1] (the current kept
+set K) and `aofp_trial` [T, S+1] (one row per trial: 0 on the channels R it removes, 1 elsewhere;
+column S is always 1). The base path is the model masked by K at every sink, run once for all T
+trials. For each prunable group g and each sink node n of g reading tensor X, a copy of n (same
+initializers, no weight copies) reads the base's K-masked X broadcast against the T trial masks,
+X·trial[t, idx_g(X)] for t < T, stacked to a batch of T·N (idx_g keeps only g's slots; the others
+point at the always-1 column), so row block t sees exactly "K with R_g,t also removed". With Y = n's
+base output [N, ..] and Y_R its copy's [T, N, ..]:
 
-    num_g[b] = Σ_n ‖Y_n[b] − Y_R,n[b]‖²,   den_g[b] = Σ_n ‖Y_n[b] − bias_n‖²
+    num_g[t] = Σ_n ‖Y_n − Y_R,n[t]‖²,   den_g = Σ_n ‖Y_n − bias_n‖²   (sums over the whole batch)
 
-are the outputs `aofp_damage_num` / `aofp_damage_den`, both [B, G]. Several trials are stacked along
-the batch axis (the calibration batch tiled, each tile with its own trial rows); the damage of one
-trial is Σ_b num / Σ_b den over its tile — the paper's Σ(base − ablated)² / Σ base² at the next layer.
-The consumer's own bias (Conv/ConvTranspose B, Gemm C) is left out of the base energy: with BN folded
-into the conv that bias is the folded BN shift, which would dilute every damage by a constant the
-channels have no part in (it cancels in the numerator anyway).
+are the outputs `aofp_damage_num` [T, G] and `aofp_damage_den` [1, G]; a trial's damage is num/den —
+the paper's Σ(base − ablated)² / Σ base² at the next layer. The consumer's own bias (Conv and
+ConvTranspose B, Gemm C) is left out of the base energy: with BN folded into the conv that bias is the
+folded BN shift, which would dilute every damage by a constant the channels have no part in (it
+cancels in the numerator anyway). Cost of one run: one base forward on N samples plus T forwards of
+the consumers, instead of T full forwards.
 """
 from __future__ import annotations
 
@@ -28,128 +30,167 @@ from .masking import KEEP_INPUT, MaskInserter, mask_input
 
 TRIAL_INPUT = "aofp_trial"
 NUM_OUTPUT, DEN_OUTPUT = "aofp_damage_num", "aofp_damage_den"
+INT64_MAX = np.iinfo(np.int64).max
 
 
-def _sq_norm(x: str, out: str, prefix: str) -> list[onnx.NodeProto]:
-    """out[b, 0] = Σ x[b, ...]²  (Flatten then ReduceSumSquare over axis 1; axes as attribute or input)."""
-    flat = f"{prefix}_flat"
-    return [helper.make_node("Flatten", [x], [flat], axis=1, name=f"{prefix}_flatten"),
-            helper.make_node("ReduceSumSquare", [flat], [out], axes=[1], keepdims=1, name=f"{prefix}_rss")]
+class _Builder:
+    """Nodes and constants of the trial paths, with per-tensor helpers built once."""
+
+    def __init__(self, cmap: ChannelMap, graph: onnx.GraphProto):
+        self.cmap = cmap
+        self.graph = graph
+        self.opset = cmap.graph.opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._cache: dict[tuple, str] = {}
+        self.const("aofp_zero", np.array([0], np.int64))
+        self.const("aofp_one", np.array([1], np.int64))
+        self.const("aofp_minus_one", np.array([-1], np.int64))
+        self.const("aofp_int_max", np.array([INT64_MAX], np.int64))
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(onnx.numpy_helper.from_array(value, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], out: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [out], name=f"{out}_node", **attrs))
+        return out
+
+    def unsqueeze0(self, x: str) -> str:
+        """x[None]: opset ≥ 13 takes axes as an input."""
+        key = ("unsqueeze", x)
+        if key not in self._cache:
+            out = f"{x}__u0"
+            if self.opset >= 13:
+                self.node("Unsqueeze", [x, "aofp_zero"], out)
+            else:
+                self.node("Unsqueeze", [x], out, axes=[0])
+            self._cache[key] = out
+        return self._cache[key]
+
+    def shape_with_lead(self, x: str, drop_first: bool) -> str:
+        """[-1] + shape(x)[1:] (drop_first) or [-1] + shape(x): reshape targets that fold/unfold trials."""
+        key = ("shape", x, drop_first)
+        if key not in self._cache:
+            shape = self.node("Shape", [x], f"{x}__shape")
+            if drop_first:
+                shape = self.node("Slice", [shape, "aofp_one", "aofp_int_max"], f"{x}__tail")
+            self._cache[key] = self.node("Concat", ["aofp_minus_one", shape], f"{x}__lead{int(drop_first)}", axis=0)
+        return self._cache[key]
+
+    def sq_norm(self, x: str, out: str, axis: int) -> str:
+        """Σ of squares of x flattened from `axis` on: [T, 1] for axis 1, [1, 1] for axis 0."""
+        flat = self.node("Flatten", [x], f"{out}_flat", axis=axis)
+        if self.opset >= 18:  # ReduceSumSquare takes axes as an input from opset 18
+            return self.node("ReduceSumSquare", [flat, "aofp_one"], out, keepdims=1)
+        return self.node("ReduceSumSquare", [flat], out, axes=[1], keepdims=1)
+
+    def trial_mask(self, tensor: str, idx: np.ndarray, base: str) -> str:
+        """trial[:, idx] reshaped to [T, 1, .., C, ..] (C at the tensor's channel axis + 1)."""
+        rank = len(self.cmap.graph.shape(tensor))
+        axis = self.cmap.tensor_axis[tensor]
+        shape = [1] * (rank + 1)
+        shape[0], shape[axis + 1] = 0, len(idx)
+        self.const(f"{base}_idx", idx.astype(np.int64))
+        self.const(f"{base}_mshape", np.array(shape, np.int64))
+        gathered = self.node("Gather", [TRIAL_INPUT, f"{base}_idx"], f"{base}_g", axis=1)
+        return self.node("Reshape", [gathered, f"{base}_mshape"], f"{base}_m")
 
 
 def build_trial_model(cmap: ChannelMap) -> ModelData:
     """The trial graph of `cmap`'s model (see the module docstring); its only outputs are the damages."""
-    src = cmap.graph.model
-    opset = cmap.graph.opset
     model = onnx.ModelProto()
-    model.CopyFrom(src)
+    model.CopyFrom(cmap.graph.model)
     graph = model.graph
     keep = MaskInserter(cmap, KEEP_INPUT, "aofp_k")
-    trial = MaskInserter(cmap, TRIAL_INPUT, "aofp_t")
+    b = _Builder(cmap, graph)
     by_node: dict[int, list] = {}
     for s in cmap.sinks:
         if any(g.prunable for g in cmap.groups_of_tensor.get(s.tensor, [])):
             by_node.setdefault(s.node_index, []).append(s)
-    group_terms: dict[str, tuple[list[str], list[str]]] = {g.id: ([], []) for g in cmap.prunable}
+    terms: dict[str, tuple[list[str], list[str]]] = {g.id: ([], []) for g in cmap.prunable}
     nodes: list[onnx.NodeProto] = []
     extra = 0
     for ni, node in enumerate(graph.node):
         sinks = by_node.get(ni, [])
-        masked_inputs = {}
+        masked = {}
         for s in sinks:
-            masked_inputs[s.input_index] = keep.masked(s.tensor)
-            node.input[s.input_index] = masked_inputs[s.input_index]
+            masked[s.input_index] = keep.masked(s.tensor)
+            node.input[s.input_index] = masked[s.input_index]
         nodes.extend(keep.take_nodes())
         nodes.append(node)
         for s in sinks:
             pos = cmap.positions(s.tensor)
+            x = masked[s.input_index]
             for g in cmap.groups_of_tensor.get(s.tensor, []):
                 if not g.prunable:
                     continue
-                idx = np.where((pos >= g.offset) & (pos < g.offset + g.width), pos, cmap.n_slots)
-                trial_in = trial.masked(s.tensor, idx, source=masked_inputs[s.input_index])
-                nodes.extend(trial.take_nodes())
                 base = f"aofp_c{extra}"
                 extra += 1
+                idx = np.where((pos >= g.offset) & (pos < g.offset + g.width), pos, cmap.n_slots)
+                stacked = b.node("Mul", [b.unsqueeze0(x), b.trial_mask(s.tensor, idx, base)], f"{base}_x")
+                flat = b.node("Reshape", [stacked, b.shape_with_lead(x, drop_first=True)], f"{base}_xf")
                 copy = onnx.NodeProto()
                 copy.CopyFrom(node)
                 copy.name = f"{base}_{node.op_type}"
-                copy.input[s.input_index] = trial_in
+                copy.input[s.input_index] = flat
                 del copy.output[:]
-                copy.output.extend([f"{base}_y"])
-                nodes.append(copy)
-                nodes.append(helper.make_node("Sub", [node.output[0], f"{base}_y"], [f"{base}_d"], name=f"{base}_sub"))
-                nodes.extend(_sq_norm(f"{base}_d", f"{base}_num", f"{base}_n"))
-                response = _without_bias(cmap, node, base, nodes, graph)
-                nodes.extend(_sq_norm(response, f"{base}_den", f"{base}_b"))
-                group_terms[g.id][0].append(f"{base}_num")
-                group_terms[g.id][1].append(f"{base}_den")
+                copy.output.append(f"{base}_yf")
+                b.nodes.append(copy)
+                y = node.output[0]
+                y_r = b.node("Reshape", [f"{base}_yf", b.shape_with_lead(y, drop_first=False)], f"{base}_y")
+                diff = b.node("Sub", [y_r, b.unsqueeze0(y)], f"{base}_d")
+                terms[g.id][0].append(b.sq_norm(diff, f"{base}_num", axis=1))
+                terms[g.id][1].append(b.sq_norm(_without_bias(cmap, node, base, b), f"{base}_den",
+                                                axis=0))
+        nodes.extend(b.nodes)
+        b.nodes = []
     nums, dens = [], []
     for k, g in enumerate(cmap.prunable):
-        num_terms, den_terms = group_terms[g.id]
-        for terms, out, acc in ((num_terms, f"aofp_g{k}_num", nums), (den_terms, f"aofp_g{k}_den", dens)):
-            if not terms:  # a group without sinks is free to remove: zero damage over a unit base
-                terms = [_constant_like(nodes, out, 0.0 if acc is nums else 1.0, graph)]
-            nodes.append(helper.make_node("Sum", terms, [out], name=f"{out}_sum"))
-            acc.append(out)
-    nodes.append(helper.make_node("Concat", nums, [NUM_OUTPUT], axis=1, name="aofp_num_concat"))
-    nodes.append(helper.make_node("Concat", dens, [DEN_OUTPUT], axis=1, name="aofp_den_concat"))
+        num_terms, den_terms = terms[g.id]
+        if not num_terms:  # a group without sinks is free to remove: zero damage over a unit base
+            num_terms = [_zeros_per_trial(b, f"aofp_g{k}")]
+            den_terms = [b.const(f"aofp_g{k}_unit", np.ones((1, 1), np.float32))]
+        nums.append(b.node("Sum", num_terms, f"aofp_g{k}_num"))
+        dens.append(b.node("Sum", den_terms, f"aofp_g{k}_den"))
+    b.node("Concat", nums, NUM_OUTPUT, axis=1)
+    b.node("Concat", dens, DEN_OUTPUT, axis=1)
+    nodes.extend(b.nodes)
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(keep.inits + trial.inits)
+    graph.initializer.extend(keep.inits + b.inits)
     graph.input.extend([mask_input(KEEP_INPUT, cmap.n_slots), mask_input(TRIAL_INPUT, cmap.n_slots)])
     del graph.output[:]
-    graph.output.extend([helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["batch", len(nums)])
-                         for n in (NUM_OUTPUT, DEN_OUTPUT)])
+    graph.output.extend([helper.make_tensor_value_info(NUM_OUTPUT, onnx.TensorProto.FLOAT, ["trials", len(nums)]),
+                         helper.make_tensor_value_info(DEN_OUTPUT, onnx.TensorProto.FLOAT, [1, len(dens)])])
     del graph.value_info[:]
     _drop_dead_nodes(graph)
-    if opset >= 18:  # ReduceSumSquare takes axes as an input from opset 18
-        _add_axes_initializer(graph)
     return ModelData(model, cmap.graph.weights)
 
 
-def _without_bias(cmap: ChannelMap, node: onnx.NodeProto, base: str, nodes: list, graph) -> str:
+def _zeros_per_trial(b: _Builder, name: str) -> str:
+    """A [T, 1] tensor of zeros, T taken from the trial mask."""
+    rows = b.node("Shape", [TRIAL_INPUT], f"{name}_rows_full")
+    rows = b.node("Slice", [rows, "aofp_zero", "aofp_one"], f"{name}_rows")
+    dims = b.node("Concat", [rows, "aofp_one"], f"{name}_dims", axis=0)
+    return b.node("ConstantOfShape", [dims], f"{name}_zeros",
+                  value=onnx.numpy_helper.from_array(np.array([0.0], np.float32)))
+
+
+def _without_bias(cmap: ChannelMap, node: onnx.NodeProto, base: str, b: _Builder) -> str:
     """The consumer's output minus its constant bias (Conv/ConvTranspose input 2, Gemm input 2), if any."""
     if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or not node.input[2]:
         return node.output[0]
     bias = cmap.graph.array(node.input[2])
     out_shape = cmap.graph.shape(node.output[0])
-    if bias is None or out_shape is None:
+    axis = len(out_shape) - 1 if node.op_type == "Gemm" else 1
+    if bias is None or bias.ndim > 1 or bias.size not in (1, out_shape[axis]):
         return node.output[0]
     shape = [1] * len(out_shape)
-    shape[1 if node.op_type != "Gemm" else -1] = -1
-    if bias.ndim > 1 or bias.size not in (1, out_shape[1 if node.op_type != "Gemm" else -1]):
-        return node.output[0]
-    graph.initializer.append(onnx.numpy_helper.from_array(np.array(shape, np.int64), f"{base}_bshape"))
-    nodes.append(helper.make_node("Reshape", [node.input[2], f"{base}_bshape"], [f"{base}_bias"], name=f"{base}_breshape"))
-    nodes.append(helper.make_node("Sub", [node.output[0], f"{base}_bias"], [f"{base}_resp"], name=f"{base}_bsub"))
-    return f"{base}_resp"
-
-
-def _constant_like(nodes, name, value, graph):
-    """A [B, 1] tensor of `value`, B taken from the trial mask's batch (for groups with no sink)."""
-    shape_name = f"{name}_shape"
-    nodes.append(helper.make_node("Shape", [TRIAL_INPUT], [shape_name], end=1, name=f"{name}_shape_node"))
-    nodes.append(helper.make_node("Concat", [shape_name, "aofp_one_i64"], [f"{name}_dims"], axis=0,
-                                  name=f"{name}_dims_node"))
-    nodes.append(helper.make_node("ConstantOfShape", [f"{name}_dims"], [f"{name}_c"],
-                                  value=onnx.numpy_helper.from_array(np.array([value], np.float32)),
-                                  name=f"{name}_const"))
-    if not any(i.name == "aofp_one_i64" for i in graph.initializer):
-        graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "aofp_one_i64"))
-    return f"{name}_c"
-
-
-def _add_axes_initializer(graph: onnx.GraphProto) -> None:
-    """Opset ≥ 18: move ReduceSumSquare's `axes` attribute of our nodes to an input."""
-    graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "aofp_axes1"))
-    for node in graph.node:
-        if node.op_type == "ReduceSumSquare" and node.name.startswith("aofp_"):
-            for k, a in enumerate(node.attribute):
-                if a.name == "axes":
-                    del node.attribute[k]
-                    break
-            node.input.append("aofp_axes1")
+    shape[axis] = -1
+    b.const(f"{base}_bshape", np.array(shape, np.int64))
+    bias_b = b.node("Reshape", [node.input[2], f"{base}_bshape"], f"{base}_bias")
+    return b.node("Sub", [node.output[0], bias_b], f"{base}_resp")
 
 
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
