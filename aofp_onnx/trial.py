@@ -97,8 +97,11 @@ class _Builder:
         return self.node("Reshape", [gathered, f"{base}_mshape"], f"{base}_m")
 
 
-def build_trial_model(cmap: ChannelMap) -> ModelData:
-    """The trial graph of `cmap`'s model (see the module docstring); its only outputs are the damages."""
+def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None) -> ModelData:
+    """The trial graph of `cmap`'s model (see the module docstring); its only outputs are the damages.
+
+    `groups`: score only these group ids (the outputs then have one column per listed group)."""
+    chosen = [g for g in cmap.prunable if groups is None or g.id in groups]
     model = onnx.ModelProto()
     model.CopyFrom(cmap.graph.model)
     graph = model.graph
@@ -108,7 +111,7 @@ def build_trial_model(cmap: ChannelMap) -> ModelData:
     for s in cmap.sinks:
         if any(g.prunable for g in cmap.groups_of_tensor.get(s.tensor, [])):
             by_node.setdefault(s.node_index, []).append(s)
-    terms: dict[str, tuple[list[str], list[str]]] = {g.id: ([], []) for g in cmap.prunable}
+    terms: dict[str, tuple[list[str], list[str]]] = {g.id: ([], []) for g in chosen}
     nodes: list[onnx.NodeProto] = []
     extra = 0
     for ni, node in enumerate(graph.node):
@@ -123,7 +126,7 @@ def build_trial_model(cmap: ChannelMap) -> ModelData:
             pos = cmap.positions(s.tensor)
             x = masked[s.input_index]
             for g in cmap.groups_of_tensor.get(s.tensor, []):
-                if not g.prunable:
+                if g.id not in terms:
                     continue
                 base = f"aofp_c{extra}"
                 extra += 1
@@ -146,7 +149,7 @@ def build_trial_model(cmap: ChannelMap) -> ModelData:
         nodes.extend(b.nodes)
         b.nodes = []
     nums, dens = [], []
-    for k, g in enumerate(cmap.prunable):
+    for k, g in enumerate(chosen):
         num_terms, den_terms = terms[g.id]
         if not num_terms:  # a group without sinks is free to remove: zero damage over a unit base
             num_terms = [_zeros_per_trial(b, f"aofp_g{k}")]
