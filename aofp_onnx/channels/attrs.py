@@ -38,3 +38,14 @@ def del_attr(node: onnx.NodeProto, name: str) -> None:
         if a.name == name:
             del node.attribute[k]
             return
+
+
+def write_width(tensor: str, index: int, position: int, factor: int = 1):
+    """A cut-time rewrite: element `position` of constant input `index` := kept channels of `tensor` · factor.
+
+    Reshape targets (C·H·W), Resize `sizes` and Expand shapes hold a channel count this way."""
+    def fn(node, cut):
+        value = cut.input_value(node, index).copy()
+        value[position] = len(cut.kept(tensor)) * factor
+        cut.set_input(node, index, value)
+    return fn

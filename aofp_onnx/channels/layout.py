@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Channels, Handler, register
-from .attrs import attr, const_input, del_attr, has_input, set_attr
+from .attrs import attr, const_input, del_attr, has_input, set_attr, write_width
 
 
 def _norm(axis, rank):
@@ -233,7 +233,7 @@ class Reshape(Handler):
             if any(np.any(v == literal) for v in _shape_constants(ctx, node.input[1])) and literal > 1:
                 return ctx.block(ch.ids, f"{where}: target shape is computed from a constant holding the channel count")
         elif target[o] not in (-1, 0):
-            ctx.rewrite(node, _reshape_target(node.input[0], o, m))
+            ctx.rewrite(node, write_width(node.input[0], 1, o, m))
         elif target[o] == 0 and not (o == ch.axis and m == 1):
             return ctx.block(ch.ids, f"{where}: target shape copies a dim that moves")
         ctx.set(node.output[0], Channels(o, np.repeat(ch.ids, m)))
@@ -250,14 +250,6 @@ def _merged_axis(in_shape, out_shape, c):
             if out_shape[o] == in_shape[c] * m:
                 return o, int(m)
     return None
-
-
-def _reshape_target(tensor, o, m):
-    def fn(node, cut):
-        target = cut.input_value(node, 1).copy()
-        target[o] = len(cut.kept(tensor)) * m
-        cut.set_input(node, 1, target)
-    return fn
 
 
 def _axes(node, ctx):
@@ -332,13 +324,7 @@ class Broadcasted(Handler):
         if node.op_type == "Expand":
             local = ch.axis - (len(out_shape) - len(value))
             if local >= 0 and value[local] == in_shape[ch.axis] and in_shape[ch.axis] > 1:
-                ctx.rewrite(node, _expand_target(node.input[0], local))
+                ctx.rewrite(node, write_width(node.input[0], 1, local))
         ctx.set(node.output[0], Channels(ch.axis, ch.ids))
 
 
-def _expand_target(tensor, local):
-    def fn(node, cut):
-        target = cut.input_value(node, 1).copy()
-        target[local] = len(cut.kept(tensor))
-        cut.set_input(node, 1, target)
-    return fn

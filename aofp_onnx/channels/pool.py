@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Channels, Handler, register
-from .attrs import attr, const_input, has_input
+from .attrs import attr, const_input, has_input, write_width
 
 
 @register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
@@ -94,16 +94,8 @@ class Resize(Handler):
             axes = attr(node, "axes")
             pos = ch.axis if axes is None else (list(axes).index(ch.axis) if ch.axis in axes else None)
             if pos is not None:
-                ctx.rewrite(node, _resize_sizes(node.output[0], pos))
+                ctx.rewrite(node, write_width(node.output[0], 3, pos))
         ctx.set(node.output[0], ch)
-
-
-def _resize_sizes(tensor, pos):
-    def fn(node, cut):
-        sizes = cut.input_value(node, 3).copy()
-        sizes[pos] = len(cut.kept(tensor))
-        cut.set_input(node, 3, sizes)
-    return fn
 
 
 @register("Pad")
