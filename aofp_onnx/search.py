@@ -113,7 +113,8 @@ class SearchStats:
     history: list = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"trials": self.trials, "rounds": self.rounds, "seconds": self.seconds, "threshold": self.threshold}
+        out = {"trials": self.trials, "rounds": self.rounds, "seconds": self.seconds}
+        return {**out, "threshold": self.threshold} if self.threshold else out
 
 
 def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: int = 8,

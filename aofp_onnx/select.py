@@ -6,8 +6,8 @@ across groups (criteria normalize them). The removal count is found by bisection
 since MACs only fall as more channels go.
 
 `round_widths` then moves each group's width to the nearest multiple of `round_to` (adding back the
-best removed channels or removing the worst kept ones), and floors groups again while the MACs target
-is exceeded.
+best removed channels or removing the worst kept ones); while the MACs target is exceeded, the
+rounded-up group whose flooring gives up the fewest MACs is floored.
 """
 from __future__ import annotations
 
@@ -64,13 +64,18 @@ def round_widths(cmap: ChannelMap, keep: np.ndarray, scores: np.ndarray, round_t
         want = max(want, floor_for(g.width, min_channels))
         _set_width(keep, g.slots, scores[g.slots], want)
         floors[g.id] = lower
-    if target is not None:
+    if target is not None:  # over target: floor the rounded-up group that gives up the fewest MACs, repeat
         goal = target * cmap.total_macs
-        for g in sorted(cmap.prunable, key=lambda g: -g.macs):
-            if cmap.macs(keep) <= goal:
+        while cmap.macs(keep) > goal:
+            options = []
+            for g in cmap.prunable:
+                if g.id in floors and keep[g.slots].sum() > floors[g.id]:
+                    trial = keep.copy()
+                    _set_width(trial, g.slots, scores[g.slots], floors[g.id])
+                    options.append((cmap.macs(keep) - cmap.macs(trial), g.id, trial))
+            if not options:
                 break
-            if g.id in floors and keep[g.slots].sum() > floors[g.id]:
-                _set_width(keep, g.slots, scores[g.slots], floors[g.id])
+            keep = min(options, key=lambda o: (o[0], o[1]))[2]
     return keep
 
 

@@ -6,17 +6,18 @@ column S is always 1). The base path is the model masked by K at every sink, run
 trials. For each prunable group g and each sink node n of g reading tensor X, a copy of n (same
 initializers, no weight copies) reads the base's K-masked X broadcast against the T trial masks,
 X·trial[t, idx_g(X)] for t < T, stacked to a batch of T·N (idx_g keeps only g's slots; the others
-point at the always-1 column), so row block t sees exactly "K with R_g,t also removed". With Y = n's
-base output [N, ..] and Y_R its copy's [T, N, ..]:
+point at the always-1 column), so row block t sees exactly "K with R_g,t also removed". As in the
+reference implementation, the damage is read after the consumer's own post-processing: the copy
+follows n's output through the chain of single-consumer elementwise ops behind it (BatchNormalization,
+activations, per-channel affine with constants) and the chain's end Z is masked by K where it carries
+channels (the consumer's own removed filters do not count). With Z the base chain end [N, ..] and Z_R
+the copy's [T, N, ..]:
 
-    num_g[t] = Σ_n ‖Y_n − Y_R,n[t]‖²,   den_g = Σ_n ‖Y_n − bias_n‖²   (sums over the whole batch)
+    num_g[t] = Σ_n ‖(Z_n − Z_R,n[t])·K‖²,   den_g = Σ_n ‖Z_n·K‖²   (sums over the whole batch)
 
 are the outputs `aofp_damage_num` [T, G] and `aofp_damage_den` [1, G]; a trial's damage is num/den —
-the paper's Σ(base − ablated)² / Σ base² at the next layer. The consumer's own bias (Conv and
-ConvTranspose B, Gemm C) is left out of the base energy: with BN folded into the conv that bias is the
-folded BN shift, which would dilute every damage by a constant the channels have no part in (it
-cancels in the numerator anyway). Cost of one run: one base forward on N samples plus T forwards of
-the consumers, instead of T full forwards.
+the paper's Σ(base − ablated)² / Σ base² at the next layer. Cost of one run: one base forward on N
+samples plus T forwards of the consumers, instead of T full forwards.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ from .masking import KEEP_INPUT, MaskInserter, mask_input
 TRIAL_INPUT = "aofp_trial"
 NUM_OUTPUT, DEN_OUTPUT = "aofp_damage_num", "aofp_damage_den"
 INT64_MAX = np.iinfo(np.int64).max
+# ops a consumer's damage is read through (elementwise; other inputs must be constants)
+CHAIN_OPS = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+             "Celu", "Gelu", "Mish", "Softplus", "BatchNormalization", "Mul", "Add", "Sub", "Div", "Identity"}
 
 
 class _Builder:
@@ -85,15 +89,15 @@ class _Builder:
             return self.node("ReduceSumSquare", [flat, "aofp_one"], out, keepdims=1)
         return self.node("ReduceSumSquare", [flat], out, axes=[1], keepdims=1)
 
-    def trial_mask(self, tensor: str, idx: np.ndarray, base: str) -> str:
-        """trial[:, idx] reshaped to [T, 1, .., C, ..] (C at the tensor's channel axis + 1)."""
+    def trial_mask(self, tensor: str, idx: np.ndarray, base: str, source: str = TRIAL_INPUT) -> str:
+        """source[:, idx] reshaped to [T, 1, .., C, ..] (C at the tensor's channel axis + 1)."""
         rank = len(self.cmap.graph.shape(tensor))
         axis = self.cmap.tensor_axis[tensor]
         shape = [1] * (rank + 1)
         shape[0], shape[axis + 1] = 0, len(idx)
         self.const(f"{base}_idx", idx.astype(np.int64))
         self.const(f"{base}_mshape", np.array(shape, np.int64))
-        gathered = self.node("Gather", [TRIAL_INPUT, f"{base}_idx"], f"{base}_g", axis=1)
+        gathered = self.node("Gather", [source, f"{base}_idx"], f"{base}_g", axis=1)
         return self.node("Reshape", [gathered, f"{base}_mshape"], f"{base}_m")
 
 
@@ -113,6 +117,7 @@ def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None) -> Mode
             by_node.setdefault(s.node_index, []).append(s)
     terms: dict[str, tuple[list[str], list[str]]] = {g.id: ([], []) for g in chosen}
     nodes: list[onnx.NodeProto] = []
+    pending: dict[str, list[onnx.NodeProto]] = {}  # trial nodes that wait for the end of a consumer's chain
     extra = 0
     for ni, node in enumerate(graph.node):
         sinks = by_node.get(ni, [])
@@ -122,6 +127,7 @@ def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None) -> Mode
             node.input[s.input_index] = masked[s.input_index]
         nodes.extend(keep.take_nodes())
         nodes.append(node)
+        nodes.extend(pending.pop(node.output[0], []))
         for s in sinks:
             pos = cmap.positions(s.tensor)
             x = masked[s.input_index]
@@ -140,14 +146,28 @@ def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None) -> Mode
                 del copy.output[:]
                 copy.output.append(f"{base}_yf")
                 b.nodes.append(copy)
-                y = node.output[0]
-                y_r = b.node("Reshape", [f"{base}_yf", b.shape_with_lead(y, drop_first=False)], f"{base}_y")
-                diff = b.node("Sub", [y_r, b.unsqueeze0(y)], f"{base}_d")
+                z, z_r = node.output[0], f"{base}_yf"
+                for step, follower in enumerate(_chain(cmap, node)):
+                    follow = onnx.NodeProto()
+                    follow.CopyFrom(follower)
+                    follow.name = f"{base}_chain{step}"
+                    follow.input[0] = z_r
+                    del follow.output[:]
+                    follow.output.append(f"{base}_chain{step}_out")
+                    b.nodes.append(follow)
+                    z, z_r = follower.output[0], f"{base}_chain{step}_out"
+                z_r = b.node("Reshape", [z_r, b.shape_with_lead(z, drop_first=False)], f"{base}_y")
+                diff = b.node("Sub", [z_r, b.unsqueeze0(z)], f"{base}_d")
+                ref = z
+                if z in cmap.tensor_axis:  # the consumer's own removed filters do not count
+                    own = b.trial_mask(z, cmap.positions(z), f"{base}_own", source=KEEP_INPUT)
+                    diff = b.node("Mul", [diff, own], f"{base}_dm")
+                    ref = b.node("Mul", [b.unsqueeze0(z), own], f"{base}_zm")
                 terms[g.id][0].append(b.sq_norm(diff, f"{base}_num", axis=1))
-                terms[g.id][1].append(b.sq_norm(_without_bias(cmap, node, base, b), f"{base}_den",
-                                                axis=0))
-        nodes.extend(b.nodes)
-        b.nodes = []
+                terms[g.id][1].append(b.sq_norm(ref, f"{base}_den", axis=0))
+                pending.setdefault(z, []).extend(b.nodes)
+                b.nodes = []
+        nodes.extend(pending.pop(node.output[0], []))
     nums, dens = [], []
     for k, g in enumerate(chosen):
         num_terms, den_terms = terms[g.id]
@@ -180,20 +200,24 @@ def _zeros_per_trial(b: _Builder, name: str) -> str:
                   value=onnx.numpy_helper.from_array(np.array([0.0], np.float32)))
 
 
-def _without_bias(cmap: ChannelMap, node: onnx.NodeProto, base: str, b: _Builder) -> str:
-    """The consumer's output minus its constant bias (Conv/ConvTranspose input 2, Gemm input 2), if any."""
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or not node.input[2]:
-        return node.output[0]
-    bias = cmap.graph.array(node.input[2])
-    out_shape = cmap.graph.shape(node.output[0])
-    axis = len(out_shape) - 1 if node.op_type == "Gemm" else 1
-    if bias is None or bias.ndim > 1 or bias.size not in (1, out_shape[axis]):
-        return node.output[0]
-    shape = [1] * len(out_shape)
-    shape[axis] = -1
-    b.const(f"{base}_bshape", np.array(shape, np.int64))
-    bias_b = b.node("Reshape", [node.input[2], f"{base}_bshape"], f"{base}_bias")
-    return b.node("Sub", [node.output[0], bias_b], f"{base}_resp")
+def _chain(cmap: ChannelMap, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The single-consumer elementwise ops behind `node` (BN, activation, constant affine), in order."""
+    chain = []
+    tensor = node.output[0]
+    while tensor not in cmap.graph.outputs:
+        readers = cmap.graph.consumers.get(tensor, [])
+        if len(readers) != 1:
+            break
+        follower, index = readers[0]
+        if follower.op_type not in CHAIN_OPS or index != 0 or follower.domain not in ("", "ai.onnx"):
+            break
+        if any(name and cmap.graph.array(name) is None for name in follower.input[1:]):
+            break
+        if len([o for o in follower.output if o]) != 1:
+            break
+        chain.append(follower)
+        tensor = follower.output[0]
+    return chain
 
 
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:

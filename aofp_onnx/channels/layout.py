@@ -326,5 +326,3 @@ class Broadcasted(Handler):
             if local >= 0 and value[local] == in_shape[ch.axis] and in_shape[ch.axis] > 1:
                 ctx.rewrite(node, write_width(node.input[0], 1, local))
         ctx.set(node.output[0], Channels(ch.axis, ch.ids))
-
-
