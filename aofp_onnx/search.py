@@ -58,9 +58,10 @@ class TrialEngine:
         self.cmap = cmap
         self.runner = Runner(build_trial_model(cmap), provider)
         self.provider = self.runner.provider
-        # per stacked trial and sample: the consumer copies' inputs and outputs (~ one activation set, x3
-        # for the masked input, the copy's output and the difference)
-        self.sample_bytes = 3 * _activation_bytes(cmap)
+        # per stacked trial and sample, the copies hold about one activation set at a time (each copy's
+        # stacked input, output and difference are freed once its damage is reduced); measured peaks
+        # stay well under this bound (benchmarks/aofp_vs_oracle.py prints the search's peak memory)
+        self.sample_bytes = _activation_bytes(cmap)
         self.memory_budget = memory_budget
 
     def max_stack(self, batch: int) -> int:
