@@ -62,6 +62,10 @@ def _image_options(kw) -> ImageOptions:
                         grayscale=bool(kw.get("grayscale")))
 
 
+class Interrupted(Exception):
+    """Ctrl-C with something to say (where the search state was saved)."""
+
+
 def _write_json(path, data) -> None:
     write_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
@@ -141,23 +145,35 @@ def _summary(rep: dict) -> None:
 @click.option("--eval", "eval_src", metavar="SRC", help="Labelled data (.npz with 'labels'): accuracy before/after.")
 @click.option("--plot", type=click.Path(), help="Write a PNG of the widths per group before/after.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--checkpoint", type=click.Path(), help="AOFP: save the search state here after every round "
+              "[default: OUTPUT.search-state.npz; removed when the search ends].")
+@click.option("--resume", type=click.Path(), help="AOFP: continue the search saved in this state file.")
 @image_options
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
           batch_size, calib_limit, round_to, min_channels, provider, seed, input_shape, plan_out, report_path,
-          eval_src, plot, no_progress, **img):
+          eval_src, plot, no_progress, checkpoint, resume, **img):
     """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
     shapes = parse_input_shapes(list(input_shape))
-    for path in (plan_out, report_path, plot):
+    checkpoint = checkpoint or f"{output}.search-state.npz"
+    for path in (plan_out, report_path, plot, checkpoint):
         if path:
             api.check_output_path(model, path)
     search_options = {}
     if criterion in ("aofp", "oracle"):
         search_options = dict(threshold=threshold, trials_per_half=trials_per_half, max_trials=max_trials,
                               oracle_step=oracle_step, progress=not no_progress)
-    rep = api.prune(model, output, calib=calib, criterion=criterion, flops_target=flops_target, round_to=round_to,
-                    min_channels=min_channels, provider=provider, seed=seed, input_shapes=shapes, plan_out=plan_out,
-                    batch_size=batch_size, calib_limit=calib_limit, image_options=_image_options(img),
-                    eval_src=eval_src, **search_options)
+    if criterion == "aofp":
+        search_options.update(checkpoint=checkpoint, resume=resume)
+    try:
+        rep = api.prune(model, output, calib=calib, criterion=criterion, flops_target=flops_target,
+                        round_to=round_to, min_channels=min_channels, provider=provider, seed=seed,
+                        input_shapes=shapes, plan_out=plan_out, batch_size=batch_size, calib_limit=calib_limit,
+                        image_options=_image_options(img), eval_src=eval_src, **search_options)
+    except KeyboardInterrupt:
+        if criterion == "aofp" and os.path.exists(checkpoint):
+            raise Interrupted(f"interrupted; nothing written. The search state is in {checkpoint}: continue with "
+                              f"the same command plus --resume {checkpoint}") from None
+        raise
     if plot:
         from .plot import plot_widths
 
@@ -238,6 +254,9 @@ def main(argv=None):
     except InputError as exc:
         click.echo(f"aofp-onnx: error: {exc}", err=True)
         sys.exit(2)
+    except Interrupted as exc:
+        click.echo(f"aofp-onnx: {exc}", err=True)
+        sys.exit(130)
     except click.exceptions.Abort:
         click.echo("aofp-onnx: interrupted; nothing written", err=True)
         sys.exit(130)

@@ -120,14 +120,20 @@ class SearchStats:
 
 def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: int = 8,
          flops_target: float | None = None, max_trials: int | None = None, min_channels: int = 1,
-         seed: int = 0, stack: int = 8, progress=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-    """The AOFP binary search over all prunable groups; `damage(keep, rows) -> [T, G]`."""
+         seed: int = 0, stack: int = 8, progress=None, checkpoint=None,
+         resume: dict | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+    """The AOFP binary search over all prunable groups; `damage(keep, rows) -> [T, G]`.
+
+    `checkpoint(state)` is called after every round with the whole search state (a dict of arrays
+    and plain values); `resume=state` continues from one, giving what the uninterrupted run gives."""
     rng = np.random.default_rng(seed)
     groups = [_Group(g.slots, floor_for(g.width, min_channels)) for g in cmap.prunable]
     keep = cmap.full_keep()
     goal = None if flops_target is None else flops_target * cmap.total_macs
     stats = SearchStats(threshold=threshold)
-    start = time.perf_counter()
+    if resume is not None:
+        threshold = _restore(resume, groups, keep, rng, stats)
+    start = time.perf_counter() - stats.seconds
     while True:
         if goal is not None and cmap.macs(keep) <= goal:
             break
@@ -174,6 +180,9 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
                 break
             _decide(groups[k], keep, cmap, threshold, goal)
         stats.history.append((stats.trials, cmap.macs(keep) / max(cmap.total_macs, 1)))
+        if checkpoint is not None:
+            stats.seconds = time.perf_counter() - start
+            checkpoint(_snapshot(groups, keep, rng, stats, threshold))
         if progress:
             progress(stats, cmap.macs(keep) / max(cmap.total_macs, 1), sum(not g.saturated for g in groups), len(groups))
     stats.seconds = time.perf_counter() - start
@@ -182,6 +191,73 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
     for g in groups:
         scores[g.slots] = g.score
     return keep, scores, stats
+
+
+_GROUP_FIELDS = ("kept", "space", "total", "count", "score")
+
+
+def _snapshot(groups: list[_Group], keep: np.ndarray, rng, stats: SearchStats, threshold: float) -> dict:
+    """The search state after a round: arrays per group plus the scalars, the RNG state and the counters."""
+    state = {"keep": keep.copy(), "first_half_damage": stats.first_half_damage,
+             "scalars": {"threshold": threshold, "trials": stats.trials, "rounds": stats.rounds,
+                         "seconds": stats.seconds, "rng": rng.bit_generator.state,
+                         "groups": [{"trials": g.trials, "saturated": g.saturated, "halvings": g.halvings}
+                                    for g in groups]}}
+    for k, g in enumerate(groups):
+        for name in _GROUP_FIELDS:
+            state[f"g{k}_{name}"] = getattr(g, name).copy()
+    return state
+
+
+def _restore(state: dict, groups: list[_Group], keep: np.ndarray, rng, stats: SearchStats) -> float:
+    scalars = state["scalars"]
+    if len(scalars["groups"]) != len(groups):
+        raise InputError("the search state does not match this model's channel groups")
+    for k, (g, extra) in enumerate(zip(groups, scalars["groups"])):
+        for name in _GROUP_FIELDS:
+            setattr(g, name, np.array(state[f"g{k}_{name}"]))
+        g.trials, g.saturated, g.halvings = extra["trials"], extra["saturated"], extra["halvings"]
+    keep[:] = state["keep"]
+    rng.bit_generator.state = scalars["rng"]
+    stats.trials, stats.rounds, stats.seconds = scalars["trials"], scalars["rounds"], scalars["seconds"]
+    if state.get("first_half_damage") is not None:
+        stats.first_half_damage = np.array(state["first_half_damage"])
+    return scalars["threshold"]
+
+
+def save_state(path, state: dict, options: dict) -> None:
+    """Write a search state (and the options it belongs to) atomically as .npz."""
+    import io
+    import json
+
+    from .io import write_atomic
+
+    arrays = {k: v for k, v in state.items() if k != "scalars" and v is not None}
+    meta = json.dumps({"scalars": state["scalars"], "options": options})
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
+    write_atomic(path, buf.getvalue())
+
+
+def load_state(path, options: dict) -> dict:
+    """A saved search state, checked to belong to the same model, data and options."""
+    import json
+
+    try:
+        with np.load(path) as data:
+            meta = json.loads(bytes(data["__meta__"]).decode())
+            state = {k: data[k] for k in data.files if k != "__meta__"}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such search state") from None
+    except Exception as exc:
+        raise InputError(f"{path}: not an aofp-onnx search state ({type(exc).__name__})") from None
+    saved = meta.get("options", {})
+    differ = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
+    if differ:
+        raise InputError(f"{path}: saved for other settings ({', '.join(differ)} differ); resume with the same "
+                         "model, data and options")
+    state["scalars"] = meta["scalars"]
+    return state
 
 
 def _decide(g: _Group, keep: np.ndarray, cmap: ChannelMap, threshold: float, goal: float | None) -> None:
@@ -282,6 +358,17 @@ def output_damage(runner: Runner, feeds: dict[str, np.ndarray], keep: np.ndarray
     return out
 
 
+def _data_digest(batches: list[dict]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for feeds in batches:
+        for name in sorted(feeds):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(feeds[name]).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _progress_printer(kind: str):
     """A one-line progress display on stderr (redrawn on a terminal, every 10 rounds otherwise)."""
     tty = sys.stderr.isatty()
@@ -301,8 +388,12 @@ def _progress_printer(kind: str):
 def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1, seed: int = 0,
         provider: str = "auto", batch_size: int = 32, threshold: float = 0.01, trials_per_half: int = 8,
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
-        memory_budget: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data."""
+        memory_budget: int | None = None, checkpoint: str | None = None,
+        resume: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data.
+
+    AOFP: with `checkpoint`, the search state is saved there after every round (and removed once the
+    search ends); `resume` continues a saved state (same model, data and options, else InputError)."""
     if pruner.data is None:
         raise InputError(f"--criterion {criterion} needs calibration data (--calib)")
     if trials_per_half < 1 or batch_size < 1 or threshold <= 0:
@@ -323,16 +414,23 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         used = runner.provider
     else:
         engine = TrialEngine(cmap, provider, budget)
-        counter = iter(range(1 << 62))
+        stack = min(trials_per_half, engine.max_stack(len(next(iter(batches[0].values())))))
+        options = {"fingerprint": cmap.graph.fingerprint(), "data": _data_digest(batches), "threshold": threshold,
+                   "trials_per_half": trials_per_half, "flops_target": flops_target, "max_trials": max_trials,
+                   "min_channels": min_channels, "seed": seed, "stack": stack}
+        state = load_state(resume, options) if resume else None
+        counter = iter(range(state["scalars"]["rounds"] if state else 0, 1 << 62))  # one damage call per round
 
         def damage(keep, rows):
             return engine.damage(keep, rows, batches[next(counter) % len(batches)])
 
-        stack = min(trials_per_half, engine.max_stack(len(next(iter(batches[0].values())))))
+        save = (lambda st: save_state(checkpoint, st, options)) if checkpoint else None
         keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,
                                    flops_target=flops_target, max_trials=max_trials, min_channels=min_channels,
-                                   seed=seed, stack=stack, progress=show)
+                                   seed=seed, stack=stack, progress=show, checkpoint=save, resume=state)
         used = engine.provider
+        if checkpoint and os.path.exists(checkpoint):
+            os.unlink(checkpoint)
     if show:
         sys.stderr.write("\n")
     info = stats.to_json()
