@@ -31,6 +31,7 @@ from .verify import Verification, verify
 
 CRITERIA = ("aofp", "l1", "random", "oracle")
 VERIFY_SAMPLES = 4  # compared layer by layer, a few samples expose any wrong channel; each costs 2 runs
+RECONSTRUCT_SAMPLES = 256  # calibration samples `apply --reconstruct` loads (reconstruct.SAMPLES)
 
 
 @dataclass
@@ -187,29 +188,48 @@ def report(pruner: Pruner, keep: np.ndarray, pruned: ModelData, verification: Ve
 
 
 def apply_plan(model_path, plan_path, output, *, calib: str | None = None, input_shapes: dict | None = None,
-               provider: str = "auto", latency: bool = False) -> dict:
-    """Cut `model_path` as `plan_path` says, verify, and write `output`; returns the report."""
+               provider: str = "auto", latency: bool = False, reconstruct: bool = False) -> dict:
+    """Cut `model_path` as `plan_path` says, verify, [reconstruct,] and write `output`; returns the report."""
     check_output_path(model_path, output)
-    pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=VERIFY_SAMPLES)
+    if reconstruct and not calib:
+        raise InputError("--reconstruct needs calibration data (--calib)")
+    limit = RECONSTRUCT_SAMPLES if reconstruct else VERIFY_SAMPLES
+    pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=limit)
     plan = Plan.load(plan_path)
     keep = keep_from_plan(pruner.cmap, plan, label=os.fspath(plan_path))
     return finish(pruner, keep, output, criterion=plan.criterion or "plan",
-                  search={"trials": 0, "seconds": 0.0}, provider=provider, latency=latency)[0]
+                  search={"trials": 0, "seconds": 0.0}, provider=provider, latency=latency,
+                  reconstruct=reconstruct)[0]
 
 
 def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: dict, provider: str,
-           latency: bool, batch_size: int = 32) -> tuple[dict, ModelData]:
-    """Cut, verify (refusing to write a model that fails), write; the report and the pruned model."""
+           latency: bool, batch_size: int = 32, reconstruct: bool = False) -> tuple[dict, ModelData]:
+    """Cut, verify (refusing to write a model that fails), [reconstruct,] write; the report and the written model.
+
+    The verification (masked original ≡ pruned) runs on the cut model, before reconstruction changes its
+    weights; the reconstructed model is checked with onnx.checker and a run (see `reconstruct`)."""
     pruned, verification = pruner.cut_and_verify(keep, provider)
     if not verification.passed:
         raise RuntimeError(f"verification failed: pruned model differs from the masked original "
                            f"(max abs diff {verification.max_abs_diff:.3g}; {verification.detail}); nothing written")
+    recovered = None
+    if reconstruct:
+        from .reconstruct import reconstruct as refit
+
+        if pruner.data is None:
+            raise InputError("--reconstruct needs calibration data (--calib)")
+        pruned, recovered = refit(pruner.cmap, keep, pruned, pruner.data, provider=provider)
+        release_memory()
     lat = None
     if latency:
         feeds = pruner.feeds(batch_size, batch_size)[0]
         lat = measure_latency(pruner.graph.data, pruned, feeds, provider)
     save_model(pruned, output, external_data=pruner.external_data)
-    return report(pruner, keep, pruned, verification, criterion, search, lat), pruned
+    rep = report(pruner, keep, pruned, verification, criterion, search, lat)
+    if recovered is not None:
+        rep["verification"]["model"] = "cut (before reconstruction)"
+        rep["reconstruction"] = recovered.to_json()
+    return rep, pruned
 
 
 def verify_plan(original, pruned_path, plan_path, *, calib: str | None = None, input_shapes: dict | None = None,
@@ -242,8 +262,9 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
           round_to: int = 1, min_channels: int = 1, provider: str = "auto", seed: int = 0,
           input_shapes: dict | None = None, plan_out=None, batch_size: int = 32, calib_limit: int | None = None,
           latency: bool = True, image_options: ImageOptions | None = None, eval_src: str | None = None,
-          **search_options) -> dict:
-    """Search (criterion) → plan → cut → verify → write; returns the report (the `prune --report` contract)."""
+          reconstruct: bool = False, **search_options) -> dict:
+    """Search (criterion) → plan → cut → verify → [reconstruct →] write; returns the report (the
+    `prune --report` contract; with `reconstruct`, also `reconstruction`)."""
     check_output_path(model_path, output)
     if flops_target is not None and not 0 < flops_target <= 1:
         raise InputError(f"--flops-target must be in (0, 1], got {flops_target}")
@@ -258,7 +279,7 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     keep = round_widths(pruner.cmap, keep, scores, round_to, min_channels, flops_target)
     plan = plan_from_keep(pruner.cmap, keep, criterion, seed=seed, flops_target=flops_target)
     rep, pruned = finish(pruner, keep, output, criterion=criterion, search=search, provider=provider,
-                         latency=latency, batch_size=batch_size)
+                         latency=latency, batch_size=batch_size, reconstruct=reconstruct)
     if labelled is not None:
         rep["accuracy"] = {"before": accuracy(pruner.graph.data, labelled, provider),
                            "after": accuracy(pruned, labelled, provider), "samples": len(labelled)}

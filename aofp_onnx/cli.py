@@ -19,6 +19,10 @@ from .io import write_atomic
 
 shape_option = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,..",
                             help="Fix an input's dims (repeatable); needed for dynamic dims without data.")
+reconstruct_option = click.option(
+    "--reconstruct", is_flag=True,
+    help="After the cut (verified first), re-fit the weights of each layer that lost input channels by least "
+         "squares on the calibration data so its output matches the original model's.")
 provider_option = click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                                show_default=True, help="onnxruntime execution provider.")
 
@@ -118,6 +122,12 @@ def _summary(rep: dict) -> None:
     if lat:
         click.echo(f"latency {lat['before']:.2f} ms -> {lat['after']:.2f} ms  (x{lat['after'] / lat['before']:.3f}, "
                    f"median of {lat['repeats']}, batch {lat['batch_size']}, {lat['provider']})")
+    rec = rep.get("reconstruction")
+    if rec:
+        done = [c for c in rec["consumers"] if "skipped" not in c]
+        click.echo(f"refit   {len(done)} layers re-fitted, {len(rec['consumers']) - len(done)} skipped, "
+                   f"output error vs the original {rec['output_error']['cut']:.3g} -> "
+                   f"{rec['output_error']['reconstructed']:.3g} ({rec['seconds']:.1f} s; verify applies to the cut)")
     acc = rep.get("accuracy")
     if acc:
         click.echo(f"accuracy {100 * acc['before']:.2f}% -> {100 * acc['after']:.2f}%  on {acc['samples']} samples")
@@ -148,10 +158,11 @@ def _summary(rep: dict) -> None:
 @click.option("--checkpoint", type=click.Path(), help="AOFP: save the search state here after every round "
               "[default: OUTPUT.search-state.npz; removed when the search ends].")
 @click.option("--resume", type=click.Path(), help="AOFP: continue the search saved in this state file.")
+@reconstruct_option
 @image_options
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
           batch_size, calib_limit, round_to, min_channels, provider, seed, input_shape, plan_out, report_path,
-          eval_src, plot, no_progress, checkpoint, resume, **img):
+          eval_src, plot, no_progress, checkpoint, resume, reconstruct, **img):
     """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
     shapes = parse_input_shapes(list(input_shape))
     checkpoint = checkpoint or f"{output}.search-state.npz"
@@ -168,7 +179,8 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
         rep = api.prune(model, output, calib=calib, criterion=criterion, flops_target=flops_target,
                         round_to=round_to, min_channels=min_channels, provider=provider, seed=seed,
                         input_shapes=shapes, plan_out=plan_out, batch_size=batch_size, calib_limit=calib_limit,
-                        image_options=_image_options(img), eval_src=eval_src, **search_options)
+                        image_options=_image_options(img), eval_src=eval_src, reconstruct=reconstruct,
+                        **search_options)
     except KeyboardInterrupt:
         if criterion == "aofp" and os.path.exists(checkpoint):
             raise Interrupted(f"interrupted; nothing written. The search state is in {checkpoint}: continue with "
@@ -188,16 +200,17 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
 @click.argument("model", type=click.Path())
 @click.option("--plan", "plan_path", required=True, type=click.Path(), help="Plan JSON (from prune --plan-out).")
 @click.option("-o", "--output", required=True, type=click.Path())
-@click.option("--calib", metavar="SRC", help="Data for verification (default: seeded noise).")
+@click.option("--calib", metavar="SRC", help="Data for verification (default: seeded noise); --reconstruct needs it.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @provider_option
 @shape_option
-def apply(model, plan_path, output, calib, report_path, provider, input_shape):
-    """Cut MODEL as PLAN says, verify, and write OUTPUT."""
+@reconstruct_option
+def apply(model, plan_path, output, calib, report_path, provider, input_shape, reconstruct):
+    """Cut MODEL as PLAN says, verify, [reconstruct,] and write OUTPUT."""
     if report_path:
         api.check_output_path(model, report_path)
     rep = api.apply_plan(model, plan_path, output, calib=calib, input_shapes=parse_input_shapes(list(input_shape)),
-                         provider=provider)
+                         provider=provider, reconstruct=reconstruct)
     if report_path:
         _write_json(report_path, rep)
     _summary(rep)

@@ -165,6 +165,7 @@ def initializer(name: str, array: np.ndarray, weights: dict[str, np.ndarray]) ->
     if array.size >= LARGE:
         weights[name] = array
         return placeholder(name, array)
+    weights.pop(name, None)  # an array cut below LARGE is inline now: no stale copy beside it
     return numpy_helper.from_array(array, name)
 
 
