@@ -6,7 +6,10 @@ constants (depthwise `group`, Split sizes, Slice bounds, Reshape/Resize/Expand t
 
 An initializer read by several nodes is changed in place only when every reader wants the same new
 value; otherwise each distinct value becomes a clone (`NAME__aofp<k>`) and readers that need no change
-keep the original. Unused initializers are dropped, value_info is re-inferred.
+keep the original. Unused initializers are dropped, graph outputs are typed by shape inference, and
+value_info is re-inferred when the model had any (shapes onnx infers where the file gave none can send
+onnxruntime's optimizer astray, e.g. its transpose optimizer on a Resize whose empty roi is an
+initializer listed among the graph inputs).
 """
 from __future__ import annotations
 
@@ -141,9 +144,12 @@ def cut(cmap: ChannelMap, keep: np.ndarray) -> ModelData:
         for ni, fn in cmap.rewrites:
             fn(nodes[ni], cutter)
     cutter.finish()
+    had_value_info = bool(model.graph.value_info)
     del model.graph.value_info[:]
     try:
-        model = shape_inference.infer_shapes(model)
+        model = shape_inference.infer_shapes(model)  # also types the graph outputs (the full check wants them)
     except Exception:
         pass
+    if not had_value_info:  # a file without value_info stays so: inferred shapes can trip onnxruntime's optimizer
+        del model.graph.value_info[:]
     return ModelData(model, cutter.weights)

@@ -18,13 +18,27 @@ from . import Channels, Handler, register
 from .attrs import attr, set_attr
 
 
-def _block_node(node, ctx, x, out_shape, reason):
+def _block_node(node, ctx, x, out_shape, reason, macs=None):
+    """Block the node's channels; its MACs (when the shapes give them) still count, at full width."""
     if x is not None:
         ctx.block(x.ids, reason)
     if out_shape is not None and len(out_shape) >= 2:
         out = ctx.fresh(out_shape[1])
         ctx.block(out, reason)
         ctx.set(node.output[0], _channels(out))
+    if macs is not None:
+        ctx.count(node, macs)
+
+
+def _macs(ctx, transposed, w_shape, in_shape, out_shape):
+    """Per-sample MACs from the weight, input and output shapes (None when one is unknown)."""
+    if w_shape is None or in_shape is None or out_shape is None or len(w_shape) < 2:
+        return None
+    if transposed:
+        macs = w_shape[0] * int(np.prod(in_shape[2:])) * w_shape[1] * int(np.prod(w_shape[2:])) * in_shape[0]
+    else:
+        macs = w_shape[0] * int(np.prod(out_shape[2:])) * w_shape[1] * int(np.prod(w_shape[2:])) * out_shape[0]
+    return macs // max(ctx.graph.batch, 1)
 
 
 def _channels(ids, axis=1):
@@ -53,25 +67,24 @@ class _GroupedConv(Handler):
         out_shape = ctx.shape(out_name)
         in_shape = ctx.shape(node.input[0])
         where = ctx.describe(node)
+        macs = _macs(ctx, self.transposed, w.shape if w is not None else ctx.shape(node.input[1]), in_shape, out_shape)
         if w is None:
-            return _block_node(node, ctx, x, out_shape, f"{where}: weights are not a constant initializer")
+            return _block_node(node, ctx, x, out_shape, f"{where}: weights are not a constant initializer", macs)
         if x is None or out_shape is None or in_shape is None:
-            return _block_node(node, ctx, x, out_shape, f"{where}: input or output shape unknown")
+            return _block_node(node, ctx, x, out_shape, f"{where}: input or output shape unknown", macs)
         if x.axis != 1:
-            return _block_node(node, ctx, x, out_shape, f"{where}: channels are not on axis 1 of its input")
+            return _block_node(node, ctx, x, out_shape, f"{where}: channels are not on axis 1 of its input", macs)
         group = int(attr(node, "group", 1))
         if self.transposed:
             cin, cout = w.shape[0], w.shape[1] * group
-            macs = cin * int(np.prod(in_shape[2:])) * w.shape[1] * int(np.prod(w.shape[2:])) * in_shape[0]
         else:
             cout, cin = w.shape[0], w.shape[1] * group
-            macs = cout * int(np.prod(out_shape[2:])) * w.shape[1] * int(np.prod(w.shape[2:])) * out_shape[0]
-        macs //= max(ctx.graph.batch, 1)
         if len(x.ids) != cin:
-            return _block_node(node, ctx, x, out_shape, f"{where}: weight expects {cin} input channels, input has {len(x.ids)}")
+            return _block_node(node, ctx, x, out_shape,
+                               f"{where}: weight expects {cin} input channels, input has {len(x.ids)}", macs)
         has_bias = len(node.input) > 2 and bool(node.input[2])
         if has_bias and ctx.init(node.input[2]) is None:
-            return _block_node(node, ctx, x, out_shape, f"{where}: bias is not a constant initializer")
+            return _block_node(node, ctx, x, out_shape, f"{where}: bias is not a constant initializer", macs)
         in_axis, out_axis = (0, 1) if self.transposed else (1, 0)
         cin_g = cin // group
         if group > 1 and cin_g == 1:  # depthwise (any multiplier): outputs are the input's atoms

@@ -41,6 +41,10 @@ class Gemm(Handler):
         if reason:
             if a is not None:
                 ctx.block(a.ids, reason)
+            a_shape = ctx.shape(node.input[0])
+            if a_shape is not None and len(a_shape) == 2 and out_shape is not None:  # blocked, still counted
+                k = a_shape[0] if attr(node, "transA", 0) else a_shape[1]
+                ctx.count(node, int(np.prod(out_shape)) * k // max(ctx.graph.batch, 1))
             return _out_blocked(node, ctx, 1, reason)
         trans_b = int(attr(node, "transB", 0))
         k_axis, n_axis = (1, 0) if trans_b else (0, 1)

@@ -240,16 +240,21 @@ class Reshape(Handler):
 
 
 def _merged_axis(in_shape, out_shape, c):
-    """(o, m): output axis o holds input axes c..c+j merged (m = ∏ dims c+1..c+j), or None."""
+    """(o, m): output axis o holds input axes c..c+j merged (m = ∏ dims c+1..c+j), or None.
+
+    With C > 1 at most one axis fits. A single channel (C = 1) fits any size-1 axis after the outer
+    dims too (the batch axis of [1, 1, H·W] as well as axis 1): it keeps its own axis c when that fits."""
     outer = int(np.prod(in_shape[:c]))
     tails = np.cumprod([1] + list(in_shape[c + 1:]))
+    found = []
     for o in range(len(out_shape)):
         if int(np.prod(out_shape[:o])) != outer:
             continue
         for m in tails:
             if out_shape[o] == in_shape[c] * m:
-                return o, int(m)
-    return None
+                found.append((o, int(m)))
+                break
+    return next((f for f in found if f[0] == c), found[0]) if found else None
 
 
 def _axes(node, ctx):
