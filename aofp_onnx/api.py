@@ -22,7 +22,7 @@ from .count import count_params
 from .errors import InputError
 from .graph import Graph, ModelData, as_model_data, load_model, read_model
 from .groups import ChannelMap, analyze
-from .io import release_memory, write_atomic
+from .io import release_memory
 from .plan import Plan, keep_from_plan, plan_from_keep
 from .runtime import Runner, latency_ms
 from .select import round_widths, select_by_score

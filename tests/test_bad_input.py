@@ -17,7 +17,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -25,6 +24,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import zoo
+import cliutil
 
 MODEL = "model.onnx"
 PRUNE = ("--calib", "random:2", "--criterion", "l1", "--flops-target", "0.5")
@@ -32,9 +32,8 @@ PRUNE = ("--calib", "random:2", "--criterion", "l1", "--flops-target", "0.5")
 
 # --- helpers ----------------------------------------------------------------------------------------
 
-def run_cli(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aofp_onnx", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=180)
+def run_cli(*args, cwd):
+    return cliutil.run_cli(*args, cwd=cwd, timeout=180)
 
 
 def snapshot(folder: pathlib.Path) -> dict[str, str]:

@@ -18,19 +18,10 @@ import pytest
 from onnx import numpy_helper
 
 import zoo
+from cliutil import ok, run_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 L1_HALF = ("--calib", "random:8", "--criterion", "l1", "--flops-target", "0.5")
-
-
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aofp_onnx", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
-    return proc
 
 
 def ort_outputs(path, feeds) -> list[np.ndarray]:

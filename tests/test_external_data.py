@@ -11,8 +11,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -21,19 +19,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from aofp_onnx.graph import read_model
+from cliutil import ok, run_cli
 
 IR_VERSION = 8
 L1_HALF = ("--calib", "random:4", "--criterion", "l1", "--flops-target", "0.5")
-
-
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aofp_onnx", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
-    return proc
 
 
 def small_cnn() -> onnx.ModelProto:

@@ -7,22 +7,16 @@ other sizes than the one it was pruned at.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cliutil import run_cli
 
 pytestmark = pytest.mark.slow
 
 TARGET = 0.7
-
-
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aofp_onnx", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
 
 
 def ok(proc):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -25,6 +23,7 @@ from aofp_onnx.api import Pruner, choose_keep
 from aofp_onnx.calib import Data
 from aofp_onnx.reconstruct import ConvGeometry, im2col, reconstruct
 from aofp_onnx.surgery import cut
+from cliutil import run_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MNIST = REPO / "models" / "mnist_cnn.onnx"
@@ -145,10 +144,6 @@ def test_mnist_cnn_real_digits():
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
-
-def run_cli(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aofp_onnx", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
 
 
 def test_cli_prune_and_apply_reconstruct_report(tmp_path):

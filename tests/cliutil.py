@@ -1,0 +1,17 @@
+"""Running the real `aofp-onnx` process from tests: exit codes and stderr as a user sees them."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run_cli(*args, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m aofp_onnx ARGS...` in a subprocess, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "aofp_onnx", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`proc`, after asserting it exited 0 (showing its output when it did not)."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    return proc
