@@ -5,7 +5,7 @@ For each case every prunable group keeps a random non-empty subset; the cut must
 and every counted layer), and have exactly the MACs `cm.macs(keep)` predicts, counted independently
 by tests/reference_macs.py from a real run of the pruned model.
 
-CI runs `AOFP_FUZZ_EXAMPLES` examples (default 60, a fixed derandomized sequence so CI is
+CI runs `AOFP_FUZZ_EXAMPLES` examples (default 200, a fixed derandomized sequence so CI is
 reproducible); setting the variable also makes the run random, e.g. `AOFP_FUZZ_EXAMPLES=2000 pytest
 tests/test_fuzz.py`. `benchmarks/fuzz.py` runs the same builder on a thousand seeded graphs.
 Graphs that once failed are kept below as explicit regression tests.
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import fuzzgraphs as fg
 
-EXAMPLES = int(os.environ.get("AOFP_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("AOFP_FUZZ_EXAMPLES", "200"))
 
 
 def assert_proven(outcome: fg.Outcome, plans: int) -> None:
