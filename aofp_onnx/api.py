@@ -20,7 +20,7 @@ from . import criteria
 from .calib import Data, ImageOptions, apply_input_shapes, input_specs, load_data
 from .count import count_params
 from .errors import InputError
-from .graph import Graph, ModelData, as_model_data, load_model, read_model
+from .graph import Graph, ModelData, as_model_data, load_model, read_model, split_weights
 from .groups import ChannelMap, analyze
 from .io import release_memory
 from .plan import Plan, keep_from_plan, plan_from_keep
@@ -274,6 +274,7 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
                          image_options=image_options, seed=seed)
     labelled = load_data(eval_src, input_specs(pruner.graph.model), image_options=image_options, labels=True) \
         if eval_src else None
+    before = accuracy(pruner.graph.data, labelled, provider) if labelled is not None else None
     keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
                                        seed=seed, provider=provider, batch_size=batch_size, **search_options)
     keep = round_widths(pruner.cmap, keep, scores, round_to, min_channels, flops_target)
@@ -281,8 +282,58 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     rep, pruned = finish(pruner, keep, output, criterion=criterion, search=search, provider=provider,
                          latency=latency, batch_size=batch_size, reconstruct=reconstruct)
     if labelled is not None:
-        rep["accuracy"] = {"before": accuracy(pruner.graph.data, labelled, provider),
+        rep["accuracy"] = {"before": before,
                            "after": accuracy(pruned, labelled, provider), "samples": len(labelled)}
     if plan_out:
         plan.save(plan_out)
+    return rep
+
+
+def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val: str | None = None,
+             mode: str = "auto", options=None, bridge: str = "torch",
+             provider: str = "auto", input_shapes: dict | None = None, image_options: ImageOptions | None = None,
+             eval_src: str | None = None) -> dict:
+    """Fine-tune the pruned model (distillation from `teacher`, supervised, or the user's trainer) and
+    write the same graph with the trained initializer values; returns the report."""
+    from . import finetune as ft
+
+    options = options or ft.Options()
+    options.check()
+    check_output_path(pruned_path, output)
+    if teacher is not None:
+        check_output_path(teacher, output)
+    student_proto, external = read_model(pruned_path)
+    specs = input_specs(student_proto)
+    if input_shapes:
+        specs = apply_input_shapes(specs, input_shapes)
+    student = split_weights(student_proto)
+    want = True if mode == "supervised" else None
+    train = load_data(data, specs, image_options=image_options, seed=options.seed, labels=want)
+    held = load_data(val, specs, image_options=image_options, labels=want) if val else None
+    teacher_data = split_weights(read_model(teacher)[0]) if teacher else None
+    if teacher_data is not None:
+        ft.check_teacher(student, teacher_data)
+    mode = ft.resolve_mode(mode, train, teacher_data, options.trainer)
+    if held is None:
+        train, held = ft.split_validation(train, options.seed)
+    labelled = load_data(eval_src, specs, image_options=image_options, labels=True) if eval_src else None
+    job = ft.Job(student, teacher_data, train, held, mode, options)
+    start = time.perf_counter()
+    result = ft.run(job, bridge)
+    tuned = ft.with_values(student, result.values)
+    if not ft.same_graph(student.proto, tuned.proto):
+        raise RuntimeError("fine-tuning changed the graph; nothing written")
+    rep = {"model": os.fspath(pruned_path), "teacher": teacher and os.fspath(teacher), "mode": mode,
+           "bridge": bridge, "options": {k: v for k, v in vars(options).items() if k != "progress"},
+           "train_samples": len(train), "val_samples": len(held), "seconds": time.perf_counter() - start,
+           **result.to_json()}
+    if teacher_data is not None:
+        rep["distill_error"] = {"before": ft.output_error(student, teacher_data, held, provider),
+                                "after": ft.output_error(tuned, teacher_data, held, provider)}
+    if labelled is not None:
+        rep["accuracy"] = {"before": accuracy(student, labelled, provider), "after": accuracy(tuned, labelled, provider),
+                           "samples": len(labelled)}
+        if teacher_data is not None:
+            rep["accuracy"]["teacher"] = accuracy(teacher_data, labelled, provider)
+    save_model(tuned, output, external_data=external)
     return rep

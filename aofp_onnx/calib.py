@@ -144,8 +144,10 @@ def apply_input_shapes(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]
 
 
 def load_data(src: str, specs: list[InputSpec], *, limit: int | None = None,
-              image_options: ImageOptions | None = None, seed: int = 0, labels: bool = False) -> Data:
-    """Read `src` for the model inputs `specs`, keep the first `limit` samples, and validate them."""
+              image_options: ImageOptions | None = None, seed: int = 0, labels: bool | None = False) -> Data:
+    """Read `src` for the model inputs `specs`, keep the first `limit` samples, and validate them.
+
+    `labels`: True requires them, False ignores them, None takes a .npz's labels when it has some."""
     if not specs:
         raise InputError("the model has no inputs to feed")
     if limit is not None and limit < 1:
@@ -204,7 +206,7 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
         raise InputError(f"cannot read {path} as .npz: {e}") from None
 
 
-def _read_npz(path: Path, specs: list[InputSpec], want_labels: bool):
+def _read_npz(path: Path, specs: list[InputSpec], want_labels: bool | None):
     arrays = _load_arrays(path)
     names = [s.name for s in specs]
     label_array = arrays.pop(LABELS_KEY) if LABELS_KEY in arrays and LABELS_KEY not in names else None
@@ -218,10 +220,10 @@ def _read_npz(path: Path, specs: list[InputSpec], want_labels: bool):
         raise InputError(f"{path} lacks input(s) {', '.join(missing)} (expected: {_names(specs)})")
     if want_labels and label_array is None:
         raise InputError(f"{path} has no '{LABELS_KEY}' array")
-    return arrays, label_array if want_labels else None
+    return arrays, label_array if want_labels is not False else None
 
 
-def _read_npy(path: Path, specs: list[InputSpec], want_labels: bool):
+def _read_npy(path: Path, specs: list[InputSpec], want_labels: bool | None):
     if len(specs) != 1:
         raise InputError(f"a .npy holds one array but the model has {len(specs)} inputs ({_names(specs)}); "
                          "use a .npz keyed by input name")

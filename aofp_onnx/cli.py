@@ -27,20 +27,24 @@ provider_option = click.option("--provider", type=click.Choice(["auto", "cpu", "
                                show_default=True, help="onnxruntime execution provider.")
 
 
-def image_options(f):
-    """Options describing how an image-folder SRC becomes input tensors."""
-    opts = [
-        click.option("--image-size", metavar="HxW", help="Resize images to H×W (default: the model's fixed dims)."),
-        click.option("--mean", metavar="M[,M,M]", help="Per-channel mean subtracted after scaling."),
-        click.option("--std", metavar="S[,S,S]", help="Per-channel std divided after the mean."),
-        click.option("--pixel-scale", type=float, default=1 / 255, show_default=True, help="Pixel multiplier."),
-        click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True),
-        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True),
-        click.option("--grayscale", is_flag=True, help="Decode images as one channel."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+def options_of(options: list):
+    """A decorator adding `options` to a command, in the order given."""
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return deco
+
+
+image_options = options_of([  # how an image-folder SRC becomes input tensors
+    click.option("--image-size", metavar="HxW", help="Resize images to H×W (default: the model's fixed dims)."),
+    click.option("--mean", metavar="M[,M,M]", help="Per-channel mean subtracted after scaling."),
+    click.option("--std", metavar="S[,S,S]", help="Per-channel std divided after the mean."),
+    click.option("--pixel-scale", type=float, default=1 / 255, show_default=True, help="Pixel multiplier."),
+    click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True),
+    click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True),
+    click.option("--grayscale", is_flag=True, help="Decode images as one channel."),
+])
 
 
 def _floats(text, what):
@@ -231,6 +235,64 @@ def verify(original, pruned, plan_path, calib, provider, input_shape):
     click.echo(f"{'passed' if v.passed else 'FAILED'}: max abs diff {v.max_abs_diff:.3g} "
                f"(relative {v.max_rel_diff:.3g}) on {v.samples} samples ({v.provider}) {v.detail}".rstrip())
     sys.exit(0 if v.passed else 1)
+
+
+finetune_options = options_of([
+    click.option("--epochs", type=int, default=3, show_default=True),
+    click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate (cosine decay)."),
+    click.option("--batch-size", "ft_batch_size", type=int, default=32, show_default=True),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                 help="Training device (auto: CUDA when torch sees a GPU)."),
+    click.option("--bn", type=click.Choice(["frozen", "update"]), default="frozen", show_default=True,
+                 help="BatchNormalization statistics: kept, or updated from the training batches."),
+])
+
+
+@cli.command()
+@click.argument("pruned", type=click.Path())
+@click.option("--teacher", type=click.Path(), help="The original model: its outputs are the distillation targets.")
+@click.option("--data", required=True, metavar="SRC", help="Training inputs (.npz, .npy, image folder); "
+              "a .npz with 'labels' (or --mode supervised) trains on the labels.")
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--mode", type=click.Choice(["auto", "distill", "supervised", "trainer"]), default="auto",
+              show_default=True, help="auto: --trainer if given, supervised when the data has labels, else distill.")
+@click.option("--trainer", metavar="MODULE:FUNCTION", help="Your training function, called as "
+              "fn(module, data[, teacher=, options=, device=]) on the torch module of the pruned graph.")
+@click.option("--val", metavar="SRC", help="Validation data for keeping the best epoch (default: 10% of --data).")
+@click.option("--eval", "eval_src", metavar="SRC", help="Labelled data (.npz with 'labels'): accuracy before/after.")
+@click.option("--bridge", default="torch", show_default=True, help="Fine-tuning bridge (entry point name).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@provider_option
+@shape_option
+@image_options
+@finetune_options
+def finetune(pruned, teacher, data, output, mode, trainer, val, eval_src, bridge, seed, report_path, no_progress,
+             provider, input_shape, epochs, lr, ft_batch_size, device, bn, **img):
+    """Fine-tune PRUNED and write the same graph with the trained weights to OUTPUT."""
+    from .finetune import Options
+
+    if report_path:
+        api.check_output_path(pruned, report_path)
+    options = Options(epochs=epochs, lr=lr, batch_size=ft_batch_size, device=device, bn=bn, seed=seed,
+                      trainer=trainer, progress=not no_progress)
+    rep = api.finetune(pruned, output, data=data, teacher=teacher, val=val, mode=mode, options=options,
+                       bridge=bridge, provider=provider, input_shapes=parse_input_shapes(list(input_shape)),
+                       image_options=_image_options(img), eval_src=eval_src)
+    if report_path:
+        _write_json(report_path, rep)
+    best = rep.get("best") or {}
+    click.echo(f"fine-tuned ({rep['mode']}, {rep['device']}, {rep['seconds']:.1f} s); kept epoch "
+               f"{best.get('epoch', '-')} of {options.epochs}")
+    if "distill_error" in rep:
+        d = rep["distill_error"]
+        click.echo(f"output error vs teacher (validation): {d['before']:.4g} -> {d['after']:.4g}")
+    if "accuracy" in rep:
+        a = rep["accuracy"]
+        teacher_acc = f" (teacher {100 * a['teacher']:.2f}%)" if "teacher" in a else ""
+        click.echo(f"accuracy: {100 * a['before']:.2f}% -> {100 * a['after']:.2f}%{teacher_acc}")
+    click.echo(f"wrote {output}")
 
 
 @cli.command()
