@@ -1,0 +1,199 @@
+"""The PyTorch bridge's fine-tuning: `start(job)` for `aofp_onnx.finetune` (entry point ``torch``).
+
+The student is an `OnnxModule` of the pruned graph; its parameters are exactly the graph's float
+initializers, so the values handed back fit the same graph. Losses (see `aofp_onnx.finetune`):
+distillation Σ_o ‖s_o − t_o‖² / ‖t_o‖² against the teacher (an `OnnxModule` of the original, in
+eval mode, without gradients), or cross-entropy of the first output against the labels. Adam with a
+cosine learning-rate decay over the planned steps. With epochs, the model is scored on the validation
+data before training and after every epoch; the best state so far is kept and handed back (so a
+fine-tuning that only hurts returns the starting values).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import sys
+
+import numpy as np
+import torch
+from onnx import helper
+
+from ..calib import Data
+from ..errors import InputError
+from ..finetune import Job, Result
+from .executor import OnnxModule
+
+
+def start(job: Job) -> "TorchTraining":
+    return TorchTraining(job)
+
+
+def pick_device(wanted: str) -> torch.device:
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: torch sees no CUDA device")
+    return torch.device("cuda" if wanted in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+class TorchTraining:
+    def __init__(self, job: Job):
+        self.job, opts = job, job.options
+        torch.manual_seed(opts.seed)
+        self.rng = np.random.default_rng(opts.seed)
+        self.device = pick_device(opts.device)
+        self.student = OnnxModule(job.student, bn=opts.bn).to(self.device)
+        self.teacher = None
+        if job.mode == "distill":
+            self.teacher = OnnxModule(job.teacher).to(self.device).eval()
+            self.teacher.requires_grad_(False)
+        # scalar constants (a folded hard-swish's 3 and 6, a GELU's √2) are part of the op, not weights
+        self.params = [p for p in self.student.parameters() if p.requires_grad and p.ndim > 0]
+        self.optimizer = torch.optim.Adam(self.params, lr=opts.lr)
+        self._order: list[int] = []
+
+    # -- data -------------------------------------------------------------------------------------
+    def _next_indices(self) -> np.ndarray:
+        """The next training batch of a reshuffled pass over the data (a pass restarts when used up)."""
+        n, bs = len(self.job.data), min(self.job.options.batch_size, len(self.job.data))
+        if len(self._order) < bs:
+            self._order = list(self.rng.permutation(n))
+        take, self._order = self._order[:bs], self._order[bs:]
+        return np.asarray(take)
+
+    def _feeds(self, data: Data, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        feeds = {k: torch.as_tensor(v[idx], device=self.device) for k, v in data.inputs.items()}
+        feeds.update({k: torch.as_tensor(v, device=self.device) for k, v in self.constants.items()})
+        return feeds
+
+    # -- losses -----------------------------------------------------------------------------------
+    def _loss(self, data: Data, idx: np.ndarray) -> torch.Tensor:
+        outputs = self.student(**self._feeds(data, idx))
+        if self.job.mode == "supervised":
+            logits = outputs[0].reshape(len(idx), outputs[0].shape[1], -1).squeeze(-1)
+            labels = torch.as_tensor(data.labels[idx], device=self.device).long()
+            return torch.nn.functional.cross_entropy(logits, labels)
+        with torch.no_grad():
+            targets = self.teacher(**{k: torch.as_tensor(v[idx], device=self.device) for k, v in data.inputs.items()})
+        return sum(((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12) for s, t in zip(outputs, targets))
+
+    @torch.no_grad()
+    def score(self, data: Data) -> dict:
+        """Validation: mean loss, and accuracy when the data has labels (model in eval mode)."""
+        self.student.eval()
+        losses, correct = [], 0
+        bs = self.job.options.batch_size
+        for s in range(0, len(data), bs):
+            idx = np.arange(s, min(s + bs, len(data)))
+            if self.job.mode == "distill":
+                losses.append(float(self._loss(data, idx)) * len(idx))
+            if data.labels is not None:
+                logits = self.student(**self._feeds(data, idx))[0].reshape(len(idx), -1)
+                correct += int((logits.argmax(1).cpu().numpy() == data.labels[idx]).sum())
+                if self.job.mode != "distill":
+                    labels = torch.as_tensor(data.labels[idx], device=self.device).long()
+                    losses.append(float(torch.nn.functional.cross_entropy(logits, labels)) * len(idx))
+        out = {"val_loss": sum(losses) / len(data)} if losses else {}
+        if data.labels is not None:
+            out["val_accuracy"] = correct / len(data)
+        return out
+
+    def _better(self, a: dict, b: dict | None) -> bool:
+        if b is None:
+            return True
+        if "val_accuracy" in a and self.job.mode != "distill":
+            return a["val_accuracy"] > b["val_accuracy"]
+        return a.get("val_loss", 0.0) < b.get("val_loss", 0.0)
+
+    # -- training ---------------------------------------------------------------------------------
+    def _steps(self, n: int, total: int, done: int, show) -> float:
+        """`n` optimizer steps (cosine learning rate over `total` steps, `done` already taken); mean loss."""
+        self.student.train()
+        lr0, losses = self.job.options.lr, []
+        for k in range(n):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr0 * 0.5 * (1 + math.cos(math.pi * (done + k) / max(total, 1)))
+            loss = self._loss(self.job.data, self._next_indices())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+            if show:
+                show(done + k + 1, total, losses[-1])
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def values(self) -> dict[str, np.ndarray]:
+        """Every initializer's current value, in the model's dtypes."""
+        out = {}
+        for init in self.job.student.proto.graph.initializer:
+            tensor = self.student.parameter_for(init.name).detach().cpu().numpy()
+            out[init.name] = tensor.astype(helper.tensor_dtype_to_np_dtype(init.data_type), copy=False)
+        return out
+
+    def train(self, steps: int | None = None, constants: dict[str, np.ndarray] | None = None) -> Result:
+        """`steps` optimizer steps (no validation), or the job's epochs with the best state kept."""
+        self.constants = dict(self.job.constants if constants is None else constants)
+        opts = self.job.options
+        if self.job.mode == "trainer":
+            return self._user_trainer()
+        if steps is not None:
+            loss = self._steps(steps, steps, 0, None)
+            return Result(self.values(), str(self.device), [{"steps": steps, "train_loss": loss}])
+        per_epoch = math.ceil(len(self.job.data) / opts.batch_size)
+        total = opts.steps or opts.epochs * per_epoch
+        epochs = math.ceil(total / per_epoch)
+        show = _progress(opts.progress)
+        val = self.job.val or self.job.data
+        best = {"epoch": 0, **self.score(val)}
+        best_values, history, done = self.values(), [dict(best)], 0
+        for epoch in range(1, epochs + 1):
+            n = min(per_epoch, total - done)
+            loss = self._steps(n, total, done, show)
+            done += n
+            entry = {"epoch": epoch, "train_loss": loss, **self.score(val)}
+            history.append(entry)
+            if self._better(entry, best):
+                best, best_values = entry, self.values()
+        if show:
+            sys.stderr.write("\n")
+        return Result(best_values, str(self.device), history, best)
+
+    def _user_trainer(self) -> Result:
+        fn = load_trainer(self.job.options.trainer)
+        extra = {"teacher": self.teacher, "options": self.job.options, "device": self.device}
+        accepted = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in extra.items() if k in accepted}
+        self.student.train()
+        fn(self.student, self.job.data, **kwargs)
+        return Result(self.values(), str(self.device), [{"trainer": self.job.options.trainer}])
+
+
+def load_trainer(spec: str):
+    """`module:function` (the current folder is importable), checked to be callable."""
+    module_name, _, attr = (spec or "").partition(":")
+    if not module_name or not attr:
+        raise InputError(f"--trainer must be module:function, got {spec!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"--trainer {spec}: {exc}") from None
+    if not callable(fn):
+        raise InputError(f"--trainer {spec}: not a function")
+    return fn
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    tty = sys.stderr.isatty()
+
+    def show(step: int, total: int, loss: float):
+        line = f"finetune: step {step}/{total}, loss {loss:.4g}"
+        if tty:
+            sys.stderr.write("\r" + line + " " * 8)
+            sys.stderr.flush()
+        elif step % 50 == 0 or step == total:
+            sys.stderr.write(line + "\n")
+
+    return show
