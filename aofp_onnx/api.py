@@ -262,9 +262,13 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
           round_to: int = 1, min_channels: int = 1, provider: str = "auto", seed: int = 0,
           input_shapes: dict | None = None, plan_out=None, batch_size: int = 32, calib_limit: int | None = None,
           latency: bool = True, image_options: ImageOptions | None = None, eval_src: str | None = None,
-          reconstruct: bool = False, **search_options) -> dict:
+          reconstruct: bool = False, finetune_steps: int = 0, finetune_data: str | None = None,
+          finetune_options=None, **search_options) -> dict:
     """Search (criterion) → plan → cut → verify → [reconstruct →] write; returns the report (the
-    `prune --report` contract; with `reconstruct`, also `reconstruction`)."""
+    `prune --report` contract; with `reconstruct`, also `reconstruction`).
+
+    `finetune_steps` > 0 (AOFP only) fine-tunes the base path on `finetune_data` after every half of
+    the search (training-time AOFP); the cut is then verified against the fine-tuned original."""
     check_output_path(model_path, output)
     if flops_target is not None and not 0 < flops_target <= 1:
         raise InputError(f"--flops-target must be in (0, 1], got {flops_target}")
@@ -275,6 +279,9 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     labelled = load_data(eval_src, input_specs(pruner.graph.model), image_options=image_options, labels=True) \
         if eval_src else None
     before = accuracy(pruner.graph.data, labelled, provider) if labelled is not None else None
+    if finetune_steps:
+        search_options["tuner"] = _base_path_tuner(pruner, criterion, finetune_steps, finetune_data,
+                                                   finetune_options, image_options, seed)
     keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
                                        seed=seed, provider=provider, batch_size=batch_size, **search_options)
     keep = round_widths(pruner.cmap, keep, scores, round_to, min_channels, flops_target)
@@ -287,6 +294,17 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     if plan_out:
         plan.save(plan_out)
     return rep
+
+
+def _base_path_tuner(pruner: Pruner, criterion: str, steps: int, src: str | None, options, image_options, seed: int):
+    from . import finetune as ft
+
+    if criterion != "aofp":
+        raise InputError("--finetune-steps interleaves fine-tuning with the AOFP search: use --criterion aofp")
+    if not src:
+        raise InputError("--finetune-steps needs training data (--data)")
+    data = load_data(src, input_specs(pruner.graph.model), image_options=image_options, seed=seed, labels=None)
+    return ft.BasePathTuner(pruner.cmap, data, steps, options or ft.Options(seed=seed))
 
 
 def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val: str | None = None,

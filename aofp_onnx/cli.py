@@ -163,10 +163,19 @@ def _summary(rep: dict) -> None:
               "[default: OUTPUT.search-state.npz; removed when the search ends].")
 @click.option("--resume", type=click.Path(), help="AOFP: continue the search saved in this state file.")
 @reconstruct_option
+@click.option("--finetune-steps", type=int, default=0, show_default=True,
+              help="Training-time AOFP: fine-tune the base path this many steps after every half (needs --data).")
+@click.option("--data", "finetune_data", metavar="SRC", help="Training data for --finetune-steps "
+              "(a .npz with 'labels' trains on the labels, else distillation from the original).")
+@click.option("--finetune-lr", type=float, default=1e-3, show_default=True)
+@click.option("--finetune-batch-size", type=int, default=32, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Fine-tuning device (auto: CUDA when torch sees a GPU).")
 @image_options
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
           batch_size, calib_limit, round_to, min_channels, provider, seed, input_shape, plan_out, report_path,
-          eval_src, plot, no_progress, checkpoint, resume, reconstruct, **img):
+          eval_src, plot, no_progress, checkpoint, resume, reconstruct, finetune_steps, finetune_data, finetune_lr,
+          finetune_batch_size, device, **img):
     """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
     shapes = parse_input_shapes(list(input_shape))
     checkpoint = checkpoint or f"{output}.search-state.npz"
@@ -179,6 +188,12 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
                               oracle_step=oracle_step, progress=not no_progress)
     if criterion == "aofp":
         search_options.update(checkpoint=checkpoint, resume=resume)
+    if finetune_steps:
+        from .finetune import Options
+
+        search_options.update(finetune_steps=finetune_steps, finetune_data=finetune_data,
+                              finetune_options=Options(lr=finetune_lr, batch_size=finetune_batch_size, device=device,
+                                                       seed=seed))
     try:
         rep = api.prune(model, output, calib=calib, criterion=criterion, flops_target=flops_target,
                         round_to=round_to, min_channels=min_channels, provider=provider, seed=seed,

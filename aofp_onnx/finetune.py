@@ -164,18 +164,6 @@ def with_values(model: ModelData, values: dict[str, np.ndarray]) -> ModelData:
     return ModelData(proto, weights)
 
 
-def assign_values(model: ModelData, values: dict[str, np.ndarray]) -> None:
-    """Write `values` into `model` in place (large arrays copied into the shared arrays, small ones into the proto)."""
-    index = {init.name: init for init in model.proto.graph.initializer}
-    for name, value in values.items():
-        init = index[name]
-        if is_placeholder(init):
-            np.copyto(model.weights[name], value)
-        else:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-            init.CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
-
-
 def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     """Equal except for initializer values (and how they are stored)."""
     def skeleton(m):
@@ -220,6 +208,44 @@ def output_error(model: ModelData, reference: ModelData, data: Data, provider: s
     return num / max(den, 1e-30)
 
 
+class BasePathTuner:
+    """Training-time AOFP (the paper's multi-path framework): after each half the search ranks, `steps`
+    fine-tuning steps of the base path — the working model with the removed channels masked — and the
+    trained values written into the working graph in place, so the next trials see the adapted network.
+    The teacher (for distillation) is the model as it was before the search."""
+
+    def __init__(self, cmap, data: Data, steps: int, options: Options, bridge: str = "torch"):
+        from .masking import masked_model
+
+        options.check()
+        if steps < 1:
+            raise InputError(f"--finetune-steps must be at least 1, got {steps}")
+        self.graph = cmap.graph
+        teacher = ModelData(self.graph.data.copy_proto(), {k: v.copy() for k, v in self.graph.weights.items()})
+        self.mode = resolve_mode("auto", data, teacher, None)
+        self.names = set(self.graph.inits)
+        self.training = load_bridge(bridge)(Job(masked_model(cmap), teacher, data, None, self.mode, options))
+        self.steps, self.halves, self.seconds, self.losses = steps, 0, 0.0, []
+        self.device = None
+
+    def __call__(self, keep: np.ndarray) -> None:
+        from .masking import KEEP_INPUT, keep_feed
+
+        began = time.perf_counter()
+        result = self.training.train(steps=self.steps, constants={KEEP_INPUT: keep_feed(keep)})
+        self.graph.assign({k: v for k, v in result.values.items() if k in self.names})
+        self.halves += 1
+        self.seconds += time.perf_counter() - began
+        self.losses.append(result.history[-1].get("train_loss"))
+        self.device = result.device
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "steps_per_half": self.steps, "halves": self.halves,
+                "steps": self.steps * self.halves, "seconds": self.seconds, "device": self.device,
+                "first_loss": self.losses[0] if self.losses else None,
+                "last_loss": self.losses[-1] if self.losses else None}
+
+
 def run(job: Job, bridge: str = "torch") -> Result:
     """Fine-tune `job.student` with the named bridge; the result's values are checked against the graph."""
     job.options.check()
@@ -232,5 +258,5 @@ def run(job: Job, bridge: str = "torch") -> Result:
     return result
 
 
-__all__ = ["Job", "Options", "Result", "Training", "assign_values", "bridge_names", "check_teacher",
+__all__ = ["BasePathTuner", "Job", "Options", "Result", "Training", "bridge_names", "check_teacher",
            "load_bridge", "output_error", "resolve_mode", "run", "same_graph", "split_validation", "with_values"]

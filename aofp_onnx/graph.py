@@ -407,6 +407,19 @@ class Graph:
             self._arrays[name] = numpy_helper.to_array(self.inits[name])
         return self._arrays[name]
 
+    def assign(self, values: dict[str, np.ndarray]) -> None:
+        """Replace initializer values in place (same names, shapes and dtypes), dropping cached arrays.
+
+        Large arrays are replaced in `weights` (a dict the masked and trial models share), small ones in the proto."""
+        for name, value in values.items():
+            init = self.inits[name]
+            if name in self.weights:
+                self.weights[name] = np.array(value, dtype=self.weights[name].dtype)
+            else:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+                init.CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+            self._arrays.pop(name, None)
+
     def value(self, name: str) -> np.ndarray | None:
         """A constant, or a computed tensor's value at the analysis shapes (one onnxruntime run, cached)."""
         found = self.array(name)

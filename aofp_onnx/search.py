@@ -121,11 +121,13 @@ class SearchStats:
 def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: int = 8,
          flops_target: float | None = None, max_trials: int | None = None, min_channels: int = 1,
          seed: int = 0, stack: int = 8, progress=None, checkpoint=None,
-         resume: dict | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+         resume: dict | None = None, after_half=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """The AOFP binary search over all prunable groups; `damage(keep, rows) -> [T, G]`.
 
     `checkpoint(state)` is called after every round with the whole search state (a dict of arrays
-    and plain values); `resume=state` continues from one, giving what the uninterrupted run gives."""
+    and plain values); `resume=state` continues from one, giving what the uninterrupted run gives.
+    `after_half(keep)` is called after every round in which some group ranked a half (training-time
+    AOFP fine-tunes the base path there)."""
     rng = np.random.default_rng(seed)
     groups = [_Group(g.slots, floor_for(g.width, min_channels)) for g in cmap.prunable]
     keep = cmap.full_keep()
@@ -180,6 +182,8 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
                 break
             _decide(groups[k], keep, cmap, threshold, goal)
         stats.history.append((stats.trials, cmap.macs(keep) / max(cmap.total_macs, 1)))
+        if after_half is not None and decided:
+            after_half(keep)
         if checkpoint is not None:
             stats.seconds = time.perf_counter() - start
             checkpoint(_snapshot(groups, keep, rng, stats, threshold))
@@ -389,11 +393,13 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         provider: str = "auto", batch_size: int = 32, threshold: float = 0.01, trials_per_half: int = 8,
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
         memory_budget: int | None = None, checkpoint: str | None = None,
-        resume: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+        resume: str | None = None, tuner=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data.
 
     AOFP: with `checkpoint`, the search state is saved there after every round (and removed once the
-    search ends); `resume` continues a saved state (same model, data and options, else InputError)."""
+    search ends); `resume` continues a saved state (same model, data and options, else InputError).
+    With `tuner` (a `finetune.BasePathTuner`), the base path is fine-tuned after every half and the
+    trial session rebuilt on the new weights (no checkpoints then: the state would lack the weights)."""
     if pruner.data is None:
         raise InputError(f"--criterion {criterion} needs calibration data (--calib)")
     if trials_per_half < 1 or batch_size < 1 or threshold <= 0:
@@ -413,6 +419,10 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
                                      min_channels=min_channels, stack=min(stack, 64), progress=show)
         used = runner.provider
     else:
+        if tuner is not None and (checkpoint or resume):
+            if resume:
+                raise InputError("--resume cannot continue a search that fine-tunes (--finetune-steps)")
+            checkpoint = None
         engine = TrialEngine(cmap, provider, budget)
         stack = min(trials_per_half, engine.max_stack(len(next(iter(batches[0].values())))))
         options = {"fingerprint": cmap.graph.fingerprint(), "data": _data_digest(batches), "threshold": threshold,
@@ -424,10 +434,16 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         def damage(keep, rows):
             return engine.damage(keep, rows, batches[next(counter) % len(batches)])
 
+        def adapt(keep):
+            nonlocal engine
+            tuner(keep)
+            engine = TrialEngine(cmap, provider, budget)  # the session holds the weights it was built with
+
         save = (lambda st: save_state(checkpoint, st, options)) if checkpoint else None
         keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,
                                    flops_target=flops_target, max_trials=max_trials, min_channels=min_channels,
-                                   seed=seed, stack=stack, progress=show, checkpoint=save, resume=state)
+                                   seed=seed, stack=stack, progress=show, checkpoint=save, resume=state,
+                                   after_half=adapt if tuner is not None else None)
         used = engine.provider
         if checkpoint and os.path.exists(checkpoint):
             os.unlink(checkpoint)
@@ -435,6 +451,8 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         sys.stderr.write("\n")
     info = stats.to_json()
     info["provider"] = used
+    if tuner is not None:
+        info["finetune"] = tuner.to_json()
     if flops_target is not None and cmap.macs(keep) > flops_target * cmap.total_macs:
         info["target_reached"] = False
     return keep, scores, info
