@@ -105,9 +105,8 @@ def load_bridge(name: str = "torch") -> Callable[[Job], Training]:
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        extra = " (pip install 'aofp-onnx[torch]')" if name == "torch" else ""
-        raise InputError(f"the {name} fine-tuning bridge cannot be loaded: {exc}{extra}") from None
+    except ImportError as exc:  # the torch bridge's own message says what to install
+        raise InputError(f"the {name} fine-tuning bridge cannot be loaded: {exc}") from None
     return getattr(module, attr)
 
 
