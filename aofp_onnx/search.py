@@ -10,7 +10,7 @@ run stops at the MACs target (the last prune is trimmed to land on it), when eve
 (with a target, the threshold then doubles and the search goes on), or at `max_trials`.
 
 The oracle zeroes one channel at a time, measures the relative squared error of the model outputs
-Σ‖y − y_c‖² / Σ‖y‖² over the calibration batch, removes the `oracle_step` least damaging channels and
+Σ‖y − y_c‖² / Σ‖y‖² over the calibration data, removes the `oracle_step` least damaging channels and
 ranks again until the target holds.
 
 The AOFP state machine takes a `damage(keep, rows) -> [T, G]` function, so it runs against
@@ -305,10 +305,11 @@ def _trim_to_goal(cand: np.ndarray, g: _Group, keep: np.ndarray, cmap: ChannelMa
     return cand[:lo]
 
 
-def oracle(cmap: ChannelMap, runner: Runner, feeds: dict[str, np.ndarray], *, flops_target: float,
+def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]], *, flops_target: float,
            oracle_step: int | None = None, min_channels: int = 1, stack: int = 8,
            progress=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-    """Exact oracle pruning: rank single-channel ablations at the outputs, remove the least damaging, repeat."""
+    """Exact oracle pruning: rank single-channel ablations at the outputs over all `batches` of the
+    calibration data, remove the least damaging, repeat."""
     goal = flops_target * cmap.total_macs
     keep = cmap.full_keep()
     scores = np.full(cmap.n_slots, UNMEASURED)
@@ -320,7 +321,7 @@ def oracle(cmap: ChannelMap, runner: Runner, feeds: dict[str, np.ndarray], *, fl
                                    [np.zeros(0, np.int64)])
         if len(removable) == 0:
             break
-        dmg = output_damage(runner, feeds, keep, removable, stack)
+        dmg = output_damage(runner, batches, keep, removable, stack)
         stats.trials += len(removable)
         stats.rounds += 1
         scores[removable] = dmg
@@ -342,24 +343,23 @@ def oracle(cmap: ChannelMap, runner: Runner, feeds: dict[str, np.ndarray], *, fl
     return keep, scores, stats
 
 
-def output_damage(runner: Runner, feeds: dict[str, np.ndarray], keep: np.ndarray, slots: np.ndarray,
+def output_damage(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
                   stack: int) -> np.ndarray:
-    """Σ‖y − y_c‖² / Σ‖y‖² over outputs and batch, for removing each slot c alone on top of `keep`."""
-    n = len(next(iter(feeds.values())))
-    base = runner.run({**feeds, KEEP_INPUT: keep_feed(keep)})
-    den = sum(float(np.sum(np.square(y, dtype=np.float64))) for y in base)
-    out = np.zeros(len(slots))
-    for start in range(0, len(slots), stack):
-        chunk = slots[start:start + stack]
-        rows = np.repeat(keep.astype(np.float32)[None], len(chunk), axis=0)
-        rows[np.arange(len(chunk)), chunk] = 0.0
-        ys = runner.run({**_tile(feeds, len(chunk)), KEEP_INPUT: np.repeat(rows, n, axis=0)})
-        num = np.zeros(len(chunk))
-        for y, y0 in zip(ys, base):
-            diff = y.reshape(len(chunk), n, -1) - y0.reshape(1, n, -1)
-            num += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
-        out[start:start + len(chunk)] = num / max(den, 1e-30)
-    return out
+    """Σ‖y − y_c‖² / Σ‖y‖² over outputs and all batches, for removing each slot c alone on top of `keep`."""
+    num, den = np.zeros(len(slots)), 0.0
+    for feeds in batches:
+        n = len(next(iter(feeds.values())))
+        base = runner.run({**feeds, KEEP_INPUT: keep_feed(keep)})
+        den += sum(float(np.sum(np.square(y, dtype=np.float64))) for y in base)
+        for start in range(0, len(slots), stack):
+            chunk = slots[start:start + stack]
+            rows = np.repeat(keep.astype(np.float32)[None], len(chunk), axis=0)
+            rows[np.arange(len(chunk)), chunk] = 0.0
+            ys = runner.run({**_tile(feeds, len(chunk)), KEEP_INPUT: np.repeat(rows, n, axis=0)})
+            for y, y0 in zip(ys, base):
+                diff = y.reshape(len(chunk), n, -1) - y0.reshape(1, n, -1)
+                num[start:start + len(chunk)] += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
+    return num / max(den, 1e-30)
 
 
 def _data_digest(batches: list[dict]) -> str:
@@ -415,7 +415,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
             raise InputError("--criterion oracle needs --flops-target")
         runner = Runner(masked_model(cmap), provider)
         stack = max(1, int(budget // (_activation_bytes(cmap) * len(next(iter(batches[0].values()))))))
-        keep, scores, stats = oracle(cmap, runner, batches[0], flops_target=flops_target, oracle_step=oracle_step,
+        keep, scores, stats = oracle(cmap, runner, batches, flops_target=flops_target, oracle_step=oracle_step,
                                      min_channels=min_channels, stack=min(stack, 64), progress=show)
         used = runner.provider
     else:

@@ -60,7 +60,7 @@ def labelled(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
 def test_distillation_recovers_the_cut_and_keeps_the_graph(cut_cnn, tmp_path):
     out, report = tmp_path / "tuned.onnx", tmp_path / "r.json"
     proc = ok(run_cli("finetune", cut_cnn, "--teacher", CNN, "--data", CALIB, "-o", out, "--eval", TEST,
-                      "--epochs", "4", "--no-progress", "--report", report))
+                      "--epochs", "4", "--lr", "1e-3", "--no-progress", "--report", report))
     rep = json.loads(report.read_text())
     assert rep["mode"] == "distill" and rep["device"] == "cpu"
     assert rep["accuracy"]["before"] < 0.2  # the cut alone is at chance
@@ -82,7 +82,7 @@ def test_supervised_when_the_data_has_labels(cut_cnn, labelled, tmp_path):
     train, held = labelled
     report = tmp_path / "r.json"
     ok(run_cli("finetune", cut_cnn, "--data", train, "-o", tmp_path / "s.onnx", "--eval", held, "--epochs", "3",
-               "--no-progress", "--report", report))
+               "--lr", "1e-3", "--no-progress", "--report", report))
     rep = json.loads(report.read_text())
     assert rep["mode"] == "supervised" and rep["teacher"] is None
     assert rep["accuracy"]["after"] > rep["accuracy"]["before"] + 0.6, rep["accuracy"]
@@ -111,7 +111,7 @@ def test_training_time_aofp_beats_the_plain_search(tmp_path):
     common = dict(calib=str(CALIB), flops_target=0.4, provider="cpu", latency=False, eval_src=str(TEST))
     plain = api.prune(CNN, tmp_path / "plain.onnx", **common)
     tuned = api.prune(CNN, tmp_path / "tt.onnx", finetune_steps=2, finetune_data=str(CALIB),
-                      finetune_options=ft.Options(seed=0), **common)
+                      finetune_options=ft.Options(lr=1e-3, seed=0), **common)
     info = tuned["search"]["finetune"]
     assert info["mode"] == "distill" and info["halves"] > 10 and info["steps"] == 2 * info["halves"]
     assert tuned["verification"]["passed"]  # the cut equals the fine-tuned original, masked
