@@ -39,12 +39,17 @@ def geometry(n, x, kernel):
             total = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
             begin.append(total // 2 if auto == "SAME_UPPER" else total - total // 2)
             end.append(total - begin[-1])
-    elif auto == "VALID":
-        begin, end = [0] * rank, [0] * rank
     else:
-        pads = n.attr("pads") or [0] * (2 * rank)
-        begin, end = list(pads[:rank]), list(pads[rank:])
+        begin, end = explicit_pads(n, auto, rank)
     return list(strides), list(dilations), begin, end
+
+
+def explicit_pads(n, auto: str, rank: int) -> tuple[list[int], list[int]]:
+    """(pad_begin, pad_end) for auto_pad VALID (none) or NOTSET (the `pads` attribute)."""
+    if auto == "VALID":
+        return [0] * rank, [0] * rank
+    pads = n.attr("pads") or [0] * (2 * rank)
+    return list(pads[:rank]), list(pads[rank:])
 
 
 @op("Conv")
@@ -78,11 +83,8 @@ def conv_transpose(n, x, w, b=None):
             t = max(total, 0)
             begin.append(t // 2 if auto == "SAME_UPPER" else t - t // 2)
             end.append(total - begin[-1])
-    elif auto == "VALID":
-        begin, end = [0] * rank, [0] * rank
     else:
-        pads = n.attr("pads") or [0] * (2 * rank)
-        begin, end = list(pads[:rank]), list(pads[rank:])
+        begin, end = explicit_pads(n, auto, rank)
     y = CONV_T[rank](x, w, None, strides, 0, 0, n.attr("group", 1), dilations)
     crop = torch_pads([-p for p in begin], [op_ - p for op_, p in zip(extra, end)])
     if any(crop):
