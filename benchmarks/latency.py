@@ -2,7 +2,8 @@
 
     python benchmarks/latency.py [--repeats 10] [--skip-resnet50]
 
-Prunes two models to half their MACs with widths rounded to 8 and times original and pruned side
+Prunes two models to half their MACs with widths rounded to `--round-to` (16: onnxruntime's
+CPU kernels work on channel blocks of 16 with AVX-512, 8 with AVX2) and times original and pruned side
 by side with `aofp-onnx bench` (interleaved runs, medians) at batch 32 on the CPU provider:
 the wide digits ResNet-20 shipped in models/ (AOFP on its calibration data) and an ImageNet-shaped
 ResNet-50 export with random weights (L1; AOFP's data-driven choice does not change the widths'
@@ -29,10 +30,10 @@ def cli(*args) -> str:
     return out.stdout
 
 
-def measure(name, model, calib, criterion, tmp, repeats, input_batch):
+def measure(name, model, calib, criterion, tmp, repeats, input_batch, round_to):
     pruned, report = Path(tmp) / f"{name}_pruned.onnx", Path(tmp) / f"{name}.json"
     cli("prune", model, "-o", pruned, "--calib", calib, "--criterion", criterion, "--flops-target", 0.5,
-        "--round-to", 8, "--batch-size", input_batch, "--no-progress", "--report", report)
+        "--round-to", round_to, "--batch-size", input_batch, "--no-progress", "--report", report)
     rep = json.loads(report.read_text())
     timing = Path(tmp) / f"{name}_bench.json"
     cli("bench", model, pruned, "--batch-size", 32, "--repeats", repeats, "--warmup", 2, "--provider", "cpu",
@@ -47,11 +48,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--skip-resnet50", action="store_true")
+    parser.add_argument("--round-to", type=int, default=16, help="width multiple (16 = MLAS's AVX-512 NCHWc block)")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         results.append(measure("resnet20w_digits (28x28)", ROOT / "models/resnet20w_digits.onnx",
-                               ROOT / "models/mnist_calib.npz", "aofp", tmp, args.repeats, 16))
+                               ROOT / "models/mnist_calib.npz", "aofp", tmp, args.repeats, 16, args.round_to))
         if not args.skip_resnet50:
             sys.path.insert(0, str(HERE))
             from nets import export_resnet
@@ -59,8 +61,8 @@ def main():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 r50 = export_resnet((3, 4, 6, 3), Path(tmp) / "resnet50.onnx")
-            results.append(measure("resnet50 (224x224)", r50, "random:8", "l1", tmp, args.repeats, 4))
-    print(f"batch 32, CPUExecutionProvider, widths rounded to 8, median of {args.repeats} interleaved runs")
+            results.append(measure("resnet50 (224x224)", r50, "random:8", "l1", tmp, args.repeats, 4, args.round_to))
+    print(f"batch 32, CPUExecutionProvider, widths rounded to {args.round_to}, median of {args.repeats} interleaved runs")
     print(f"{'model':<26} {'criterion':<9} {'orig ms':>9} {'pruned ms':>10} {'latency x':>10} {'MACs x':>7} "
           f"{'latency/MACs':>13}")
     for name, crit, before, after, lat, macs in results:
