@@ -20,6 +20,12 @@ def const_input(ctx, node: onnx.NodeProto, index: int) -> np.ndarray | None:
     return ctx.init(node.input[index])
 
 
+def norm_axis(axis: int, rank: int) -> int:
+    """An ONNX axis in [-rank, rank) as its non-negative index."""
+    axis = int(axis)
+    return axis + rank if axis < 0 else axis
+
+
 def has_input(node: onnx.NodeProto, index: int) -> bool:
     return index < len(node.input) and bool(node.input[index])
 

@@ -13,11 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Channels, Handler, register
-from .attrs import attr, const_input, del_attr, has_input, set_attr, write_width
-
-
-def _norm(axis, rank):
-    return axis + rank if axis < 0 else axis
+from .attrs import attr, const_input, del_attr, has_input, norm_axis, set_attr, write_width
 
 
 @register("Shape", "Size")
@@ -37,7 +33,7 @@ class Concat(Handler):
         if not labelled or out_shape is None:
             return
         where = ctx.describe(node)
-        axis = _norm(int(attr(node, "axis", 0)), len(out_shape))
+        axis = norm_axis(int(attr(node, "axis", 0)), len(out_shape))
         if len({ch.axis for ch in labelled}) != 1:
             for ch in labelled:
                 ctx.block(ch.ids, f"{where}: inputs carry channels on different axes")
@@ -74,7 +70,7 @@ class Split(Handler):
         if ch is None:
             return
         shape = ctx.shape(node.input[0])
-        axis = _norm(int(attr(node, "axis", 0)), len(shape))
+        axis = norm_axis(int(attr(node, "axis", 0)), len(shape))
         outs = [o for o in node.output]
         if axis != ch.axis:
             for o in outs:
@@ -126,7 +122,7 @@ class Slice(Handler):
             if starts is None or ends is None:
                 return ctx.block(ch.ids, f"{where}: slice bounds are computed at run time")
         rank = len(shape)
-        axes = list(range(len(starts))) if axes is None else [_norm(int(a), rank) for a in axes]
+        axes = list(range(len(starts))) if axes is None else [norm_axis(int(a), rank) for a in axes]
         steps = [1] * len(starts) if steps is None else steps.tolist()
         if ch.axis not in axes:
             return ctx.set(node.output[0], ch)
@@ -188,7 +184,7 @@ class Flatten(Handler):
         shape = ctx.shape(node.input[0])
         if ch is None or shape is None:
             return
-        axis = _norm(int(attr(node, "axis", 1)), len(shape))
+        axis = norm_axis(int(attr(node, "axis", 1)), len(shape))
         if axis == 0:
             return ctx.block(ch.ids, f"{ctx.describe(node)}: flattens the batch axis into the channels")
         if ch.axis < axis:
@@ -279,7 +275,7 @@ class Squeeze(Handler):
             axes = [a for a, d in enumerate(shape) if d == 1]
         if axes is None:
             return ctx.block(ch.ids, f"{ctx.describe(node)}: axes are computed at run time")
-        axes = [_norm(a, len(shape)) for a in axes]
+        axes = [norm_axis(a, len(shape)) for a in axes]
         if ch.axis in axes:
             return ctx.block(ch.ids, f"{ctx.describe(node)}: squeezes the channel axis")
         ctx.set(node.output[0], Channels(ch.axis - sum(a < ch.axis for a in axes), ch.ids))
@@ -295,7 +291,7 @@ class Unsqueeze(Handler):
             return
         if axes is None:
             return ctx.block(ch.ids, f"{ctx.describe(node)}: axes are computed at run time")
-        inserted = {_norm(a, len(out_shape)) for a in axes}
+        inserted = {norm_axis(a, len(out_shape)) for a in axes}
         kept_positions = [p for p in range(len(out_shape)) if p not in inserted]
         ctx.set(node.output[0], Channels(kept_positions[ch.axis], ch.ids))
 

@@ -7,7 +7,7 @@ only when the channel axis is not among the axes they normalize over; LRN always
 from __future__ import annotations
 
 from . import Handler, register
-from .attrs import attr
+from .attrs import attr, norm_axis
 
 
 @register("BatchNormalization", "InstanceNormalization")
@@ -31,8 +31,7 @@ class PerChannelNorm(Handler):
 
 def _normalizes_channels(ctx, node, ch, default_axis, coerce_2d=False):
     rank = len(ctx.shape(node.input[0]) or ())
-    axis = int(attr(node, "axis", default_axis))
-    axis = axis + rank if axis < 0 else axis
+    axis = norm_axis(attr(node, "axis", default_axis), rank)
     if coerce_2d or node.op_type == "LayerNormalization":
         return ch.axis >= axis  # flattened/normalized over axes [axis, rank)
     return ch.axis == axis

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Channels, Handler, register
-from .attrs import attr, const_input, has_input, write_width
+from .attrs import attr, const_input, has_input, norm_axis, write_width
 
 
 @register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
@@ -40,7 +40,7 @@ def _reduce_axes(node, ctx, rank):
         axes = value.tolist()
     if not axes:
         return [] if attr(node, "noop_with_empty_axes", 0) else list(range(rank))
-    return sorted(a + rank if a < 0 else a for a in axes)
+    return sorted(norm_axis(a, rank) for a in axes)
 
 
 @register(*REDUCE)
@@ -68,8 +68,7 @@ class ArgReduce(Handler):
         shape = ctx.shape(node.input[0])
         if ch is None or shape is None:
             return
-        axis = int(attr(node, "axis", 0))
-        axis = axis + len(shape) if axis < 0 else axis
+        axis = norm_axis(attr(node, "axis", 0), len(shape))
         if axis == ch.axis:
             return ctx.block(ch.ids, f"{ctx.describe(node)}: reduces across channels")
         keep = int(attr(node, "keepdims", 1))
@@ -119,7 +118,7 @@ class Pad(Handler):
                 return ctx.block(ch.ids, f"{where}: pad axes are computed at run time")
             axes = value.tolist()
         rank = len(shape)
-        axes = list(range(rank)) if axes is None else [a + rank if a < 0 else a for a in axes]
+        axes = list(range(rank)) if axes is None else [norm_axis(a, rank) for a in axes]
         pads = np.asarray(pads).reshape(2, -1)
         if ch.axis in axes and pads[:, axes.index(ch.axis)].any():
             return ctx.block(ch.ids, f"{where}: pads the channel axis")
