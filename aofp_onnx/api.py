@@ -346,8 +346,8 @@ def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val:
            "train_samples": len(train), "val_samples": len(held), "seconds": time.perf_counter() - start,
            **result.to_json()}
     if teacher_data is not None:
-        rep["distill_error"] = {"before": ft.output_error(student, teacher_data, held, provider),
-                                "after": ft.output_error(tuned, teacher_data, held, provider)}
+        before, after = ft.output_errors([student, tuned], teacher_data, held, provider)
+        rep["distill_error"] = {"before": before, "after": after}
     if labelled is not None:
         rep["accuracy"] = {"before": accuracy(student, labelled, provider), "after": accuracy(tuned, labelled, provider),
                            "samples": len(labelled)}

@@ -194,17 +194,19 @@ def split_validation(data: Data, seed: int, fraction: float = 0.1) -> tuple[Data
     return subset(order[cut:]), subset(order[:cut])
 
 
-def output_error(model: ModelData, reference: ModelData, data: Data, provider: str, batch_size: int = 64) -> float:
-    """Σ_outputs ‖y − y_ref‖² / Σ ‖y_ref‖² over `data`, run by onnxruntime."""
+def output_errors(models: list[ModelData], reference: ModelData, data: Data, provider: str,
+                  batch_size: int = 64) -> list[float]:
+    """Σ_outputs ‖y − y_ref‖² / Σ ‖y_ref‖² over `data` for each model, run by onnxruntime (the reference once)."""
     from .runtime import Runner
 
-    a, b = Runner(model, provider), Runner(reference, provider)
-    num = den = 0.0
+    runners, ref = [Runner(m, provider) for m in models], Runner(reference, provider)
+    num, den = np.zeros(len(models)), 0.0
     for feeds in data.batches(batch_size):
-        for y, r in zip(a.run(feeds), b.run(feeds)):
-            num += float(np.square(y - r, dtype=np.float64).sum())
-            den += float(np.square(r, dtype=np.float64).sum())
-    return num / max(den, 1e-30)
+        targets = ref.run(feeds)
+        den += sum(float(np.square(r, dtype=np.float64).sum()) for r in targets)
+        for k, runner in enumerate(runners):
+            num[k] += sum(float(np.square(y - r, dtype=np.float64).sum()) for y, r in zip(runner.run(feeds), targets))
+    return [float(x) for x in num / max(den, 1e-30)]
 
 
 class BasePathTuner:
@@ -220,7 +222,8 @@ class BasePathTuner:
         if steps < 1:
             raise InputError(f"--finetune-steps must be at least 1, got {steps}")
         self.graph = cmap.graph
-        teacher = ModelData(self.graph.data.copy_proto(), {k: v.copy() for k, v in self.graph.weights.items()})
+        # Graph.assign replaces weight arrays, never writes into them: a shallow copy keeps the originals
+        teacher = ModelData(self.graph.data.copy_proto(), dict(self.graph.weights))
         self.mode = resolve_mode("auto", data, teacher, None)
         self.names = set(self.graph.inits)
         self.training = load_bridge(bridge)(Job(masked_model(cmap), teacher, data, None, self.mode, options))
@@ -248,14 +251,10 @@ class BasePathTuner:
 def run(job: Job, bridge: str = "torch") -> Result:
     """Fine-tune `job.student` with the named bridge; the result's values are checked against the graph."""
     job.options.check()
-    start = load_bridge(bridge)
-    began = time.perf_counter()
-    result = start(job).train()
+    result = load_bridge(bridge)(job).train()
     with_values(job.student, result.values)  # raises if the bridge changed the graph
-    if result.best is not None:
-        result.best = {**result.best, "seconds": time.perf_counter() - began}
     return result
 
 
 __all__ = ["BasePathTuner", "Job", "Options", "Result", "Training", "bridge_names", "check_teacher",
-           "load_bridge", "output_error", "resolve_mode", "run", "same_graph", "split_validation", "with_values"]
+           "load_bridge", "output_errors", "resolve_mode", "run", "same_graph", "split_validation", "with_values"]

@@ -419,7 +419,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
                                      min_channels=min_channels, stack=min(stack, 64), progress=show)
         used = runner.provider
     else:
-        if tuner is not None and (checkpoint or resume):
+        if tuner is not None:
             if resume:
                 raise InputError("--resume cannot continue a search that fine-tunes (--finetune-steps)")
             checkpoint = None

@@ -31,8 +31,6 @@ from aofp_onnx.calib import Data, input_specs, load_data
 from aofp_onnx.graph import ModelData
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.select import round_widths
-from aofp_onnx.surgery import cut
-from aofp_onnx.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +54,7 @@ def distill(student: ModelData, teacher: ModelData, data: Data, *, lr: float, ep
 def pruned_by_aofp(pruner: Pruner, target: float, provider: str, seed: int, tuner=None):
     keep, scores, info = choose_keep(pruner, "aofp", flops_target=target, seed=seed, provider=provider, tuner=tuner)
     keep = round_widths(pruner.cmap, keep, scores, 1, 1, target)
-    pruned = cut(pruner.cmap, keep)
-    check = verify(pruner.cmap, keep, pruned, pruner.feeds(), provider, checker=False)
+    pruned, check = pruner.cut_and_verify(keep, provider)
     assert check.passed, check
     return keep, pruned, info
 
@@ -78,7 +75,7 @@ def main():
     pruner = Pruner.load(args.model, data=args.calib)
     cmap = pruner.cmap
     test = load_data(args.test, input_specs(pruner.graph.model), labels=True)
-    original = ModelData(pruner.graph.data.copy_proto(), {k: v.copy() for k, v in pruner.graph.weights.items()})
+    original = pruner.graph.data  # this pruner is never fine-tuned (section 2 loads its own)
     acc = {"original": accuracy(original, test, args.provider)}
 
     # 1. cut / reconstruction / distillation

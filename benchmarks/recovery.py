@@ -22,8 +22,6 @@ from aofp_onnx.api import Pruner, accuracy, choose_keep
 from aofp_onnx.calib import input_specs, load_data
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.select import round_widths
-from aofp_onnx.surgery import cut
-from aofp_onnx.verify import verify
 
 
 def main():
@@ -50,8 +48,7 @@ def main():
                                               provider=args.provider)
                 keep = round_widths(cmap, keep, scores, 1, 1, target)
                 search_s = time.perf_counter() - start
-                pruned = cut(cmap, keep)
-                check = verify(cmap, keep, pruned, pruner.feeds(), args.provider, checker=False)
+                pruned, check = pruner.cut_and_verify(keep, args.provider)
                 assert check.passed, check
                 acc_cut = accuracy(pruned, test, args.provider)
                 rebuilt, rec = reconstruct(cmap, keep, pruned, pruner.data, provider=args.provider, seed=args.seed)

@@ -50,6 +50,7 @@ class TorchTraining:
         self.params = [p for p in self.student.parameters() if p.requires_grad and p.ndim > 0]
         self.optimizer = torch.optim.Adam(self.params, lr=opts.lr)
         self._order: list[int] = []
+        self.constants = dict(job.constants)  # extra inputs fed as they are (train() may replace them)
 
     # -- data -------------------------------------------------------------------------------------
     def _next_indices(self) -> np.ndarray:
@@ -66,8 +67,8 @@ class TorchTraining:
         return feeds
 
     # -- losses -----------------------------------------------------------------------------------
-    def _loss(self, data: Data, idx: np.ndarray) -> torch.Tensor:
-        outputs = self.student(**self._feeds(data, idx))
+    def _loss(self, outputs: tuple[torch.Tensor, ...], data: Data, idx: np.ndarray) -> torch.Tensor:
+        """The job's loss of the student's `outputs` on samples `idx` of `data`."""
         if self.job.mode == "supervised":
             logits = outputs[0].reshape(len(idx), outputs[0].shape[1], -1).squeeze(-1)
             labels = torch.as_tensor(data.labels[idx], device=self.device).long()
@@ -80,19 +81,16 @@ class TorchTraining:
     def score(self, data: Data) -> dict:
         """Validation: mean loss, and accuracy when the data has labels (model in eval mode)."""
         self.student.eval()
-        losses, correct = [], 0
+        loss, correct = 0.0, 0
         bs = self.job.options.batch_size
         for s in range(0, len(data), bs):
             idx = np.arange(s, min(s + bs, len(data)))
-            if self.job.mode == "distill":
-                losses.append(float(self._loss(data, idx)) * len(idx))
+            outputs = self.student(**self._feeds(data, idx))
+            loss += float(self._loss(outputs, data, idx)) * len(idx)
             if data.labels is not None:
-                logits = self.student(**self._feeds(data, idx))[0].reshape(len(idx), -1)
-                correct += int((logits.argmax(1).cpu().numpy() == data.labels[idx]).sum())
-                if self.job.mode != "distill":
-                    labels = torch.as_tensor(data.labels[idx], device=self.device).long()
-                    losses.append(float(torch.nn.functional.cross_entropy(logits, labels)) * len(idx))
-        out = {"val_loss": sum(losses) / len(data)} if losses else {}
+                predicted = outputs[0].reshape(len(idx), -1).argmax(1).cpu().numpy()
+                correct += int((predicted == data.labels[idx]).sum())
+        out = {"val_loss": loss / len(data)}
         if data.labels is not None:
             out["val_accuracy"] = correct / len(data)
         return out
@@ -112,7 +110,8 @@ class TorchTraining:
         for k in range(n):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr0 * 0.5 * (1 + math.cos(math.pi * (done + k) / max(total, 1)))
-            loss = self._loss(self.job.data, self._next_indices())
+            idx = self._next_indices()
+            loss = self._loss(self.student(**self._feeds(self.job.data, idx)), self.job.data, idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
