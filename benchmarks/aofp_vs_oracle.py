@@ -5,10 +5,11 @@
 Printed, all measured in this one run on the same calibration batches and provider:
 1. wall time for the oracle and for AOFP to reach the same MACs target, and their ratio;
 2. Spearman rank correlation between AOFP's per-channel mean damage (random-half trials at full
-   width) and the oracle's per-channel damage (single-channel ablation at the outputs), pooled over
-   all prunable channels and averaged within groups; beside it, the same correlation for the exact
-   single-channel damage at the next layer (what AOFP's trials estimate): the ceiling of any
-   next-layer estimator;
+   width, at each of `--spearman-trials`) and the oracle's per-channel damage (single-channel
+   ablation at the outputs), pooled over all prunable channels and averaged within groups; beside
+   it, what bounds that figure: the oracle against itself on disjoint calibration samples (how
+   stable the reference ranking is) and the exact single-channel damage at the next layer (where
+   AOFP measures): the ceiling of any next-layer estimator;
 3. test accuracy at the target with no recovery: AOFP and random over `--seeds`, L1, the oracle;
 4. peak resident memory added by the AOFP search.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -25,7 +27,7 @@ from aofp_onnx.calib import input_specs, load_data
 from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.masking import masked_model
 from aofp_onnx.runtime import Runner
-from aofp_onnx.search import TrialEngine, aofp, oracle
+from aofp_onnx.search import TrialEngine, aofp, oracle, output_damage
 from aofp_onnx.select import select_by_score
 from aofp_onnx.surgery import cut
 
@@ -82,7 +84,8 @@ def main():
                         help="calibration samples both methods use (the oracle evaluates every channel on all of them)")
     parser.add_argument("--threshold", type=float, default=0.01)
     parser.add_argument("--trials-per-half", type=int, default=8)
-    parser.add_argument("--spearman-trials", type=int, default=64)
+    parser.add_argument("--spearman-trials", type=int, nargs="+", default=[64, 1024],
+                        help="random-half trials per group for the mean damage (one estimate per value)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--provider", default="cpu")
     args = parser.parse_args()
@@ -131,12 +134,19 @@ def main():
 
     # 2. Spearman: AOFP per-channel mean damage vs oracle single-channel damage, both at full width
     oracle_damage = stats_o.first_half_damage
-    _, _, est = run_aofp(args.seeds[0], None, trials_per_half=args.spearman_trials, max_trials=args.spearman_trials)
-    aofp_damage = est.first_half_damage
+    rows = []
+    for trials in args.spearman_trials:
+        _, _, est = run_aofp(args.seeds[0], None, trials_per_half=trials, max_trials=trials)
+        rows.append((f"AOFP mean damage, {trials} random-half trials", est.first_half_damage))
+    rows.append(("exact single-channel next-layer damage", next_layer_single(engine, cmap, batches)))
+    other = load_data(args.calib, input_specs(pruner.graph.model)).take(2 * args.samples)
+    other = list(replace(other, inputs={k: v[args.samples:] for k, v in other.inputs.items()}).batches(args.batch))
+    if other:
+        rows.append((f"oracle on {sum(len(next(iter(b.values()))) for b in other)} other samples",
+                     output_damage(masked, other, cmap.full_keep(), np.arange(cmap.n_slots), 8)))
     print(f"\n2. Spearman rank correlation with the oracle's damage (single-channel, at the outputs), "
           f"{cmap.n_slots} channels")
-    for name, est in ((f"AOFP mean damage ({args.spearman_trials} random-half trials)", aofp_damage),
-                      ("exact single-channel next-layer damage", next_layer_single(engine, cmap, batches))):
+    for name, est in rows:
         within = [spearman(est[g.slots], oracle_damage[g.slots]) for g in cmap.prunable if g.width > 2]
         print(f"   {name:<44} pooled {spearman(est, oracle_damage):.3f}; mean within groups {np.mean(within):.3f} "
               f"(min {np.min(within):.3f}, max {np.max(within):.3f})")

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import warnings
 from collections import Counter
@@ -241,6 +240,7 @@ def main() -> None:
     ap.add_argument("--cnn-epochs", type=int, default=15)
     ap.add_argument("--resnet-epochs", type=int, default=20)
     ap.add_argument("--wide-epochs", type=int, default=15)
+    ap.add_argument("--wide-l1", type=float, default=1e-4, help="network-slimming λ of the wide ResNet-20")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -259,7 +259,7 @@ def main() -> None:
     if args.only in ("all", "resnet"):
         jobs.append(("resnet20_digits", ResNet20, args.resnet_epochs, 0.1))
     if args.only in ("all", "resnet-wide"):  # the benchmarks' network: wide, trained to be pruned
-        jobs.append(("resnet20w_digits", lambda: ResNet20(widths=(32, 64, 128)), args.wide_epochs, 0.1, 1e-4))
+        jobs.append(("resnet20w_digits", lambda: ResNet20(widths=(32, 64, 128)), args.wide_epochs, 0.1, args.wide_l1))
     for name, cls, epochs, lr, *penalty in jobs:
         torch.manual_seed(args.seed)
         model = cls()
