@@ -346,20 +346,28 @@ def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]
 def output_damage(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
                   stack: int) -> np.ndarray:
     """Σ‖y − y_c‖² / Σ‖y‖² over outputs and all batches, for removing each slot c alone on top of `keep`."""
-    num, den = np.zeros(len(slots)), 0.0
+    num, den = squared_errors(runner, batches, keep, slots, stack)
+    return num.sum(axis=1) / max(den.sum(), 1e-30)
+
+
+def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
+                   stack: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per runner output o: num[c, o] = Σ‖y_o − y_o,c‖² for removing slot c alone on top of `keep`, and
+    den[o] = Σ‖y_o‖², summed over all batches."""
+    num, den = np.zeros((len(slots), len(runner.outputs))), np.zeros(len(runner.outputs))
     for feeds in batches:
         n = len(next(iter(feeds.values())))
         base = runner.run({**feeds, KEEP_INPUT: keep_feed(keep)})
-        den += sum(float(np.sum(np.square(y, dtype=np.float64))) for y in base)
+        den += [np.sum(np.square(y, dtype=np.float64)) for y in base]
         for start in range(0, len(slots), stack):
             chunk = slots[start:start + stack]
             rows = np.repeat(keep.astype(np.float32)[None], len(chunk), axis=0)
             rows[np.arange(len(chunk)), chunk] = 0.0
             ys = runner.run({**_tile(feeds, len(chunk)), KEEP_INPUT: np.repeat(rows, n, axis=0)})
-            for y, y0 in zip(ys, base):
+            for o, (y, y0) in enumerate(zip(ys, base)):
                 diff = y.reshape(len(chunk), n, -1) - y0.reshape(1, n, -1)
-                num[start:start + len(chunk)] += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
-    return num / max(den, 1e-30)
+                num[start:start + len(chunk), o] += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
+    return num, den
 
 
 def _data_digest(batches: list[dict]) -> str:

@@ -140,10 +140,10 @@ def main():
         rows.append((f"AOFP mean damage, {trials} random-half trials", est.first_half_damage))
     rows.append(("exact single-channel next-layer damage", next_layer_single(engine, cmap, batches)))
     other = load_data(args.calib, input_specs(pruner.graph.model)).take(2 * args.samples)
-    other = list(replace(other, inputs={k: v[args.samples:] for k, v in other.inputs.items()}).batches(args.batch))
-    if other:
-        rows.append((f"oracle on {sum(len(next(iter(b.values()))) for b in other)} other samples",
-                     output_damage(masked, other, cmap.full_keep(), np.arange(cmap.n_slots), 8)))
+    other = replace(other, inputs={k: v[args.samples:] for k, v in other.inputs.items()})
+    if len(other):
+        rows.append((f"oracle on {len(other)} other samples", output_damage(
+            masked, list(other.batches(args.batch)), cmap.full_keep(), np.arange(cmap.n_slots), 8)))
     print(f"\n2. Spearman rank correlation with the oracle's damage (single-channel, at the outputs), "
           f"{cmap.n_slots} channels")
     for name, est in rows:

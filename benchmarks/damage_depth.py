@@ -19,8 +19,9 @@ import onnx
 
 from aofp_onnx.api import Pruner
 from aofp_onnx.graph import ModelData
-from aofp_onnx.masking import KEEP_INPUT, masked_model
+from aofp_onnx.masking import masked_model
 from aofp_onnx.runtime import Runner
+from aofp_onnx.search import squared_errors
 from aofp_vs_oracle import spearman
 
 
@@ -43,31 +44,20 @@ def main():
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in hidden)
     runner = Runner(ModelData(proto, masked.weights), "cpu")
     names = runner.output_names
-    n_slots = cmap.n_slots
-    num, den = np.zeros((n_slots, len(names))), np.zeros(len(names))
-    for feeds in pruner.data.batches(args.batch):
-        n = len(next(iter(feeds.values())))
-        base = runner.run({**feeds, KEEP_INPUT: np.ones((1, n_slots + 1), np.float32)})
-        den += [np.sum(np.square(b, dtype=np.float64)) for b in base]
-        for start in range(0, n_slots, args.stack):
-            chunk = np.arange(start, min(n_slots, start + args.stack))
-            rows = np.ones((len(chunk), n_slots + 1), np.float32)
-            rows[np.arange(len(chunk)), chunk] = 0.0
-            tiled = {k: np.concatenate([v] * len(chunk)) for k, v in feeds.items()}
-            ys = runner.run({**tiled, KEEP_INPUT: np.repeat(rows, n, axis=0)})
-            for j, (y, y0) in enumerate(zip(ys, base)):
-                diff = y.reshape(len(chunk), n, -1) - y0.reshape(1, n, -1)
-                num[chunk, j] += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
+    num, den = squared_errors(runner, list(pruner.data.batches(args.batch)), cmap.full_keep(),
+                              np.arange(cmap.n_slots), args.stack)
     damage = num / np.maximum(den, 1e-30)
-    oracle = damage[:, [names.index(t) for t in finals]].sum(axis=1)
+    finals_at = [names.index(t) for t in finals]
+    oracle = num[:, finals_at].sum(axis=1) / max(den[finals_at].sum(), 1e-30)  # = search.output_damage
     order = [names.index(t) for t in hidden]  # graph order
 
-    print(f"model {args.model}: {len(cmap.prunable)} prunable groups, {n_slots} channels, {args.samples} samples")
+    print(f"model {args.model}: {len(cmap.prunable)} prunable groups, {cmap.n_slots} channels, {args.samples} samples")
     print(f"{'group':>5} {'width':>5} {'first changed':>18} {'first >= 0.8':>26} {'first >= 0.9':>26} "
           f"{'last hidden':>12}")
     for k, g in enumerate(cmap.prunable):
-        path = [(j, spearman(damage[g.slots, j], oracle[g.slots])) for j in order
-                if damage[g.slots, j].max() > 0 and g.width > 2]
+        if g.width <= 2:
+            continue
+        path = [(j, spearman(damage[g.slots, j], oracle[g.slots])) for j in order if damage[g.slots, j].max() > 0]
         if not path:
             continue
 

@@ -112,22 +112,23 @@ def zoo_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("reconstruct_zoo")
 
 
-def test_zoo_resnet_with_batchnorm_intercept_in_bn_mean(zoo_dir):
-    m = zoo.build("resnet_basic_bn", zoo_dir)
+def _zoo_consumers(name: str, zoo_dir) -> dict:
+    """Reconstruct a zoo export cut by L1 to 0.5 MACs (96 calibration samples, 32 held out): its consumers."""
+    m = zoo.build(name, zoo_dir)
     pruner = Pruner.load(m.path, input_shapes=m.input_shapes)
     keep = choose_keep(pruner, "l1", flops_target=0.5)[0]
     data = Data(m.feeds(batch=96, seed=1), None, "zoo", True)
-    consumers = _check_reconstruction(pruner, keep, data, m.feeds(batch=32, seed=2))
+    return _check_reconstruction(pruner, keep, data, m.feeds(batch=32, seed=2))
+
+
+def test_zoo_resnet_with_batchnorm_intercept_in_bn_mean(zoo_dir):
+    consumers = _zoo_consumers("resnet_basic_bn", zoo_dir)
     bias = [c["bias"] for c in consumers.values()]
     assert bias.count("BatchNormalization mean") >= 5 and "own" in bias  # convs have no bias here; fc has
 
 
 def test_zoo_mobilenet_depthwise_consumers_are_skipped(zoo_dir):
-    m = zoo.build("mobilenet_v2", zoo_dir)
-    pruner = Pruner.load(m.path, input_shapes=m.input_shapes)
-    keep = choose_keep(pruner, "l1", flops_target=0.5)[0]
-    data = Data(m.feeds(batch=96, seed=1), None, "zoo", True)
-    consumers = _check_reconstruction(pruner, keep, data, m.feeds(batch=32, seed=2))
+    consumers = _zoo_consumers("mobilenet_v2", zoo_dir)
     skipped = [c for c in consumers.values() if "skipped" in c]
     assert skipped and all(c["skipped"].startswith("depthwise") for c in skipped)
     assert len(consumers) - len(skipped) >= 8
