@@ -2,7 +2,7 @@
 
 AOFP (Ding et al. 2019), per prunable group g with kept set K_g and search space S_g (= K_g at start):
 each trial removes a random half R_g ⊂ S_g (|R_g| = ⌊|S_g|/2⌋) on top of K and adds its damage t_g
-(next-layer relative squared error, see `trial`) to every channel of R_g. After `trials_per_half`
+(the next layers' relative squared errors, see `trial`) to every channel of R_g. After `trials_per_half`
 trials, S_g is ranked by mean damage; with granu = ⌊|S_g|/2⌋, if the granu-th smallest mean is below
 the threshold those granu channels are pruned and the search restarts on K_g; else, if granu > 1,
 S_g shrinks to its granu best (binary search); else g is saturated. All groups search at once; the
@@ -30,7 +30,7 @@ from .groups import ChannelMap
 from .masking import KEEP_INPUT, keep_feed, masked_model
 from .runtime import Runner
 from .select import floor_for
-from .trial import DEN_OUTPUT, NUM_OUTPUT, TRIAL_INPUT, build_trial_model
+from .trial import DAMAGE_OUTPUT, TRIAL_INPUT, build_trial_model
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations one stacked run may use
 UNMEASURED = 1e9  # score of a channel no trial has measured yet (ranks as important)
@@ -69,9 +69,9 @@ class TrialEngine:
 
     def damage(self, keep: np.ndarray, rows: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """[T, G] damage of T trial rows (each [S+1], 0 = removed by the trial) on one calibration batch."""
-        num, den = self.runner.run({**feeds, KEEP_INPUT: keep_feed(keep), TRIAL_INPUT: rows.astype(np.float32)},
-                                   [NUM_OUTPUT, DEN_OUTPUT])
-        return num.astype(np.float64) / np.maximum(den.astype(np.float64), 1e-30)
+        (damage,) = self.runner.run({**feeds, KEEP_INPUT: keep_feed(keep), TRIAL_INPUT: rows.astype(np.float32)},
+                                    [DAMAGE_OUTPUT])
+        return damage.astype(np.float64)
 
 
 @dataclass

@@ -10,7 +10,8 @@ Printed, all measured in this one run on the same calibration batches and provid
    it, what bounds that figure: the oracle against itself on disjoint calibration samples (how
    stable the reference ranking is) and the exact single-channel damage at the next layer (where
    AOFP measures): the ceiling of any next-layer estimator;
-3. test accuracy at the target with no recovery: AOFP and random over `--seeds`, L1, the oracle;
+3. test accuracy at the target with no recovery: AOFP and random over `--seeds`, L1, the oracle, with
+   the width each kept per group;
 4. peak resident memory added by the AOFP search.
 """
 from __future__ import annotations
@@ -152,23 +153,24 @@ def main():
               f"(min {np.min(within):.3f}, max {np.max(within):.3f})")
 
     # 3. accuracy with no recovery at the target
-    def acc(keep):
-        return accuracy(cut(cmap, keep), test, args.provider), cmap.macs(keep) / cmap.total_macs
+    def row(name, seed, keep):
+        widths = " ".join(str(int(keep[g.slots].sum())) for g in cmap.prunable)
+        return name, seed, cmap.macs(keep) / cmap.total_macs, accuracy(cut(cmap, keep), test, args.provider), widths
 
-    rows = [("original", "-", 1.0, accuracy(pruner.graph.data, test, args.provider))]
-    rows.append(("oracle", "-", *acc(keep_o)[::-1]))
+    rows = [("original", "-", 1.0, accuracy(pruner.graph.data, test, args.provider),
+             " ".join(str(g.width) for g in cmap.prunable))]
+    rows.append(row("oracle", "-", keep_o))
     for seed in args.seeds:
-        keep, _, _ = run_aofp(seed, args.target)
-        rows.append(("aofp", seed, *acc(keep)[::-1]))
-    rows.append(("l1", "-", *acc(select_by_score(cmap, l1_scores(cmap), args.target))[::-1]))
+        rows.append(row("aofp", seed, run_aofp(seed, args.target)[0]))
+    rows.append(row("l1", "-", select_by_score(cmap, l1_scores(cmap), args.target)))
     for seed in args.seeds:
-        rows.append(("random", seed, *acc(select_by_score(cmap, random_scores(cmap, seed), args.target))[::-1]))
+        rows.append(row("random", seed, select_by_score(cmap, random_scores(cmap, seed), args.target)))
     print(f"\n3. test accuracy on {len(test)} held-out digits at MACs target {args.target}, no recovery")
-    print(f"   {'criterion':<10} {'seed':>4} {'MACs':>7} {'accuracy':>9}")
-    for name, seed, ratio, a in rows:
-        print(f"   {name:<10} {seed!s:>4} {ratio:>7.3f} {100 * a:>8.2f}%")
+    print(f"   {'criterion':<10} {'seed':>4} {'MACs':>7} {'accuracy':>9}   widths per group")
+    for name, seed, ratio, a, widths in rows:
+        print(f"   {name:<10} {seed!s:>4} {ratio:>7.3f} {100 * a:>8.2f}%   {widths}")
     for name in ("aofp", "random"):
-        vals = [a for n, _, _, a in rows if n == name]
+        vals = [r[3] for r in rows if r[0] == name]
         print(f"   {name} mean over seeds: {100 * np.mean(vals):.2f}% (min {100 * np.min(vals):.2f}%)")
 
     # 4. memory

@@ -21,7 +21,7 @@ from aofp_onnx.api import Pruner
 from aofp_onnx.masking import KEEP_INPUT, keep_feed
 from aofp_onnx.runtime import Runner
 from aofp_onnx.search import TrialEngine
-from aofp_onnx.trial import DEN_OUTPUT, NUM_OUTPUT, TRIAL_INPUT, build_trial_model
+from aofp_onnx.trial import DAMAGE_OUTPUT, TRIAL_INPUT, build_trial_model
 
 
 class NaiveLoop:
@@ -35,9 +35,9 @@ class NaiveLoop:
         out = np.zeros((len(rows), len(self.cmap.prunable)))
         for t, row in enumerate(rows):
             for k, runner in enumerate(self.runners):
-                num, den = runner.run({**feeds, KEEP_INPUT: keep_feed(keep), TRIAL_INPUT: row[None]},
-                                      [NUM_OUTPUT, DEN_OUTPUT])
-                out[t, k] = float(num[0, 0]) / max(float(den[0, 0]), 1e-30)
+                (damage,) = runner.run({**feeds, KEEP_INPUT: keep_feed(keep), TRIAL_INPUT: row[None]},
+                                       [DAMAGE_OUTPUT])
+                out[t, k] = float(damage[0, 0])
         return out
 
 

@@ -30,7 +30,7 @@ from aofp_onnx.graph import ModelData
 from aofp_onnx.masking import KEEP_INPUT, keep_feed, masked_model
 from aofp_onnx.runtime import Runner
 from aofp_onnx.search import TrialEngine
-from aofp_onnx.trial import CHAIN_OPS, DEN_OUTPUT, NUM_OUTPUT, TRIAL_INPUT, build_trial_model
+from aofp_onnx.trial import CHAIN_OPS, DAMAGE_OUTPUT, TRIAL_INPUT, build_trial_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -208,13 +208,12 @@ def _response(cm, node, chain, x: np.ndarray) -> np.ndarray:
 
 
 def direct_damage(cm, keep: np.ndarray, rows: np.ndarray, feeds: dict) -> np.ndarray:
-    """[T, G]: per group, Σ_sinks ‖(Z − Z_R)·K‖² / Σ_sinks ‖Z·K‖², every sink one layer deep from X_K."""
+    """[T, G]: per group, Σ_sinks ‖(Z − Z_R)·K‖² / ‖Z·K‖², every sink one layer deep from X_K."""
     xs = _sink_inputs(cm, keep, feeds)
     out = np.zeros((len(rows), len(cm.prunable)))
     base = {}
     for t, r in enumerate(rows):
         for k, g in enumerate(cm.prunable):
-            num = den = 0.0
             for s in g.sinks:
                 node = cm.graph.nodes[s.node_index]
                 x = xs[(s.node_index, s.input_index)]
@@ -235,9 +234,7 @@ def direct_damage(cm, keep: np.ndarray, rows: np.ndarray, feeds: dict) -> np.nda
                 shape[cm.tensor_axis[s.tensor]] = len(pos)
                 mask = np.where(inside, r[pos], 1.0).reshape(shape)
                 z_r = _response(cm, node, chain, x * mask)
-                num += float(np.sum(((z - z_r) * own) ** 2))
-                den += float(np.sum((z * own) ** 2))
-            out[t, k] = num / den if g.sinks else 0.0
+                out[t, k] += float(np.sum(((z - z_r) * own) ** 2)) / max(float(np.sum((z * own) ** 2)), 1e-30)
     return out
 
 
@@ -332,19 +329,19 @@ def test_trial_graph_is_valid_onnx_with_only_damage_outputs(name, zoo_dir):
     model = data.materialize()
     onnx.checker.check_model(model, full_check=True)
     outputs = {o.name: o for o in model.graph.output}
-    assert set(outputs) == {NUM_OUTPUT, DEN_OUTPUT}
-    dims = {k: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for k, v in outputs.items()}
-    assert dims[NUM_OUTPUT][1] == len(cm.prunable) and dims[DEN_OUTPUT] == [1, len(cm.prunable)]
+    assert set(outputs) == {DAMAGE_OUTPUT}
+    dims = [d.dim_param or d.dim_value for d in outputs[DAMAGE_OUTPUT].type.tensor_type.shape.dim]
+    assert dims == ["trials", len(cm.prunable)]
     inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     assert set(inputs) == set(p.graph.inputs) | {KEEP_INPUT, TRIAL_INPUT}
-    # and it runs: [T, G] numerators, [1, G] denominators
+    # and it runs: [T, G] damages, nonzero only where a row removes something
     runner = Runner(data, "cpu")
     feeds = p.feeds(2, 2)[0]
     rows = np.ones((3, cm.n_slots + 1), np.float32)
     rows[:, cm.prunable[0].slots[0]] = 0.0
-    num, den = runner.run({**feeds, KEEP_INPUT: keep_feed(cm.full_keep()), TRIAL_INPUT: rows})
-    assert num.shape == (3, len(cm.prunable)) and den.shape == (1, len(cm.prunable))
-    assert np.all(den > 0) and num[0, 0] > 0
+    (damage,) = runner.run({**feeds, KEEP_INPUT: keep_feed(cm.full_keep()), TRIAL_INPUT: rows})
+    assert damage.shape == (3, len(cm.prunable))
+    assert np.all(damage[:, 0] > 0) and np.all(np.abs(damage[:, 1:]) <= 1e-9)
 
 
 def test_the_cases_above_cover_concat_and_consumer_chains(zoo_dir):
