@@ -321,6 +321,25 @@ def test_removing_all_but_one_channel_hurts_more_than_removing_one(case):
     np.testing.assert_allclose(both, np.stack([d_one, d_most]), rtol=1e-4, atol=1e-9)
 
 
+def test_groups_no_row_touches_score_zero_and_the_others_as_in_the_full_graph(case):
+    """Saturated groups are left out of the run (a session for the searching ones) without changing theirs."""
+    p, feeds, engine = case
+    cm = p.cmap
+    rng = np.random.default_rng(4)
+    keep = _random_keep(cm, rng)
+    rows = _random_rows(cm, keep, rng, 2)
+    full = engine.damage(keep, rows, feeds)
+    resting = list(range(0, len(cm.prunable), 2))
+    searching = [k for k in range(len(cm.prunable)) if k not in resting]
+    for k in resting:
+        rows[:, cm.prunable[k].slots] = 1.0
+    for _ in range(2):  # built once, then reused
+        got = engine.damage(keep, rows, feeds)
+        assert np.all(got[:, resting] == 0.0)
+        np.testing.assert_allclose(got[:, searching], full[:, searching], rtol=REL_TOL, atol=1e-9)
+    assert engine.damage(keep, np.ones_like(rows), feeds).max() == 0.0
+
+
 @pytest.mark.parametrize("name", ["mnist_cnn", "densenet", "mobilenet_v3"])
 def test_trial_graph_is_valid_onnx_with_only_damage_outputs(name, zoo_dir):
     p, _ = _load(name, zoo_dir)
