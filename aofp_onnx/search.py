@@ -52,17 +52,18 @@ def _activation_bytes(cmap: ChannelMap) -> int:
 
 
 class TrialEngine:
-    """The trial graph's sessions; scores stacked trials for every group in one run.
+    """The trial graph's session; scores stacked trials for every group in one run.
 
-    A group whose channels no row removes scores exactly 0 and is left out of the run: once most groups
-    have saturated, a session built for the groups still searching (`build_trial_model(cmap, ids)`,
-    rebuilt when that set changes) skips the others' consumer copies, which would cost as much as ever."""
+    A group whose channels no row removes scores exactly 0 and is left out of the run: once a quarter of
+    the session's groups have saturated, the session is rebuilt for the groups still searching
+    (`build_trial_model(cmap, ids)`), so the others' consumer copies, which would cost as much as ever,
+    stop running (at most log₄⁄₃ G rebuilds per restart of the search). One session at a time holds the
+    weights."""
 
     def __init__(self, cmap: ChannelMap, provider: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET):
         self.cmap = cmap
-        self.runner = Runner(build_trial_model(cmap), provider)
-        self.provider = self.runner.provider
-        self._subset: tuple[tuple[int, ...], Runner] | None = None
+        self._session = tuple(range(len(cmap.prunable))), Runner(build_trial_model(cmap), provider)
+        self.provider = self._session[1].provider
         # per stacked trial and sample, the copies hold about one activation set at a time (each copy's
         # stacked input, output and difference are freed once its damage is reduced); measured peaks
         # stay well under this bound (benchmarks/aofp_vs_oracle.py prints the search's peak memory)
@@ -72,22 +73,23 @@ class TrialEngine:
     def max_stack(self, batch: int) -> int:
         return max(1, int(self.memory_budget // (self.sample_bytes * batch)))
 
-    def _runner_for(self, active: tuple[int, ...]) -> Runner:
-        if len(active) == len(self.cmap.prunable):
-            return self.runner
-        if self._subset is None or self._subset[0] != active:
+    def _session_for(self, active: tuple[int, ...]) -> tuple[tuple[int, ...], Runner]:
+        covered = self._session[0]
+        if not set(active) <= set(covered) or 4 * len(active) <= 3 * len(covered):
             ids = [self.cmap.prunable[k].id for k in active]
-            self._subset = active, Runner(build_trial_model(self.cmap, ids), "cuda" if self.provider == CUDA else "cpu")
-        return self._subset[1]
+            self._session = None  # the old session's memory goes before the new one is built
+            self._session = active, Runner(build_trial_model(self.cmap, ids), "cuda" if self.provider == CUDA else "cpu")
+        return self._session
 
     def damage(self, keep: np.ndarray, rows: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """[T, G] damage of T trial rows (each [S+1], 0 = removed by the trial) on one calibration batch."""
         out = np.zeros((len(rows), len(self.cmap.prunable)))
         active = tuple(k for k, g in enumerate(self.cmap.prunable) if not rows[:, g.slots].all())
         if active:
-            (damage,) = self._runner_for(active).run(
-                {**feeds, KEEP_INPUT: keep_feed(keep), TRIAL_INPUT: rows.astype(np.float32)}, [DAMAGE_OUTPUT])
-            out[:, list(active)] = damage
+            covered, runner = self._session_for(active)
+            (damage,) = runner.run({**feeds, KEEP_INPUT: keep_feed(keep), TRIAL_INPUT: rows.astype(np.float32)},
+                                   [DAMAGE_OUTPUT])
+            out[:, list(active)] = damage[:, [covered.index(k) for k in active]]
         return out
 
 
