@@ -20,7 +20,8 @@ from . import criteria
 from .calib import Data, ImageOptions, apply_input_shapes, input_specs, load_data
 from .count import count_params
 from .errors import InputError
-from .graph import Graph, ModelData, as_model_data, load_model, read_model, split_weights
+from .graph import Graph, load_model, read_model
+from .modeldata import ModelData, as_model_data, split_weights
 from .groups import ChannelMap, analyze
 from .io import release_memory
 from .plan import Plan, keep_from_plan, plan_from_keep

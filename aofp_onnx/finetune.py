@@ -27,7 +27,7 @@ from onnx import numpy_helper
 
 from .calib import Data
 from .errors import InputError
-from .graph import ModelData, is_placeholder
+from .modeldata import ModelData, is_placeholder
 
 ENTRY_POINT_GROUP = "aofp_onnx.bridges"
 BUILTIN_BRIDGES = {"torch": "aofp_onnx.bridge.train:start"}  # also usable from a checkout that is not installed

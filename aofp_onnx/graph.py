@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,10 +28,10 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from .errors import InputError
+from .modeldata import ModelData, copy_model, default_opset, split_weights
+from .runtime import Runner
 
 MIN_OPSET, MAX_OPSET = 11, 21
-LARGE = 1024  # initializers with at least this many elements are kept as numpy arrays outside the proto
-PLACEHOLDER = "aofp-in-memory"
 QUANTIZED_OPS = {
     "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QuantizeLinear",
     "DequantizeLinear", "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul", "QGemm",
@@ -93,113 +92,6 @@ def check_model(model: onnx.ModelProto, label: str = "model", checker_error: Exc
                 "prune before quantizing")
 
 
-@dataclass
-class ModelData:
-    """A model whose large initializers are numpy arrays beside a light proto (placeholders inside)."""
-
-    proto: onnx.ModelProto
-    weights: dict[str, np.ndarray]
-
-    def copy_proto(self) -> onnx.ModelProto:
-        return _copy(self.proto)
-
-    def write(self, f) -> None:
-        """Serialize to the binary file `f` one initializer at a time (never the whole model in memory).
-
-        Protobuf merges concatenated messages (repeated fields append), so the model without
-        initializers followed by one `ModelProto{graph{initializer: t}}` per initializer, in order,
-        parses as the whole model."""
-        head = self.copy_proto()
-        head.graph.ClearField("initializer")
-        f.write(head.SerializeToString())
-        for init in self.proto.graph.initializer:
-            tensor = numpy_helper.from_array(self.weights[init.name], init.name) if is_placeholder(init) else init
-            chunk = onnx.ModelProto()
-            chunk.graph.initializer.append(tensor)
-            f.write(chunk.SerializeToString())
-
-    def check(self) -> None:
-        """onnx.checker (full check) without materializing: placeholders point at a sparse file."""
-        with tempfile.TemporaryDirectory(prefix="aofp-onnx-") as tmp:
-            proto = self.copy_proto()
-            offset = 0
-            for init in proto.graph.initializer:
-                if is_placeholder(init):
-                    nbytes = self.weights[init.name].nbytes
-                    del init.external_data[:]
-                    for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(nbytes))):
-                        entry = init.external_data.add()
-                        entry.key, entry.value = key, value
-                    offset += nbytes
-            with open(os.path.join(tmp, "weights.bin"), "wb") as f:
-                f.truncate(offset)
-            path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(proto, path)
-            onnx.checker.check_model(path, full_check=True)
-
-    def materialize(self) -> onnx.ModelProto:
-        """A self-contained ModelProto (the arrays copied back into the initializers)."""
-        model = _copy(self.proto)
-        for k, init in enumerate(model.graph.initializer):
-            if is_placeholder(init):
-                model.graph.initializer[k].CopyFrom(numpy_helper.from_array(self.weights[init.name], init.name))
-        return model
-
-
-def is_placeholder(init: onnx.TensorProto) -> bool:
-    return init.data_location == onnx.TensorProto.EXTERNAL and any(
-        e.key == "location" and e.value == PLACEHOLDER for e in init.external_data)
-
-
-def placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:
-    """An initializer entry whose data is `array`, held outside the proto."""
-    t = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-    t.data_location = onnx.TensorProto.EXTERNAL
-    entry = t.external_data.add()
-    entry.key, entry.value = "location", PLACEHOLDER
-    return t
-
-
-def initializer(name: str, array: np.ndarray, weights: dict[str, np.ndarray]) -> onnx.TensorProto:
-    """A placeholder (registering `array` in `weights`) for a large array, an inline initializer otherwise."""
-    if array.size >= LARGE:
-        weights[name] = array
-        return placeholder(name, array)
-    weights.pop(name, None)  # an array cut below LARGE is inline now: no stale copy beside it
-    return numpy_helper.from_array(array, name)
-
-
-def split_weights(model: onnx.ModelProto) -> ModelData:
-    """Large initializers of `model` as numpy arrays, beside a new light proto (`model` loses its initializers).
-
-    The light proto is a fresh message: protobuf frees a message's memory only with the message, so
-    the caller dropping `model` is what returns the weights' bytes."""
-    weights, inits = {}, []
-    for init in model.graph.initializer:
-        if int(np.prod(init.dims)) >= LARGE and not is_placeholder(init):
-            weights[init.name] = numpy_helper.to_array(init)
-            inits.append(placeholder(init.name, weights[init.name]))
-        else:
-            kept = onnx.TensorProto()
-            kept.CopyFrom(init)
-            inits.append(kept)
-    model.graph.ClearField("initializer")
-    light = _copy(model)
-    light.graph.initializer.extend(inits)
-    return ModelData(light, weights)
-
-
-def as_model_data(model: "onnx.ModelProto | ModelData") -> ModelData:
-    return model if isinstance(model, ModelData) else ModelData(model, {})
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 0
-
-
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
@@ -251,12 +143,6 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None  # sparse or string constants stay nodes
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
 def input_dims(value_info: onnx.ValueInfoProto) -> list:
     """Dims of a graph input: ints where fixed, the symbol (or None) where dynamic."""
     dims = []
@@ -302,7 +188,7 @@ def fixed_input_shapes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]]
 
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     """Copy of `model` with its inputs' dims set to `shapes` and stale value_info dropped."""
-    model = _copy(model)
+    model = copy_model(model)
     for vi in model.graph.input:
         if vi.name in shapes:
             dims = vi.type.tensor_type.shape.dim
@@ -337,9 +223,7 @@ def infer_shapes(model: onnx.ModelProto, weights: dict | None = None) -> dict[st
 
 def probe_values(model: onnx.ModelProto, names: list[str], weights: dict | None = None) -> dict[str, np.ndarray]:
     """Values of tensors `names` from one onnxruntime run of `model` on zeros ({} when it cannot run)."""
-    from .runtime import Runner
-
-    probe = _copy(model)
+    probe = copy_model(model)
     have = {o.name for o in probe.graph.output}
     for name in names:
         if name not in have:

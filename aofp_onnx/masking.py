@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import ModelData
+from .modeldata import ModelData
 from .groups import ChannelMap
 
 KEEP_INPUT = "aofp_keep"

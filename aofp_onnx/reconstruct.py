@@ -45,7 +45,7 @@ import onnx
 from onnx import numpy_helper
 
 from .calib import Data
-from .graph import ModelData, is_placeholder
+from .modeldata import ModelData, is_placeholder
 from .groups import ChannelMap, subgraph_reads
 from .runtime import Runner
 

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from .errors import InputError
-from .graph import ModelData, is_placeholder
+from .modeldata import ModelData, is_placeholder
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
-from .graph import ModelData, initializer
+from .modeldata import ModelData, initializer
 from .groups import ChannelMap, subgraph_reads
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import ModelData
+from .modeldata import ModelData
 from .groups import ChannelMap
 from .masking import KEEP_INPUT, MaskInserter, mask_input
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .graph import ModelData, as_model_data
+from .modeldata import ModelData, as_model_data
 from .groups import ChannelMap
 from .masking import KEEP_INPUT, keep_feed, masked_model
 from .runtime import Runner

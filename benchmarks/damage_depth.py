@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from aofp_onnx.api import Pruner
-from aofp_onnx.graph import ModelData
+from aofp_onnx.modeldata import ModelData
 from aofp_onnx.masking import masked_model
 from aofp_onnx.runtime import Runner
 from aofp_onnx.search import squared_errors

@@ -28,7 +28,7 @@ from pathlib import Path
 from aofp_onnx import finetune as ft
 from aofp_onnx.api import Pruner, accuracy, choose_keep
 from aofp_onnx.calib import Data, input_specs, load_data
-from aofp_onnx.graph import ModelData
+from aofp_onnx.modeldata import ModelData
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.select import round_widths
 

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 
 import zoo  # noqa: E402
 from aofp_onnx.bridge import NodeError, OnnxModule, UnsupportedOpError, to_torch_inputs, write_back  # noqa: E402
-from aofp_onnx.graph import LARGE, ModelData, fold_constants, is_placeholder, split_weights  # noqa: E402
+from aofp_onnx.graph import fold_constants  # noqa: E402
+from aofp_onnx.modeldata import LARGE, ModelData, is_placeholder, split_weights  # noqa: E402
 
 TOL = 1e-4
 IR_VERSION = 8  # onnxruntime reads IR ≤ 13; onnx.helper would write a newer one

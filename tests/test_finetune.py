@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from aofp_onnx import api
 from aofp_onnx import finetune as ft
 from aofp_onnx.errors import InputError
-from aofp_onnx.graph import ModelData, split_weights
+from aofp_onnx.modeldata import ModelData, split_weights
 from cliutil import ok, run_cli
 
 pytest.importorskip("torch")

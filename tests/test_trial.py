@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import zoo
 from aofp_onnx.api import Pruner
 from aofp_onnx.channels.attrs import attr
-from aofp_onnx.graph import ModelData
+from aofp_onnx.modeldata import ModelData
 from aofp_onnx.masking import KEEP_INPUT, keep_feed, masked_model
 from aofp_onnx.runtime import Runner
 from aofp_onnx.search import TrialEngine

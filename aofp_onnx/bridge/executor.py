@@ -20,7 +20,7 @@ import torch
 from onnx import numpy_helper
 
 from ..errors import InputError
-from ..graph import ModelData, as_model_data, default_opset, is_placeholder
+from ..modeldata import ModelData, as_model_data, default_opset, is_placeholder
 from . import ops_math, ops_nn, ops_resize, ops_tensor  # noqa: F401  (register the handlers)
 from .registry import HANDLERS, Node, decode_attrs, tensor_from_numpy
 

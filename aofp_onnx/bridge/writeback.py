@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import ModelData, as_model_data, is_placeholder
+from ..modeldata import ModelData, as_model_data, is_placeholder
 from .executor import OnnxModule
 
 DATA_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data", "raw_data")

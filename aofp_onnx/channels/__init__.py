@@ -1,6 +1,7 @@
 """Channel handlers: one small handler per op type, in a registry that refuses duplicates.
 
-A handler reads a node and tells the analysis (`aofp_onnx.groups.Analysis`) how the node's channels
+A handler reads a node and tells the analysis context (`Context` below; `aofp_onnx.groups.Analysis`
+implements it) how the node's channels
 relate: which output channels are new (a *source*: Conv filters, Gemm columns), which are the same
 channels as an input (passthrough: activations, BN, pooling), which are tied together (residual Add,
 SE gate Mul), how ranges map (Concat, Split, Slice, Flatten), which initializers are per-channel and
@@ -10,14 +11,10 @@ verification and the damage point of AOFP). What a handler cannot vouch for it b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import onnx
-
-    from ..groups import Analysis
+import onnx
 
 _REGISTRY: dict[str, "Handler"] = {}
 
@@ -30,12 +27,34 @@ class Channels:
     ids: np.ndarray
 
 
+class Context(Protocol):
+    """What a handler may read and record; the analysis (`aofp_onnx.groups.Analysis`) provides it, so
+    this package needs nothing from the modules above it."""
+
+    graph: object  # the `aofp_onnx.graph.Graph` being analysed (producers, consumers, shapes, opset)
+
+    def fresh(self, n: int) -> np.ndarray: ...  # n new channel atoms
+    def union(self, a: np.ndarray, b: np.ndarray) -> None: ...  # tie a[i] with b[i]
+    def block(self, ids: np.ndarray, reason: str) -> None: ...
+    def get(self, tensor: str) -> Channels | None: ...
+    def set(self, tensor: str, ch: Channels) -> None: ...
+    def need(self, tensor: str, node: onnx.NodeProto) -> Channels | None: ...
+    def shape(self, tensor: str) -> tuple[int, ...] | None: ...
+    def init(self, tensor: str) -> np.ndarray | None: ...
+    def bind(self, node: onnx.NodeProto, input_index: int, axis: int, tensor: str, local: int | None = None) -> None: ...
+    def rewrite(self, node: onnx.NodeProto, fn: Callable) -> None: ...
+    def sink(self, node: onnx.NodeProto, input_index: int) -> None: ...
+    def source(self, node: onnx.NodeProto, input_index: int, axis: int, tensor: str) -> None: ...
+    def count(self, node: onnx.NodeProto, macs: int, *scale_with: str) -> None: ...
+    def describe(self, node: onnx.NodeProto) -> str: ...
+
+
 class Handler:
     """Base: `analyze(node, ctx)` records the node's channel relations in the analysis context."""
 
     ops: tuple[str, ...] = ()
 
-    def analyze(self, node: "onnx.NodeProto", ctx: "Analysis") -> None:
+    def analyze(self, node: onnx.NodeProto, ctx: Context) -> None:
         raise NotImplementedError
 
 
