@@ -8,8 +8,6 @@ Every function that writes refuses an output path equal to the input and writes 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -17,15 +15,18 @@ import numpy as np
 import onnx
 
 from . import criteria
+from . import fidelity as fid
 from .calib import Data, ImageOptions, apply_input_shapes, input_specs, load_data
 from .count import count_params
-from .errors import InputError
+from .errors import InputError, VerificationError
 from .graph import Graph, load_model, read_model
-from .modeldata import ModelData, as_model_data, split_weights
+from .modeldata import ModelData, split_weights
 from .groups import ChannelMap, analyze
 from .io import release_memory
 from .plan import Plan, keep_from_plan, plan_from_keep
+from .progress import QUIET, Phases
 from .runtime import Runner, latency_ms
+from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
 from .select import round_widths, select_by_score
 from .surgery import cut
 from .verify import Verification, verify
@@ -45,16 +46,25 @@ class Pruner:
     data: Data | None = None
     input_shapes: dict = field(default_factory=dict)
     external_data: bool = False  # the file kept its weights in external data: so will the output
+    held: Data | None = None  # calibration samples held out of everything but the fidelity check
 
     @classmethod
     def load(cls, path, *, input_shapes: dict | None = None, data: str | None = None, limit: int | None = None,
-             image_options: ImageOptions | None = None, seed: int = 0, labels: bool = False) -> "Pruner":
+             image_options: ImageOptions | None = None, seed: int = 0, labels: bool = False,
+             hold_out: bool = False) -> "Pruner":
+        """With `hold_out`, up to `fidelity.HELD_OUT` samples past `limit` (or a quarter of all) are set aside
+        in `held` for the fidelity check; `data` keeps the rest."""
         model, external = read_model(path)
         specs = input_specs(model)
         if input_shapes:
             specs = apply_input_shapes(specs, input_shapes)
-        loaded = load_data(data, specs, limit=limit, image_options=image_options, seed=seed, labels=labels) \
+        wanted = limit + fid.HELD_OUT if hold_out and limit is not None else limit
+        loaded = load_data(data, specs, limit=wanted, image_options=image_options, seed=seed, labels=labels) \
             if data else None
+        held = None
+        if loaded is not None and hold_out:
+            extra = len(loaded) - limit if limit is not None else 0
+            loaded, held = fid.split(loaded, extra if extra > 0 else fid.held_out_count(len(loaded)))
         shapes = dict(input_shapes or {})
         if loaded is not None:
             for name, arr in loaded.inputs.items():
@@ -62,21 +72,37 @@ class Pruner:
         graph = Graph.from_model(model, shapes)
         del model  # the weights now live in graph.weights; give the parsed file's memory back
         release_memory()
-        return cls(os.fspath(path), graph, analyze(graph), loaded, shapes, external)
+        return cls(os.fspath(path), graph, analyze(graph), loaded, shapes, external, held)
 
     # -- data ----------------------------------------------------------------------------------
     def feeds(self, n: int = VERIFY_SAMPLES, batch_size: int = 1) -> list[dict[str, np.ndarray]]:
         """Batches for verification: the calibration data, or seeded normal noise at the analysis shapes."""
         if self.data is not None:
             return list(self.data.take(min(n, len(self.data))).batches(batch_size))
-        rng = np.random.default_rng(0)
+        return list(self.noise(n, seed=0).batches(batch_size))
+
+    def noise(self, n: int, seed: int) -> Data:
+        """`n` samples of seeded standard normal noise at the analysis shapes."""
+        rng = np.random.default_rng(seed)
         inputs = {}
         for name in self.graph.inputs:
             shape = self.graph.input_shapes[name]
             vi = next(v for v in self.graph.model.graph.input if v.name == name)
             dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
             inputs[name] = rng.standard_normal((n,) + tuple(shape[1:])).astype(dtype)
-        return list(Data(inputs, None, "noise", True).batches(batch_size))
+        return Data(inputs, None, "noise", True)
+
+    def fidelity_data(self) -> tuple[Data, bool]:
+        """(samples, held out?): the held-out calibration samples; else the calibration data itself; else
+        noise that verification did not use."""
+        if self.held is not None:
+            return self.held, True
+        if self.data is not None:
+            return self.data, False
+        return self.noise(16, seed=1), True
+
+    def verify_count(self, n: int) -> int:
+        return min(n, len(self.data)) if self.data is not None else n
 
     # -- steps ---------------------------------------------------------------------------------
     def inspect(self) -> dict:
@@ -93,10 +119,11 @@ class Pruner:
                         "reason": None if g.prunable else "; ".join(g.reasons)} for g in cm.groups],
         }
 
-    def cut_and_verify(self, keep: np.ndarray, provider: str = "auto") -> tuple[ModelData, Verification]:
+    def cut_and_verify(self, keep: np.ndarray, provider: str = "auto",
+                       samples: int = VERIFY_SAMPLES) -> tuple[ModelData, Verification]:
         pruned = cut(self.cmap, keep)
         # onnx.checker runs on the written file (save_model), where it costs no second copy in memory
-        verification = verify(self.cmap, keep, pruned, self.feeds(), provider, checker=False)
+        verification = verify(self.cmap, keep, pruned, self.feeds(samples), provider, checker=False)
         release_memory()
         return pruned, verification
 
@@ -104,51 +131,6 @@ class Pruner:
 def inspect(path, input_shapes: dict | None = None) -> dict:
     """Groups, MACs, params and the prunable share of a model (the `inspect --json` contract)."""
     return Pruner.load(path, input_shapes=input_shapes).inspect()
-
-
-def check_output_path(src, out) -> None:
-    """Refuse writing over the input, into a missing folder, or onto a folder."""
-    out = os.fspath(out)
-    if os.path.isdir(out):
-        raise InputError(f"{out}: is a directory; give an output file name")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise InputError(f"{out}: folder {folder} does not exist")
-    if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
-        raise InputError(f"{out}: the output path is the input model; choose another name")
-
-
-def save_model(model: onnx.ModelProto | ModelData, path, external_data: bool = False, check: bool = True) -> None:
-    """Write `model` atomically (a temp file in the destination folder, then rename), after
-    onnx.checker (full check) when `check`. With `external_data` (or past 1.8 GB of weights) the weights
-    go to `<name>.data` beside it; otherwise one file, streamed an initializer at a time."""
-    data = as_model_data(model)
-    if check:
-        try:
-            data.check()
-        except Exception as exc:
-            raise RuntimeError(f"the pruned model fails onnx.checker: {_first_line(exc)}; nothing written") from None
-    path = os.path.abspath(os.fspath(path))
-    folder, base = os.path.split(path)
-    external_data = external_data or sum(a.nbytes for a in data.weights.values()) >= int(1.8e9)
-    tmpdir = tempfile.mkdtemp(prefix=".aofp-", dir=folder)
-    try:
-        tmp = os.path.join(tmpdir, base)
-        if external_data:
-            onnx.save_model(data.materialize(), tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=base + ".data", size_threshold=1024)
-            os.replace(os.path.join(tmpdir, base + ".data"), os.path.join(folder, base + ".data"))
-        else:
-            with open(tmp, "wb") as f:
-                data.write(f)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 def measure_latency(before: ModelData, after: ModelData, feeds: dict, provider: str,
@@ -189,56 +171,87 @@ def report(pruner: Pruner, keep: np.ndarray, pruned: ModelData, verification: Ve
 
 
 def apply_plan(model_path, plan_path, output, *, calib: str | None = None, input_shapes: dict | None = None,
-               provider: str = "auto", latency: bool = False, reconstruct: bool = False) -> dict:
+               provider: str = "auto", latency: bool = False, reconstruct: bool = False, eval_src: str | None = None,
+               verify_samples: int = VERIFY_SAMPLES, progress: bool = False) -> dict:
     """Cut `model_path` as `plan_path` says, verify, [reconstruct,] and write `output`; returns the report."""
     check_output_path(model_path, output)
     if reconstruct and not calib:
         raise InputError("--reconstruct needs calibration data (--calib)")
-    limit = RECONSTRUCT_SAMPLES if reconstruct else VERIFY_SAMPLES
-    pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=limit)
+    _check_verify_samples(verify_samples)
+    limit = max(RECONSTRUCT_SAMPLES if reconstruct else 0, verify_samples)
+    pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=limit, hold_out=True)
     plan = Plan.load(plan_path)
     keep = keep_from_plan(pruner.cmap, plan, label=os.fspath(plan_path))
-    return finish(pruner, keep, output, criterion=plan.criterion or "plan",
-                  search={"trials": 0, "seconds": 0.0}, provider=provider, latency=latency,
-                  reconstruct=reconstruct)[0]
+    labelled = _labelled(pruner, eval_src)
+    before = accuracy(pruner.graph.data, labelled, provider) if labelled is not None else None
+    rep, pruned = finish(pruner, keep, output, criterion=plan.criterion or "plan",
+                         search={"trials": 0, "seconds": 0.0}, provider=provider, latency=latency,
+                         reconstruct=reconstruct, verify_samples=verify_samples, phases=Phases(progress))
+    if labelled is not None:
+        rep["accuracy"] = {"before": before, "after": accuracy(pruned, labelled, provider), "samples": len(labelled)}
+    return rep
+
+
+def _check_verify_samples(n: int) -> None:
+    if n < 1:
+        raise InputError(f"--verify-samples must be at least 1, got {n}")
+
+
+def _labelled(pruner: Pruner, eval_src: str | None, image_options: ImageOptions | None = None) -> Data | None:
+    return load_data(eval_src, input_specs(pruner.graph.model), image_options=image_options, labels=True) \
+        if eval_src else None
 
 
 def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: dict, provider: str,
-           latency: bool, batch_size: int = 32, reconstruct: bool = False) -> tuple[dict, ModelData]:
-    """Cut, verify (refusing to write a model that fails), [reconstruct,] write; the report and the written model.
+           latency: bool, batch_size: int = 32, reconstruct: bool = False, verify_samples: int = VERIFY_SAMPLES,
+           phases: Phases = QUIET, original: ModelData | None = None) -> tuple[dict, ModelData]:
+    """Cut, verify (refusing to write a model that fails), [reconstruct,] measure fidelity, write; the report
+    and the written model.
 
     The verification (masked original ≡ pruned) runs on the cut model, before reconstruction changes its
-    weights; the reconstructed model is checked with onnx.checker and a run (see `reconstruct`)."""
-    pruned, verification = pruner.cut_and_verify(keep, provider)
+    weights; the reconstructed model is checked with onnx.checker and a run (see `reconstruct`). Fidelity
+    compares the written model's outputs with `original`'s (default: the loaded model) on held-out samples."""
+    with phases("verify", f"cutting, then comparing with the masked original on {pruner.verify_count(verify_samples)} "
+                          "samples, layer by layer"):
+        pruned, verification = pruner.cut_and_verify(keep, provider, verify_samples)
     if not verification.passed:
-        raise RuntimeError(f"verification failed: pruned model differs from the masked original "
-                           f"(max abs diff {verification.max_abs_diff:.3g}; {verification.detail}); nothing written")
+        raise VerificationError(f"verification failed: pruned model differs from the masked original "
+                                f"(max abs diff {verification.max_abs_diff:.3g}; {verification.detail}); "
+                                "nothing written")
     recovered = None
     if reconstruct:
         from .reconstruct import reconstruct as refit
 
         if pruner.data is None:
             raise InputError("--reconstruct needs calibration data (--calib)")
-        pruned, recovered = refit(pruner.cmap, keep, pruned, pruner.data, provider=provider)
+        with phases("refit", "least-squares re-fit of the layers that lost input channels"):
+            pruned, recovered = refit(pruner.cmap, keep, pruned, pruner.data, provider=provider)
         release_memory()
     lat = None
     if latency:
-        feeds = pruner.feeds(batch_size, batch_size)[0]
-        lat = measure_latency(pruner.graph.data, pruned, feeds, provider)
-    save_model(pruned, output, external_data=pruner.external_data)
+        with phases("latency", f"timing the original and the pruned model, interleaved, batch {batch_size}"):
+            feeds = pruner.feeds(batch_size, batch_size)[0]
+            lat = measure_latency(pruner.graph.data, pruned, feeds, provider)
+    samples, held = pruner.fidelity_data()
+    with phases("fidelity", f"comparing outputs with the original's on {len(samples)} samples"):
+        fidelity = fid.fidelity(original or pruner.graph.data, pruned, samples, provider, batch_size, held)
+    with phases("write", os.fspath(output)):
+        save_model(pruned, output, external_data=pruner.external_data)
     rep = report(pruner, keep, pruned, verification, criterion, search, lat)
     if recovered is not None:
         rep["verification"]["model"] = "cut (before reconstruction)"
         rep["reconstruction"] = recovered.to_json()
+    rep["fidelity"] = fidelity
     return rep, pruned
 
 
 def verify_plan(original, pruned_path, plan_path, *, calib: str | None = None, input_shapes: dict | None = None,
-                provider: str = "auto") -> Verification:
+                provider: str = "auto", verify_samples: int = VERIFY_SAMPLES) -> Verification:
     """Check an already written pruned model against the original masked by the plan."""
-    pruner = Pruner.load(original, input_shapes=input_shapes, data=calib, limit=VERIFY_SAMPLES)
+    _check_verify_samples(verify_samples)
+    pruner = Pruner.load(original, input_shapes=input_shapes, data=calib, limit=verify_samples)
     keep = keep_from_plan(pruner.cmap, Plan.load(plan_path), label=os.fspath(plan_path))
-    return verify(pruner.cmap, keep, load_model(pruned_path), pruner.feeds(), provider)
+    return verify(pruner.cmap, keep, load_model(pruned_path), pruner.feeds(verify_samples), provider)
 
 
 def choose_keep(pruner: Pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1,
@@ -264,34 +277,48 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
           input_shapes: dict | None = None, plan_out=None, batch_size: int = 32, calib_limit: int | None = None,
           latency: bool = True, image_options: ImageOptions | None = None, eval_src: str | None = None,
           reconstruct: bool = False, finetune_steps: int = 0, finetune_data: str | None = None,
-          finetune_options=None, **search_options) -> dict:
-    """Search (criterion) → plan → cut → verify → [reconstruct →] write; returns the report (the
+          finetune_options=None, verify_samples: int = VERIFY_SAMPLES, progress: bool = False,
+          **search_options) -> dict:
+    """Search (criterion) → plan → cut → verify → [reconstruct →] fidelity → write; returns the report (the
     `prune --report` contract; with `reconstruct`, also `reconstruction`).
 
+    Up to `fidelity.HELD_OUT` calibration samples (a quarter at most) are held out of the search and the
+    reconstruction; the written model's outputs are compared with the original's on them (`fidelity`).
     `finetune_steps` > 0 (AOFP only) fine-tunes the base path on `finetune_data` after every half of
-    the search (training-time AOFP); the cut is then verified against the fine-tuned original."""
+    the search (training-time AOFP); the cut is then verified against the fine-tuned original, and the
+    fidelity measured against the original as loaded."""
     check_output_path(model_path, output)
     if flops_target is not None and not 0 < flops_target <= 1:
         raise InputError(f"--flops-target must be in (0, 1], got {flops_target}")
     if round_to < 1 or min_channels < 1:
         raise InputError("--round-to and --min-channels must be at least 1")
-    pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=calib_limit,
-                         image_options=image_options, seed=seed)
-    labelled = load_data(eval_src, input_specs(pruner.graph.model), image_options=image_options, labels=True) \
-        if eval_src else None
-    before = accuracy(pruner.graph.data, labelled, provider) if labelled is not None else None
+    _check_verify_samples(verify_samples)
+    phases = Phases(progress)
+    if criterion in ("aofp", "oracle"):
+        search_options["progress"] = progress
+    with phases("load", f"reading {os.fspath(model_path)}, the data, and analysing the channel groups"):
+        pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=calib_limit,
+                             image_options=image_options, seed=seed, hold_out=True)
+        labelled = _labelled(pruner, eval_src, image_options)
+    original = pruner.graph.data
+    if labelled is not None:
+        with phases("accuracy", f"the original on {len(labelled)} labelled samples"):
+            before = accuracy(original, labelled, provider)
     if finetune_steps:
-        search_options["tuner"] = _base_path_tuner(pruner, criterion, finetune_steps, finetune_data,
-                                                   finetune_options, image_options, seed)
+        tuner = _base_path_tuner(pruner, criterion, finetune_steps, finetune_data, finetune_options, image_options,
+                                 seed)
+        search_options["tuner"], original = tuner, tuner.teacher
     keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
                                        seed=seed, provider=provider, batch_size=batch_size, **search_options)
     keep = round_widths(pruner.cmap, keep, scores, round_to, min_channels, flops_target)
     plan = plan_from_keep(pruner.cmap, keep, criterion, seed=seed, flops_target=flops_target)
     rep, pruned = finish(pruner, keep, output, criterion=criterion, search=search, provider=provider,
-                         latency=latency, batch_size=batch_size, reconstruct=reconstruct)
+                         latency=latency, batch_size=batch_size, reconstruct=reconstruct,
+                         verify_samples=verify_samples, phases=phases, original=original)
     if labelled is not None:
-        rep["accuracy"] = {"before": before,
-                           "after": accuracy(pruned, labelled, provider), "samples": len(labelled)}
+        with phases("accuracy", f"the pruned model on {len(labelled)} labelled samples"):
+            rep["accuracy"] = {"before": before, "after": accuracy(pruned, labelled, provider),
+                               "samples": len(labelled)}
     if plan_out:
         plan.save(plan_out)
     return rep
@@ -311,9 +338,11 @@ def _base_path_tuner(pruner: Pruner, criterion: str, steps: int, src: str | None
 def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val: str | None = None,
              mode: str = "auto", options=None, bridge: str = "torch",
              provider: str = "auto", input_shapes: dict | None = None, image_options: ImageOptions | None = None,
-             eval_src: str | None = None) -> dict:
+             eval_src: str | None = None, progress: bool = False) -> dict:
     """Fine-tune the pruned model (distillation from `teacher`, supervised, or the user's trainer) and
-    write the same graph with the trained initializer values; returns the report."""
+    write the same graph with the trained initializer values; returns the report. With a teacher, the
+    report's `fidelity` compares the written model's outputs with the teacher's on the validation samples
+    (never trained on; `fidelity_before`: the model as it came)."""
     from . import finetune as ft
 
     options = options or ft.Options()
@@ -321,6 +350,8 @@ def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val:
     check_output_path(pruned_path, output)
     if teacher is not None:
         check_output_path(teacher, output)
+    ft.load_bridge(bridge)  # a missing framework is refused before any data is read
+    phases = Phases(progress)
     student_proto, external = read_model(pruned_path)
     specs = input_specs(student_proto)
     if input_shapes:
@@ -341,18 +372,24 @@ def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val:
     result = ft.run(job, bridge)
     tuned = ft.with_values(student, result.values)
     if not ft.same_graph(student.proto, tuned.proto):
-        raise RuntimeError("fine-tuning changed the graph; nothing written")
+        raise VerificationError("fine-tuning changed the graph; nothing written")
     rep = {"model": os.fspath(pruned_path), "teacher": teacher and os.fspath(teacher), "mode": mode,
            "bridge": bridge, "options": {k: v for k, v in vars(options).items() if k != "progress"},
            "train_samples": len(train), "val_samples": len(held), "seconds": time.perf_counter() - start,
            **result.to_json()}
+    rep["fidelity"] = None
     if teacher_data is not None:
         before, after = ft.output_errors([student, tuned], teacher_data, held, provider)
         rep["distill_error"] = {"before": before, "after": after}
+        with phases("fidelity", f"comparing outputs with the teacher's on {len(held)} validation samples"):
+            rep["fidelity_before"] = fid.fidelity(teacher_data, student, held, provider, options.batch_size)
+            rep["fidelity"] = fid.fidelity(teacher_data, tuned, held, provider, options.batch_size)
     if labelled is not None:
-        rep["accuracy"] = {"before": accuracy(student, labelled, provider), "after": accuracy(tuned, labelled, provider),
-                           "samples": len(labelled)}
-        if teacher_data is not None:
-            rep["accuracy"]["teacher"] = accuracy(teacher_data, labelled, provider)
-    save_model(tuned, output, external_data=external)
+        with phases("accuracy", f"on {len(labelled)} labelled samples"):
+            rep["accuracy"] = {"before": accuracy(student, labelled, provider),
+                               "after": accuracy(tuned, labelled, provider), "samples": len(labelled)}
+            if teacher_data is not None:
+                rep["accuracy"]["teacher"] = accuracy(teacher_data, labelled, provider)
+    with phases("write", os.fspath(output)):
+        save_model(tuned, output, external_data=external)
     return rep

@@ -1,7 +1,8 @@
 """The `aofp-onnx` command line: a thin layer over `aofp_onnx.api`.
 
-Exit codes: 0 done; 2 the input was refused (one line on stderr, nothing written); 1 an internal
-error; 130 interrupted. Set AOFP_ONNX_DEBUG=1 for tracebacks.
+Exit codes: 0 done; 2 the input was refused (one line on stderr, nothing written); 3 the result failed
+verification (nothing written; `verify`: a mismatch); 1 an internal error; 130 interrupted. Set
+AOFP_ONNX_DEBUG=1 for tracebacks.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import click
 
 from . import api
 from .calib import ImageOptions, parse_input_shapes
-from .errors import InputError
+from .errors import InputError, VerificationError
+from .summary import cut_lines, prune_hints, show_fidelity
 from .io import write_atomic
 
 shape_option = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,..",
@@ -23,6 +25,10 @@ reconstruct_option = click.option(
     "--reconstruct", is_flag=True,
     help="After the cut (verified first), re-fit the weights of each layer that lost input channels by least "
          "squares on the calibration data so its output matches the original model's.")
+verify_samples_option = click.option(
+    "--verify-samples", type=int, default=api.VERIFY_SAMPLES, show_default=True,
+    help="Calibration samples the cut is verified on (layer by layer against the masked original).")
+progress_option = click.option("--no-progress", is_flag=True, help="No progress lines on stderr.")
 provider_option = click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                                show_default=True, help="onnxruntime execution provider.")
 
@@ -112,31 +118,6 @@ def inspect(model, input_shape, json_out, show_all):
         click.echo(f"... {len(groups) - len(shown)} more groups (--all lists them)")
 
 
-def _summary(rep: dict) -> None:
-    ratio = rep["macs_after"] / max(rep["macs_before"], 1)
-    click.echo(f"MACs    {rep['macs_before']:,} -> {rep['macs_after']:,}  (x{ratio:.3f})")
-    click.echo(f"params  {rep['params_before']:,} -> {rep['params_after']:,}  "
-               f"(x{rep['params_after'] / max(rep['params_before'], 1):.3f})")
-    changed = sum(g["width_after"] != g["width_before"] for g in rep["groups"])
-    click.echo(f"groups  {changed} of {len(rep['groups'])} prunable groups narrowed")
-    v = rep["verification"]
-    click.echo(f"verify  {'passed' if v['passed'] else 'FAILED'}: max abs diff {v['max_abs_diff']:.3g} vs the masked "
-               f"original on {v['samples']} samples ({v['provider']})")
-    lat = rep.get("latency_ms")
-    if lat:
-        click.echo(f"latency {lat['before']:.2f} ms -> {lat['after']:.2f} ms  (x{lat['after'] / lat['before']:.3f}, "
-                   f"median of {lat['repeats']}, batch {lat['batch_size']}, {lat['provider']})")
-    rec = rep.get("reconstruction")
-    if rec:
-        done = [c for c in rec["consumers"] if "skipped" not in c]
-        click.echo(f"refit   {len(done)} layers re-fitted, {len(rec['consumers']) - len(done)} skipped, "
-                   f"output error vs the original {rec['output_error']['cut']:.3g} -> "
-                   f"{rec['output_error']['reconstructed']:.3g} ({rec['seconds']:.1f} s; verify applies to the cut)")
-    acc = rep.get("accuracy")
-    if acc:
-        click.echo(f"accuracy {100 * acc['before']:.2f}% -> {100 * acc['after']:.2f}%  on {acc['samples']} samples")
-
-
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Pruned model path.")
@@ -158,7 +139,9 @@ def _summary(rep: dict) -> None:
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--eval", "eval_src", metavar="SRC", help="Labelled data (.npz with 'labels'): accuracy before/after.")
 @click.option("--plot", type=click.Path(), help="Write a PNG of the widths per group before/after.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-latency", is_flag=True, help="Skip timing the original and the pruned model.")
+@verify_samples_option
+@progress_option
 @click.option("--checkpoint", type=click.Path(), help="AOFP: save the search state here after every round "
               "[default: OUTPUT.search-state.npz; removed when the search ends].")
 @click.option("--resume", type=click.Path(), help="AOFP: continue the search saved in this state file.")
@@ -174,18 +157,21 @@ def _summary(rep: dict) -> None:
 @image_options
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
           batch_size, calib_limit, round_to, min_channels, provider, seed, input_shape, plan_out, report_path,
-          eval_src, plot, no_progress, checkpoint, resume, reconstruct, finetune_steps, finetune_data, finetune_lr,
-          finetune_batch_size, device, **img):
+          eval_src, plot, no_latency, verify_samples, no_progress, checkpoint, resume, reconstruct, finetune_steps,
+          finetune_data, finetune_lr, finetune_batch_size, device, **img):
     """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
     shapes = parse_input_shapes(list(input_shape))
     checkpoint = checkpoint or f"{output}.search-state.npz"
-    for path in (plan_out, report_path, plot, checkpoint):
-        if path:
-            api.check_output_path(model, path)
+    api.check_outputs(model, {"--output": output, "--plan-out": plan_out, "--report": report_path, "--plot": plot,
+                              "--checkpoint": checkpoint})
+    if plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
     search_options = {}
     if criterion in ("aofp", "oracle"):
         search_options = dict(threshold=threshold, trials_per_half=trials_per_half, max_trials=max_trials,
-                              oracle_step=oracle_step, progress=not no_progress)
+                              oracle_step=oracle_step)
     if criterion == "aofp":
         search_options.update(checkpoint=checkpoint, resume=resume)
     if finetune_steps:
@@ -199,6 +185,7 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
                         round_to=round_to, min_channels=min_channels, provider=provider, seed=seed,
                         input_shapes=shapes, plan_out=plan_out, batch_size=batch_size, calib_limit=calib_limit,
                         image_options=_image_options(img), eval_src=eval_src, reconstruct=reconstruct,
+                        latency=not no_latency, verify_samples=verify_samples, progress=not no_progress,
                         **search_options)
     except KeyboardInterrupt:
         if criterion == "aofp" and os.path.exists(checkpoint):
@@ -211,7 +198,9 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
         plot_widths(rep, plot)
     if report_path:
         _write_json(report_path, rep)
-    _summary(rep)
+    for line in cut_lines(rep):
+        click.echo(line)
+    show_fidelity(rep, prune_hints(rep, reconstruct=reconstruct, flops_target=flops_target))
     click.echo(f"wrote {output}")
 
 
@@ -221,18 +210,25 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--calib", metavar="SRC", help="Data for verification (default: seeded noise); --reconstruct needs it.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
+@click.option("--eval", "eval_src", metavar="SRC", help="Labelled data (.npz with 'labels'): accuracy before/after.")
 @provider_option
 @shape_option
 @reconstruct_option
-def apply(model, plan_path, output, calib, report_path, provider, input_shape, reconstruct):
+@verify_samples_option
+@progress_option
+def apply(model, plan_path, output, calib, report_path, eval_src, provider, input_shape, reconstruct, verify_samples,
+          no_progress):
     """Cut MODEL as PLAN says, verify, [reconstruct,] and write OUTPUT."""
-    if report_path:
-        api.check_output_path(model, report_path)
+    api.check_outputs(model, {"--output": output, "--report": report_path})
     rep = api.apply_plan(model, plan_path, output, calib=calib, input_shapes=parse_input_shapes(list(input_shape)),
-                         provider=provider, reconstruct=reconstruct)
+                         provider=provider, reconstruct=reconstruct, eval_src=eval_src, verify_samples=verify_samples,
+                         progress=not no_progress)
     if report_path:
         _write_json(report_path, rep)
-    _summary(rep)
+    for line in cut_lines(rep):
+        click.echo(line)
+    hints = ("--reconstruct (a training-free least-squares re-fit)",) if not reconstruct else ()
+    show_fidelity(rep, hints + ("a plan with a milder target", "fine-tuning the result (aofp-onnx finetune)"))
     click.echo(f"wrote {output}")
 
 
@@ -243,13 +239,16 @@ def apply(model, plan_path, output, calib, report_path, provider, input_shape, r
 @click.option("--calib", metavar="SRC", help="Data to compare on (default: seeded noise).")
 @provider_option
 @shape_option
-def verify(original, pruned, plan_path, calib, provider, input_shape):
-    """Check PRUNED against ORIGINAL with the plan's removed channels zeroed at their consumers."""
+@verify_samples_option
+def verify(original, pruned, plan_path, calib, provider, input_shape, verify_samples):
+    """Check PRUNED against ORIGINAL with the plan's removed channels zeroed at their consumers (exit 3 if not)."""
     v = api.verify_plan(original, pruned, plan_path, calib=calib, input_shapes=parse_input_shapes(list(input_shape)),
-                        provider=provider)
+                        provider=provider, verify_samples=verify_samples)
     click.echo(f"{'passed' if v.passed else 'FAILED'}: max abs diff {v.max_abs_diff:.3g} "
-               f"(relative {v.max_rel_diff:.3g}) on {v.samples} samples ({v.provider}) {v.detail}".rstrip())
-    sys.exit(0 if v.passed else 1)
+               f"(relative {v.max_rel_diff:.3g}), verified on {v.samples} samples ({v.provider}) {v.detail}".rstrip())
+    if not v.passed:
+        raise VerificationError("verification failed: the pruned model is not the original with the plan's "
+                                "channels removed")
 
 
 finetune_options = options_of([
@@ -279,7 +278,7 @@ finetune_options = options_of([
 @click.option("--bridge", default="torch", show_default=True, help="Fine-tuning bridge (entry point name).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@progress_option
 @provider_option
 @shape_option
 @image_options
@@ -289,13 +288,12 @@ def finetune(pruned, teacher, data, output, mode, trainer, val, eval_src, bridge
     """Fine-tune PRUNED and write the same graph with the trained weights to OUTPUT."""
     from .finetune import Options
 
-    if report_path:
-        api.check_output_path(pruned, report_path)
+    api.check_outputs(pruned, {"--output": output, "--report": report_path})
     options = Options(epochs=epochs, lr=lr, batch_size=ft_batch_size, device=device, bn=bn, seed=seed,
                       trainer=trainer, progress=not no_progress)
     rep = api.finetune(pruned, output, data=data, teacher=teacher, val=val, mode=mode, options=options,
                        bridge=bridge, provider=provider, input_shapes=parse_input_shapes(list(input_shape)),
-                       image_options=_image_options(img), eval_src=eval_src)
+                       image_options=_image_options(img), eval_src=eval_src, progress=not no_progress)
     if report_path:
         _write_json(report_path, rep)
     best = rep.get("best") or {}
@@ -308,6 +306,7 @@ def finetune(pruned, teacher, data, output, mode, trainer, val, eval_src, bridge
         a = rep["accuracy"]
         teacher_acc = f" (teacher {100 * a['teacher']:.2f}%)" if "teacher" in a else ""
         click.echo(f"accuracy: {100 * a['before']:.2f}% -> {100 * a['after']:.2f}%{teacher_acc}")
+    show_fidelity(rep, ("more --epochs or another --lr", "a milder cut before fine-tuning"), model="fine-tuned")
     click.echo(f"wrote {output}")
 
 
@@ -345,6 +344,9 @@ def main(argv=None):
     except InputError as exc:
         click.echo(f"aofp-onnx: error: {exc}", err=True)
         sys.exit(2)
+    except VerificationError as exc:
+        click.echo(f"aofp-onnx: {exc}", err=True)
+        sys.exit(3)
     except Interrupted as exc:
         click.echo(f"aofp-onnx: {exc}", err=True)
         sys.exit(130)

@@ -224,6 +224,7 @@ class BasePathTuner:
         self.graph = cmap.graph
         # Graph.assign replaces weight arrays, never writes into them: a shallow copy keeps the originals
         teacher = ModelData(self.graph.data.copy_proto(), dict(self.graph.weights))
+        self.teacher = teacher
         self.mode = resolve_mode("auto", data, teacher, None)
         self.names = set(self.graph.inits)
         self.training = load_bridge(bridge)(Job(masked_model(cmap), teacher, data, None, self.mode, options))

@@ -45,6 +45,7 @@ import onnx
 from onnx import numpy_helper
 
 from .calib import Data
+from .errors import VerificationError
 from .modeldata import ModelData, is_placeholder
 from .groups import ChannelMap, subgraph_reads
 from .runtime import Runner
@@ -482,11 +483,11 @@ def reconstruct(cmap: ChannelMap, keep: np.ndarray, pruned: ModelData, data: Dat
         result.check()
         checks["onnx_checker"] = True
     except Exception as exc:
-        raise RuntimeError(f"the reconstructed model fails onnx.checker: {str(exc).splitlines()[0][:300]}") from None
+        raise VerificationError(f"the reconstructed model fails onnx.checker: {str(exc).splitlines()[0][:300]}") from None
     final_out = _run(_runner(result, outputs, provider), data, outputs, batch_size)
     checks["ran"] = all(np.all(np.isfinite(o)) for o in final_out)
     if not checks["ran"]:
-        raise RuntimeError("the reconstructed model produces non-finite outputs on the calibration data")
+        raise VerificationError("the reconstructed model produces non-finite outputs on the calibration data")
     output_error = {
         "cut": float(np.mean([_relative(c, r) for c, r in zip(cut_out, reference_out)])),
         "reconstructed": float(np.mean([_relative(c, r) for c, r in zip(final_out, reference_out)])),

@@ -19,7 +19,6 @@ onnxruntime (`TrialEngine`) or against a fake in tests.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ import numpy as np
 from .errors import InputError
 from .groups import ChannelMap
 from .masking import KEEP_INPUT, keep_feed, masked_model
+from .progress import SearchProgress
 from .runtime import CUDA, Runner
 from .select import floor_for
 from .trial import DAMAGE_OUTPUT, TRIAL_INPUT, build_trial_model
@@ -165,6 +165,7 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
             if goal is None or threshold > 1e6:
                 break
             threshold *= 2  # a target the threshold cannot reach: loosen it and search again
+            stats.threshold = threshold  # the progress line says so
             for g in groups:
                 g.restart()
             continue
@@ -400,22 +401,6 @@ def _data_digest(batches: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def _progress_printer(kind: str):
-    """A one-line progress display on stderr (redrawn on a terminal, every 10 rounds otherwise)."""
-    tty = sys.stderr.isatty()
-
-    def show(stats: SearchStats, macs_ratio: float, active: int, total: int):
-        line = f"{kind}: {stats.trials} trials, MACs x{macs_ratio:.3f}, {active}/{total} " \
-               f"{'groups searching' if kind == 'aofp' else 'candidates'}"
-        if tty:
-            sys.stderr.write("\r" + line + " " * 8)
-            sys.stderr.flush()
-        elif stats.rounds % 10 == 1:
-            sys.stderr.write(line + "\n")
-
-    return show
-
-
 def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1, seed: int = 0,
         provider: str = "auto", batch_size: int = 32, threshold: float = 0.01, trials_per_half: int = 8,
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
@@ -436,7 +421,8 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         return cmap.full_keep(), np.zeros(0), {"trials": 0, "seconds": 0.0, "provider": None}
     budget = memory_budget or int(os.environ.get("AOFP_ONNX_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
     batches = list(pruner.data.batches(batch_size))
-    show = _progress_printer(criterion) if progress else None
+    show = SearchProgress(criterion, {"MACs": flops_target} if flops_target is not None else None,
+                          max_trials) if progress else None
     if criterion == "oracle":
         if flops_target is None:
             raise InputError("--criterion oracle needs --flops-target")
@@ -475,7 +461,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         if checkpoint and os.path.exists(checkpoint):
             os.unlink(checkpoint)
     if show:
-        sys.stderr.write("\n")
+        show.close()
     info = stats.to_json()
     info["provider"] = used
     if tuner is not None:

@@ -121,11 +121,12 @@ class TorchTraining:
         return float(np.mean(losses)) if losses else float("nan")
 
     def values(self) -> dict[str, np.ndarray]:
-        """Every initializer's current value, in the model's dtypes."""
+        """A copy of every initializer's current value, in the model's dtypes (on CPU `.numpy()` is a view of
+        the live parameter, which the next optimizer step would change)."""
         out = {}
         for init in self.job.student.proto.graph.initializer:
             tensor = self.student.parameter_for(init.name).detach().cpu().numpy()
-            out[init.name] = tensor.astype(helper.tensor_dtype_to_np_dtype(init.data_type), copy=False)
+            out[init.name] = np.array(tensor, dtype=helper.tensor_dtype_to_np_dtype(init.data_type), copy=True)
         return out
 
     def train(self, steps: int | None = None, constants: dict[str, np.ndarray] | None = None) -> Result:

@@ -1,0 +1,106 @@
+"""What a long run is doing, on stderr: one line per phase with its elapsed time, and the search's status line.
+
+On a terminal a line is redrawn in place; otherwise (logs, pipes) whole lines are written, the search's
+every 10 rounds. The search's ETA extrapolates the elapsed time linearly in the progress made towards
+the target: with r the current ratio (e.g. MACs kept) and t the target, done = (1 − r) / (1 − t) and
+ETA = elapsed · (1 − done) / done (or the share of `--max-trials` spent, when that is further along).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+
+def _stream():
+    return sys.stderr
+
+
+class Phases:
+    """`with phases("verify", "comparing ... on 4 samples"):` says what runs and, at the end, how long it took."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    @contextmanager
+    def __call__(self, name: str, what: str):
+        if not self.enabled:
+            yield
+            return
+        out, start = _stream(), time.perf_counter()
+        tty = out.isatty()
+        out.write(f"{name}: {what} ..." + ("" if tty else "\n"))
+        out.flush()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            out.write(f" {seconds:.1f} s\n" if tty else f"{name}: done in {seconds:.1f} s\n")
+            out.flush()
+
+    def note(self, line: str) -> None:
+        if self.enabled:
+            _stream().write(line + "\n")
+            _stream().flush()
+
+
+QUIET = Phases(False)
+
+
+class SearchProgress:
+    """The search's status line: trials, each measure against its target, groups still searching, elapsed
+    time, ETA; a line of its own when the threshold is raised.
+
+    `targets` maps a measure's name to its target ratio ({"MACs": 0.5}; a latency target adds
+    {"latency": 0.6}); the search calls the printer with the current ratios as keywords named the same
+    way in lower case (`macs=0.73`, `latency=0.81`)."""
+
+    def __init__(self, kind: str, targets: dict[str, float] | None = None, max_trials: int | None = None):
+        self.kind, self.targets, self.max_trials = kind, dict(targets or {}), max_trials
+        self.start = time.perf_counter()
+        self.threshold = None
+        self.tty = _stream().isatty()
+        self.drawn = False
+
+    def __call__(self, stats, macs_ratio: float, active: int, total: int, **ratios) -> None:
+        ratios = {"macs": macs_ratio, **ratios}
+        threshold = getattr(stats, "threshold", None)
+        if self.threshold is not None and threshold and threshold != self.threshold:
+            self._line(f"{self.kind}: every group saturated before the target at MACs x{macs_ratio:.3f}: "
+                       f"threshold raised {self.threshold:.3g} -> {threshold:.3g}, searching all groups again",
+                       True, own_line=True)
+        self.threshold = threshold
+        elapsed = time.perf_counter() - self.start
+        parts = [f"{self.kind}: {stats.trials} trials"]
+        for name, value in ratios.items():
+            target = next((t for k, t in self.targets.items() if k.lower() == name), None)
+            label = "MACs" if name == "macs" else name
+            parts.append(f"{label} x{value:.3f}" + (f" (target x{target:.3f})" if target is not None else ""))
+        parts.append(f"{active}/{total} {'groups searching' if self.kind == 'aofp' else 'candidates'}")
+        parts.append(f"{elapsed:.0f} s")
+        eta = self.eta(ratios, stats.trials, elapsed)
+        if eta is not None:
+            parts.append(f"ETA ~{eta:.0f} s")
+        self._line(", ".join(parts), self.tty or stats.rounds % 10 == 1)
+
+    def eta(self, ratios: dict[str, float], trials: int, elapsed: float) -> float | None:
+        done = [(1 - ratios[k.lower()]) / (1 - t) for k, t in self.targets.items() if k.lower() in ratios and t < 1]
+        if self.max_trials:
+            done.append(trials / self.max_trials)
+        best = min(max(done, default=0.0), 1.0)
+        return elapsed * (1 - best) / best if best > 0.02 else None
+
+    def _line(self, line: str, show: bool, own_line: bool = False) -> None:
+        out = _stream()
+        if not show:
+            return
+        if self.tty:
+            out.write("\r" + line + (" " * 8 if not own_line else "\n"))
+        else:
+            out.write(line + "\n")
+        out.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn and self.tty:
+            _stream().write("\n")

@@ -1,0 +1,63 @@
+"""What a run prints: the report of `prune`, `apply` and `finetune` as lines a person reads at a glance.
+
+The fidelity lines come last before "wrote", and a collapsed output adds a loud warning (on stderr)
+that names what to try.
+"""
+from __future__ import annotations
+
+import click
+
+from . import fidelity as fid
+
+
+def cut_lines(rep: dict) -> list[str]:
+    """MACs, params, groups, verification, latency, refit, accuracy of a `prune`/`apply` report."""
+    ratio = rep["macs_after"] / max(rep["macs_before"], 1)
+    out = [f"MACs    {rep['macs_before']:,} -> {rep['macs_after']:,}  (x{ratio:.3f})",
+           f"params  {rep['params_before']:,} -> {rep['params_after']:,}  "
+           f"(x{rep['params_after'] / max(rep['params_before'], 1):.3f})"]
+    changed = sum(g["width_after"] != g["width_before"] for g in rep["groups"])
+    out.append(f"groups  {changed} of {len(rep['groups'])} prunable groups narrowed")
+    v = rep["verification"]
+    out.append(f"verify  {'passed' if v['passed'] else 'FAILED'}: max abs diff {v['max_abs_diff']:.3g} vs the masked "
+               f"original, verified on {v['samples']} samples ({v['provider']})")
+    lat = rep.get("latency_ms")
+    if lat:
+        out.append(f"latency {lat['before']:.2f} ms -> {lat['after']:.2f} ms  (x{lat['after'] / lat['before']:.3f}, "
+                   f"median of {lat['repeats']}, batch {lat['batch_size']}, {lat['provider']})")
+    rec = rep.get("reconstruction")
+    if rec:
+        done = [c for c in rec["consumers"] if "skipped" not in c]
+        out.append(f"refit   {len(done)} layers re-fitted, {len(rec['consumers']) - len(done)} skipped, "
+                   f"output error vs the original {rec['output_error']['cut']:.3g} -> "
+                   f"{rec['output_error']['reconstructed']:.3g} ({rec['seconds']:.1f} s; verify applies to the cut)")
+    acc = rep.get("accuracy")
+    if acc:
+        out.append(f"accuracy {100 * acc['before']:.2f}% -> {100 * acc['after']:.2f}%  on {acc['samples']} samples")
+    return out
+
+
+def prune_hints(rep: dict, *, reconstruct: bool, flops_target: float | None) -> tuple[str, ...]:
+    hints = []
+    if not reconstruct:
+        hints.append("--reconstruct (a training-free least-squares re-fit)")
+    if flops_target is not None:
+        hints.append(f"a milder target (--flops-target {min(1.0, round(flops_target + 0.2, 2))})")
+    else:
+        hints.append("a lower --threshold")
+    if rep.get("criterion") in ("l1", "random"):
+        hints.append("--criterion aofp")
+    hints.append("fine-tuning the result (aofp-onnx finetune OUT --teacher MODEL --data SRC)")
+    return tuple(hints)
+
+
+def show_fidelity(rep: dict, hints: tuple[str, ...], model: str = "pruned") -> None:
+    """Echo the fidelity lines, and the warning on stderr when the output collapsed."""
+    f = rep.get("fidelity")
+    if not f:
+        click.echo("fidelity not measured (no --teacher to compare with)")
+        return
+    for line in fid.lines(f, model):
+        click.echo(line)
+    if f["collapsed"]:
+        click.echo(fid.warning(f, hints), err=True)
