@@ -33,6 +33,9 @@ from .verify import Verification, verify
 
 CRITERIA = ("aofp", "l1", "random", "oracle")
 VERIFY_SAMPLES = 4  # compared layer by layer, a few samples expose any wrong channel; each costs 2 runs
+GROUP_MACS_NOTE = ("a group's MACs are those of every layer whose cost shrinks with it: its producers (output "
+                   "channels) and its consumers (input channels). A conv between two groups counts in both, so the "
+                   "column sums to about twice the model's MACs.")
 RECONSTRUCT_SAMPLES = 256  # calibration samples `apply --reconstruct` loads (reconstruct.SAMPLES)
 
 
@@ -115,8 +118,10 @@ class Pruner:
             "macs": cm.total_macs,
             "params": count_params(self.graph.model),
             "prunable_macs_fraction": cm.prunable_macs_fraction(),
+            "group_macs": GROUP_MACS_NOTE,
             "groups": [{"id": g.id, "width": g.width, "macs": g.macs, "prunable": g.prunable,
-                        "reason": None if g.prunable else "; ".join(g.reasons)} for g in cm.groups],
+                        "reason": None if g.prunable else "; ".join(g.reasons),
+                        **dict(zip(("producers", "consumers"), cm.layers(g)))} for g in cm.groups],
         }
 
     def cut_and_verify(self, keep: np.ndarray, provider: str = "auto",

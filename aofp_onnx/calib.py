@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import EXAMPLE_DIM, InputError, shape_hint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 LABELS_KEY = "labels"
@@ -185,13 +185,13 @@ def _random(src: str, specs: list[InputSpec], limit: int | None, seed: int) -> D
 def _fixed_sample_shape(spec: InputSpec) -> tuple[int, ...]:
     if spec.shape is None or len(spec.shape) == 0:
         raise InputError(f"input {spec.name!r} has no known batched shape; "
-                         f"pass --input-shape {spec.name}:D0,D1,...")
+                         f"pass --input-shape {spec.name}:D0,D1,... with the dims of one batch")
     if not np.issubdtype(spec.dtype, np.floating):
         raise InputError(f"random data fits float inputs only; input {spec.name!r} is {spec.dtype}")
     dynamic = [i for i, d in enumerate(spec.shape) if i > 0 and not isinstance(d, int)]
     if dynamic:
         raise InputError(f"input {spec.name!r} has dynamic dim(s) {dynamic} ({spec.shape}); "
-                         f"pass --input-shape {spec.name}:D0,D1,...")
+                         f"pass {shape_hint(spec.name, spec.shape)}")
     return tuple(spec.shape[1:])
 
 
@@ -271,7 +271,8 @@ def _image_size(spec: InputSpec, layout: str) -> tuple[int, int]:
         raise InputError(f"images need a rank-4 input, but {spec.name!r} has shape {spec.shape}")
     size = tuple(spec.shape[a] for a in axes)
     if not all(isinstance(d, int) and d > 0 for d in size):
-        raise InputError(f"input {spec.name!r} has dynamic height/width {size}; give an image size to resize to")
+        raise InputError(f"input {spec.name!r} has dynamic height/width {size}; give the size to resize the images "
+                         f"to with --image-size HxW (e.g. --image-size {EXAMPLE_DIM}x{EXAMPLE_DIM})")
     return size
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 import traceback
 
 import click
@@ -109,13 +110,17 @@ def inspect(model, input_shape, json_out, show_all):
                f"prunable MACs {100 * info['prunable_macs_fraction']:.1f}%")
     shown = groups if show_all else sorted(groups, key=lambda g: -g["macs"])[:40]
     width = min(60, max([len(g["id"]) for g in shown] + [5]))
-    click.echo(f"{'group':<{width}} {'width':>6} {'MACs':>14}  status")
+    click.echo(f"{'group':<{width}} {'width':>6} {'MACs*':>14}  status")
     for g in shown:
         status = "prunable" if g["prunable"] else f"blocked: {g['reason']}"
         gid = g["id"] if len(g["id"]) <= width else "…" + g["id"][-width + 1:]
         click.echo(f"{gid:<{width}} {g['width']:>6} {g['macs']:>14,}  {status}")
+        if show_all:
+            click.echo(f"{'':<{width}}   made by: {', '.join(g['producers']) or '-'}")
+            click.echo(f"{'':<{width}}   read by: {', '.join(g['consumers']) or '- (a graph output)'}")
     if len(shown) < len(groups):
-        click.echo(f"... {len(groups) - len(shown)} more groups (--all lists them)")
+        click.echo(f"... {len(groups) - len(shown)} more groups (--all lists them with their layers)")
+    click.echo(textwrap.fill(f"* {info['group_macs']}", 110))
 
 
 @cli.command()
@@ -313,7 +318,8 @@ def finetune(pruned, teacher, data, output, mode, trainer, val, eval_src, bridge
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @provider_option
-@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Batch of a dynamic batch dim [default: 1, or the "
+              "first dim of --input-shape].")
 @click.option("--repeats", type=int, default=50, show_default=True)
 @click.option("--warmup", type=int, default=5, show_default=True)
 @click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
@@ -332,7 +338,7 @@ def bench(models, provider, batch_size, repeats, warmup, threads, input_shape, j
         _write_json(json_out, rows)
     base = rows[0]["median_ms"]
     click.echo(f"{'model':<40} {'median ms':>10} {'p10':>8} {'p90':>8} {'ratio':>7}   "
-               f"(batch {batch_size}, {rows[0]['provider']})")
+               f"(batch {rows[0]['batch_size']}, {rows[0]['provider']})")
     for r in rows:
         click.echo(f"{os.path.basename(r['model']):<40} {r['median_ms']:>10.3f} {r['p10_ms']:>8.3f} {r['p90_ms']:>8.3f} "
                    f"{r['median_ms'] / base:>7.3f}")

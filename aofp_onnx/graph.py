@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from .errors import InputError
+from .errors import InputError, shape_hint
 from .modeldata import ModelData, copy_model, default_opset, split_weights
 from .runtime import Runner
 
@@ -176,9 +176,8 @@ def fixed_input_shapes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]]
             elif axis == 0:
                 shape.append(1)
             else:
-                raise InputError(
-                    f"input '{vi.name}' has dynamic dim {axis} ({d or '?'}): pass --input-shape {vi.name}:"
-                    + ",".join(str(x if isinstance(x, int) and x > 0 else "N") for x in dims))
+                raise InputError(f"input '{vi.name}' has dynamic dim {axis} ({d or '?'}): pass "
+                                 + shape_hint(vi.name, dims))
         shapes[vi.name] = tuple(shape)
     if given:
         raise InputError(f"--input-shape names unknown input(s) {sorted(given)}; the model's inputs are "

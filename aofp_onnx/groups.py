@@ -317,6 +317,16 @@ class ChannelMap:
             total += c.macs * f
         return int(round(total))
 
+    def layers(self, g: Group) -> tuple[list[str], list[str]]:
+        """(producers, consumers) of group `g` as "OpType name": the nodes whose weights create its channels,
+        and the nodes that read them (where a cut removes input channels)."""
+        def label(node_index: int) -> str:
+            node = self.graph.nodes[node_index]
+            return f"{node.op_type} {node.name or node.output[0]}"
+
+        return (list(dict.fromkeys(label(s.node_index) for s in g.sources)),
+                list(dict.fromkeys(label(s.node_index) for s in g.sinks)))
+
     def prunable_macs_fraction(self) -> float:
         if not self.total_macs:
             return 0.0
