@@ -259,15 +259,19 @@ def verify_plan(original, pruned_path, plan_path, *, calib: str | None = None, i
     return verify(pruner.cmap, keep, load_model(pruned_path), pruner.feeds(verify_samples), provider)
 
 
-def choose_keep(pruner: Pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1,
-                seed: int = 0, **search_options) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(keep, scores, search stats) for a criterion; l1/random need a MACs target."""
+def check_criterion(criterion: str, flops_target: float | None) -> None:
     if criterion not in CRITERIA:
         raise InputError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if criterion in ("l1", "random", "oracle") and flops_target is None:
+        raise InputError(f"--criterion {criterion} needs --flops-target (the share of MACs to keep)")
+
+
+def choose_keep(pruner: Pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1,
+                seed: int = 0, **search_options) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(keep, scores, search stats) for a criterion; l1/random/oracle need a MACs target."""
+    check_criterion(criterion, flops_target)
     start = time.perf_counter()
     if criterion in ("l1", "random"):
-        if flops_target is None:
-            raise InputError(f"--criterion {criterion} needs --flops-target (the share of MACs to keep)")
         scores = criteria.l1_scores(pruner.cmap) if criterion == "l1" else criteria.random_scores(pruner.cmap, seed)
         keep = select_by_score(pruner.cmap, scores, flops_target, min_channels)
         return keep, scores, {"trials": 0, "seconds": time.perf_counter() - start}
@@ -298,23 +302,23 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     if round_to < 1 or min_channels < 1:
         raise InputError("--round-to and --min-channels must be at least 1")
     _check_verify_samples(verify_samples)
+    check_criterion(criterion, flops_target)
     phases = Phases(progress)
     if criterion in ("aofp", "oracle"):
         search_options["progress"] = progress
-    with phases("load", f"reading {os.fspath(model_path)}, the data, and analysing the channel groups"):
-        pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=calib_limit,
-                             image_options=image_options, seed=seed, hold_out=True)
-        labelled = _labelled(pruner, eval_src, image_options)
+    pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=calib_limit,
+                         image_options=image_options, seed=seed, hold_out=True)
+    labelled = _labelled(pruner, eval_src, image_options)
     original = pruner.graph.data
-    if labelled is not None:
-        with phases("accuracy", f"the original on {len(labelled)} labelled samples"):
-            before = accuracy(original, labelled, provider)
     if finetune_steps:
         tuner = _base_path_tuner(pruner, criterion, finetune_steps, finetune_data, finetune_options, image_options,
                                  seed)
         search_options["tuner"], original = tuner, tuner.teacher
     keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
                                        seed=seed, provider=provider, batch_size=batch_size, **search_options)
+    if labelled is not None:  # after the search, so that refused options never wait for it
+        with phases("accuracy", f"the original on {len(labelled)} labelled samples"):
+            before = accuracy(original, labelled, provider)
     keep = round_widths(pruner.cmap, keep, scores, round_to, min_channels, flops_target)
     plan = plan_from_keep(pruner.cmap, keep, criterion, seed=seed, flops_target=flops_target)
     rep, pruned = finish(pruner, keep, output, criterion=criterion, search=search, provider=provider,

@@ -1,4 +1,5 @@
-"""What a long run is doing, on stderr: one line per phase with its elapsed time, and the search's status line.
+"""What a long run is doing, on stderr: a line for each phase that runs longer than two seconds, with its
+elapsed time at the end, and the search's status line.
 
 On a terminal a line is redrawn in place; otherwise (logs, pipes) whole lines are written, the search's
 every 10 rounds. The search's ETA extrapolates the elapsed time linearly in the progress made towards
@@ -8,6 +9,7 @@ ETA = elapsed · (1 − done) / done (or the share of `--max-trials` spent, when
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -17,31 +19,43 @@ def _stream():
 
 
 class Phases:
-    """`with phases("verify", "comparing ... on 4 samples"):` says what runs and, at the end, how long it took."""
+    """`with phases("verify", "comparing ... on 4 samples"):` says what runs once it has run `delay` seconds
+    (short phases stay silent), and then, at its end, how long it took."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, delay: float = 2.0):
+        self.enabled, self.delay = enabled, delay
 
     @contextmanager
     def __call__(self, name: str, what: str):
         if not self.enabled:
             yield
             return
-        out, start = _stream(), time.perf_counter()
+        out, start, lock, shown = _stream(), time.perf_counter(), threading.Lock(), []
         tty = out.isatty()
-        out.write(f"{name}: {what} ..." + ("" if tty else "\n"))
-        out.flush()
+
+        def announce():
+            with lock:
+                if shown is not None:
+                    out.write(f"{name}: {what} ..." + ("" if tty else "\n"))
+                    out.flush()
+                    shown.append(True)
+
+        timer = threading.Timer(self.delay, announce)
+        timer.daemon = True
+        if self.delay > 0:
+            timer.start()
+        else:
+            announce()
         try:
             yield
         finally:
-            seconds = time.perf_counter() - start
-            out.write(f" {seconds:.1f} s\n" if tty else f"{name}: done in {seconds:.1f} s\n")
-            out.flush()
-
-    def note(self, line: str) -> None:
-        if self.enabled:
-            _stream().write(line + "\n")
-            _stream().flush()
+            timer.cancel()
+            with lock:
+                if shown:
+                    seconds = time.perf_counter() - start
+                    out.write(f" {seconds:.1f} s\n" if tty else f"{name}: done in {seconds:.1f} s\n")
+                    out.flush()
+                shown = None  # a timer that fires late prints nothing
 
 
 QUIET = Phases(False)

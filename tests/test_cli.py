@@ -185,7 +185,7 @@ def test_verify_fails_on_another_cut_for_the_same_plan(pruned, model, tmp_path):
     ok(run_cli("prune", model.path, "-o", heavier, "--calib", "random:8", "--criterion", "l1",
                "--flops-target", "0.25"))
     proc = run_cli("verify", model.path, heavier, "--plan", pruned["plan"])
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
     assert proc.stdout.startswith("FAILED")
 
 
@@ -199,7 +199,7 @@ def test_verify_fails_on_tampered_weights(pruned, model, tmp_path):
     init.CopyFrom(numpy_helper.from_array(w, init.name))
     onnx.save(m, tmp_path / "tampered.onnx")
     proc = run_cli("verify", model.path, tmp_path / "tampered.onnx", "--plan", pruned["plan"])
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
     assert proc.stdout.startswith("FAILED")
 
 
