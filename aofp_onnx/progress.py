@@ -75,6 +75,7 @@ class SearchProgress:
         self.threshold = None
         self.tty = _stream().isatty()
         self.drawn = False
+        self.last = None  # the latest status line, shown or not
 
     def __call__(self, stats, macs_ratio: float, active: int, total: int, **ratios) -> None:
         ratios = {"macs": macs_ratio, **ratios}
@@ -106,6 +107,8 @@ class SearchProgress:
 
     def _line(self, line: str, show: bool, own_line: bool = False) -> None:
         out = _stream()
+        if not own_line:
+            self.last = line if not show else None
         if not show:
             return
         if self.tty:
@@ -116,5 +119,8 @@ class SearchProgress:
         self.drawn = True
 
     def close(self) -> None:
+        """Ends the redrawn line; in a log, writes the final status if it was not yet written."""
         if self.drawn and self.tty:
             _stream().write("\n")
+        elif self.last is not None:
+            _stream().write(self.last + "\n")

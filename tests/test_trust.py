@@ -231,6 +231,7 @@ def test_search_line_shows_target_eta_and_threshold_raises(tmp_path, capsys):
     show = SearchProgress("aofp", {"MACs": 0.5})
     keep, _, stats = search.aofp(cm, damage, threshold=0.01, trials_per_half=4, flops_target=0.5, stack=4,
                                  progress=show)
+    show.close()  # in a log, the final status is written even when the 10-round rhythm skipped it
     err = capsys.readouterr().err.splitlines()
     raises = [line for line in err if "threshold raised" in line]
     assert len(raises) == round(np.log2(stats.threshold / 0.01)) >= 3  # 0.01 → 0.08 or more, each one said
@@ -238,6 +239,7 @@ def test_search_line_shows_target_eta_and_threshold_raises(tmp_path, capsys):
                                 "0.01 -> 0.02")
     status = [line for line in err if "trials" in line]
     assert status[0].startswith("aofp: 4 trials, MACs x1.000 (target x0.500), 2/2 groups searching, ")
+    assert status[-1].startswith(f"aofp: {stats.trials} trials, MACs x{cm.macs(keep) / cm.total_macs:.3f} ")
     assert cm.macs(keep) <= 0.5 * cm.total_macs
     assert show.eta({"macs": 0.75}, 10, 30.0) == pytest.approx(30.0)  # half way from x1 to x0.5 after 30 s
     assert SearchProgress("aofp", {"MACs": 0.5, "latency": 0.6}).eta({"macs": 0.75, "latency": 0.9}, 0, 30.0) \
