@@ -25,10 +25,13 @@ from .groups import ChannelMap, analyze
 from .io import release_memory
 from .plan import Plan, keep_from_plan, plan_from_keep
 from .progress import QUIET, Phases
-from .runtime import Runner, latency_ms
+from .latency import measure_latency
+from .runtime import Runner
 from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
 from .select import round_widths, select_by_score
 from .surgery import cut
+from .targets import (SLOWER_HINT, check_targets, meet_measured, parse_round_to, resolve_round_to,
+                      stderr_line, targets_reached)
 from .verify import Verification, verify
 
 CRITERIA = ("aofp", "l1", "random", "oracle")
@@ -36,6 +39,7 @@ VERIFY_SAMPLES = 4  # compared layer by layer, a few samples expose any wrong ch
 GROUP_MACS_NOTE = ("a group's MACs are those of every layer whose cost shrinks with it: its producers (output "
                    "channels) and its consumers (input channels). A conv between two groups counts in both, so the "
                    "column sums to about twice the model's MACs.")
+AUTO_BATCH = 8  # batch of the whole-model alignment probes behind --round-to auto (without a latency target)
 RECONSTRUCT_SAMPLES = 256  # calibration samples `apply --reconstruct` loads (reconstruct.SAMPLES)
 
 
@@ -138,14 +142,6 @@ def inspect(path, input_shapes: dict | None = None) -> dict:
     return Pruner.load(path, input_shapes=input_shapes).inspect()
 
 
-def measure_latency(before: ModelData, after: ModelData, feeds: dict, provider: str,
-                    repeats: int = 20) -> dict:
-    runners = [Runner(before, provider), Runner(after, provider)]
-    stats = latency_ms(runners, [feeds, feeds], repeats=repeats)
-    return {"before": stats[0]["median"], "after": stats[1]["median"], "provider": runners[0].provider,
-            "batch_size": int(len(next(iter(feeds.values())))), "repeats": repeats}
-
-
 def accuracy(model: onnx.ModelProto | ModelData, data: Data, provider: str, batch_size: int = 256) -> float:
     """Top-1 accuracy of the first output's argmax over axis 1 against `data.labels`."""
     runner = Runner(model, provider)
@@ -209,7 +205,8 @@ def _labelled(pruner: Pruner, eval_src: str | None, image_options: ImageOptions 
 
 def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: dict, provider: str,
            latency: bool, batch_size: int = 32, reconstruct: bool = False, verify_samples: int = VERIFY_SAMPLES,
-           phases: Phases = QUIET, original: ModelData | None = None) -> tuple[dict, ModelData]:
+           phases: Phases = QUIET, original: ModelData | None = None,
+           threads: int | None = None) -> tuple[dict, ModelData]:
     """Cut, verify (refusing to write a model that fails), [reconstruct,] measure fidelity, write; the report
     and the written model.
 
@@ -236,7 +233,10 @@ def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: 
     if latency:
         with phases("latency", f"timing the original and the pruned model, interleaved, batch {batch_size}"):
             feeds = pruner.feeds(batch_size, batch_size)[0]
-            lat = measure_latency(pruner.graph.data, pruned, feeds, provider)
+            lat = measure_latency(pruner.graph.data, pruned, feeds, provider, threads=threads)
+        if lat["slower"]:
+            lat["hint"] = SLOWER_HINT
+            stderr_line(f"aofp-onnx: warning: {SLOWER_HINT} (x{lat['ratio']:.3f}, median of {lat['repeats']})")
     samples, held = pruner.fidelity_data()
     with phases("fidelity", f"comparing outputs with the original's on {len(samples)} samples"):
         fidelity = fid.fidelity(original or pruner.graph.data, pruned, samples, provider, batch_size, held)
@@ -259,31 +259,37 @@ def verify_plan(original, pruned_path, plan_path, *, calib: str | None = None, i
     return verify(pruner.cmap, keep, load_model(pruned_path), pruner.feeds(verify_samples), provider)
 
 
-def check_criterion(criterion: str, flops_target: float | None) -> None:
+def check_criterion(criterion: str, flops_target: float | None, latency_target: float | None = None) -> None:
     if criterion not in CRITERIA:
         raise InputError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    if criterion in ("l1", "random", "oracle") and flops_target is None:
-        raise InputError(f"--criterion {criterion} needs --flops-target (the share of MACs to keep)")
+    if criterion in ("l1", "random", "oracle") and flops_target is None and latency_target is None:
+        raise InputError(f"--criterion {criterion} needs --flops-target or --latency-target (the share to keep)")
 
 
 def choose_keep(pruner: Pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1,
-                seed: int = 0, **search_options) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(keep, scores, search stats) for a criterion; l1/random/oracle need a MACs target."""
-    check_criterion(criterion, flops_target)
+                seed: int = 0, table=None, latency_target: float | None = None,
+                **search_options) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(keep, scores, search stats) for a criterion; l1/random/oracle need a target. With `latency_target`,
+    the target counts the latency `table` estimates (without alignment penalties) instead of MACs."""
+    check_criterion(criterion, flops_target, latency_target)
     start = time.perf_counter()
+    target = latency_target if latency_target is not None else flops_target
+    cost = table.aligned_ratio if latency_target is not None else None  # rounding then meets the real one
     if criterion in ("l1", "random"):
         scores = criteria.l1_scores(pruner.cmap) if criterion == "l1" else criteria.random_scores(pruner.cmap, seed)
-        keep = select_by_score(pruner.cmap, scores, flops_target, min_channels)
+        keep = select_by_score(pruner.cmap, scores, target, min_channels, cost=cost)
         return keep, scores, {"trials": 0, "seconds": time.perf_counter() - start}
     from . import search
 
-    return search.run(pruner, criterion, flops_target=flops_target, min_channels=min_channels, seed=seed,
+    return search.run(pruner, criterion, flops_target=target, min_channels=min_channels, seed=seed, cost=cost,
                       **search_options)
 
 
 def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_target: float | None = None,
-          round_to: int = 1, min_channels: int = 1, provider: str = "auto", seed: int = 0,
-          input_shapes: dict | None = None, plan_out=None, batch_size: int = 32, calib_limit: int | None = None,
+          latency_target: float | None = None, round_to: int | str = "auto", min_channels: int = 1,
+          provider: str = "auto", seed: int = 0, input_shapes: dict | None = None, plan_out=None,
+          batch_size: int = 32, latency_batch: int | None = None, threads: int | None = None,
+          calib_limit: int | None = None,
           latency: bool = True, image_options: ImageOptions | None = None, eval_src: str | None = None,
           reconstruct: bool = False, finetune_steps: int = 0, finetune_data: str | None = None,
           finetune_options=None, verify_samples: int = VERIFY_SAMPLES, progress: bool = False,
@@ -295,14 +301,18 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     reconstruction; the written model's outputs are compared with the original's on them (`fidelity`).
     `finetune_steps` > 0 (AOFP only) fine-tunes the base path on `finetune_data` after every half of
     the search (training-time AOFP); the cut is then verified against the fine-tuned original, and the
-    fidelity measured against the original as loaded."""
+    fidelity measured against the original as loaded.
+    `latency_target` R keeps R of the latency measured on `provider` at `latency_batch` (default
+    `batch_size`) with `threads`, through a latency table (`latency.build_table`, cached), checked on the
+    cut model; `round_to="auto"` rounds widths to the multiple that table says the kernels reward."""
+    start = time.perf_counter()
     check_output_path(model_path, output)
-    if flops_target is not None and not 0 < flops_target <= 1:
-        raise InputError(f"--flops-target must be in (0, 1], got {flops_target}")
-    if round_to < 1 or min_channels < 1:
+    check_targets(flops_target, latency_target)
+    round_to = parse_round_to(round_to)
+    if min_channels < 1:
         raise InputError("--round-to and --min-channels must be at least 1")
     _check_verify_samples(verify_samples)
-    check_criterion(criterion, flops_target)
+    check_criterion(criterion, flops_target, latency_target)
     phases = Phases(progress)
     if criterion in ("aofp", "oracle"):
         search_options["progress"] = progress
@@ -314,22 +324,49 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
         tuner = _base_path_tuner(pruner, criterion, finetune_steps, finetune_data, finetune_options, image_options,
                                  seed)
         search_options["tuner"], original = tuner, tuner.teacher
+    lat_batch = latency_batch or batch_size
+    lat_feeds = pruner.feeds(lat_batch, lat_batch)[0]
+    table = None
+    if latency_target is not None or (round_to == "auto" and pruner.cmap.prunable):
+        from .latency import build_table
+
+        full = latency_target is not None  # else only the rewarded multiple is needed: at most AUTO_BATCH samples
+        feeds = lat_feeds if full else {k: v[:AUTO_BATCH] for k, v in lat_feeds.items()}
+        with phases("latency table", "timing the model and its layers at a few widths" if full else
+                    "timing the model at aligned and off-grid widths (--round-to auto)"):
+            table = build_table(pruner.cmap, feeds, provider, threads=threads, full=full)
+    step = resolve_round_to(round_to, table)
     keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
-                                       seed=seed, provider=provider, batch_size=batch_size, **search_options)
+                                       seed=seed, provider=provider, batch_size=batch_size, table=table,
+                                       latency_target=latency_target, **search_options)
     if labelled is not None:  # after the search, so that refused options never wait for it
         with phases("accuracy", f"the original on {len(labelled)} labelled samples"):
             before = accuracy(original, labelled, provider)
-    keep = round_widths(pruner.cmap, keep, scores, round_to, min_channels, flops_target)
+    target = latency_target if latency_target is not None else flops_target
+    keep = round_widths(pruner.cmap, keep, scores, step, min_channels, target,
+                        table.ratio if latency_target is not None else None)
+    measured_rounds = None
+    if latency_target is not None:
+        with phases("latency target", "checking the estimate on the cut model"):
+            keep, measured_rounds = meet_measured(pruner, keep, scores, table, latency_target, step, min_channels,
+                                                  lat_feeds, provider, threads)
     plan = plan_from_keep(pruner.cmap, keep, criterion, seed=seed, flops_target=flops_target)
     rep, pruned = finish(pruner, keep, output, criterion=criterion, search=search, provider=provider,
-                         latency=latency, batch_size=batch_size, reconstruct=reconstruct,
-                         verify_samples=verify_samples, phases=phases, original=original)
+                         latency=latency, batch_size=lat_batch, reconstruct=reconstruct,
+                         verify_samples=verify_samples, phases=phases, original=original, threads=threads)
+    rep["round_to"] = {"given": round_to, "used": step}
+    rep["targets"] = targets_reached(pruner, keep, flops_target, latency_target, table, rep.get("latency_ms"))
+    if measured_rounds is not None:
+        rep["targets"]["latency"]["rounds"] = measured_rounds
+    if table is not None:
+        rep["latency_table"] = table.summary()
     if labelled is not None:
         with phases("accuracy", f"the pruned model on {len(labelled)} labelled samples"):
             rep["accuracy"] = {"before": before, "after": accuracy(pruned, labelled, provider),
                                "samples": len(labelled)}
     if plan_out:
         plan.save(plan_out)
+    rep["seconds"] = time.perf_counter() - start
     return rep
 
 

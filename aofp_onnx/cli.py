@@ -135,7 +135,15 @@ def inspect(model, input_shape, json_out, show_all):
 @click.option("--oracle-step", type=int, default=None, help="Oracle: channels removed per re-ranking.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--calib-limit", type=int, default=None, help="Use at most this many calibration samples.")
-@click.option("--round-to", type=int, default=1, show_default=True, help="Round widths to a multiple (8 for TensorRT).")
+@click.option("--latency-target", type=float, help="Fraction of the measured latency to keep (0.6 = 60 %), on "
+              "--provider at --latency-batch, through a latency table measured on this machine (cached).")
+@click.option("--latency-batch", type=int, default=None, help="Batch of the latency table and of the before/after "
+              "timing [default: --batch-size].")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the latency measurements "
+              "[default: onnxruntime's].")
+@click.option("--round-to", default="auto", show_default=True, metavar="K|auto",
+              help="Round widths to a multiple of K (8 for TensorRT FP16); auto: the multiple the provider's kernels "
+                   "reward, measured (latency table).")
 @click.option("--min-channels", type=int, default=1, show_default=True)
 @provider_option
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -161,7 +169,7 @@ def inspect(model, input_shape, json_out, show_all):
               help="Fine-tuning device (auto: CUDA when torch sees a GPU).")
 @image_options
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
-          batch_size, calib_limit, round_to, min_channels, provider, seed, input_shape, plan_out, report_path,
+          batch_size, calib_limit, latency_target, latency_batch, threads, round_to, min_channels, provider, seed, input_shape, plan_out, report_path,
           eval_src, plot, no_latency, verify_samples, no_progress, checkpoint, resume, reconstruct, finetune_steps,
           finetune_data, finetune_lr, finetune_batch_size, device, **img):
     """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
@@ -187,6 +195,7 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
                                                        seed=seed))
     try:
         rep = api.prune(model, output, calib=calib, criterion=criterion, flops_target=flops_target,
+                        latency_target=latency_target, latency_batch=latency_batch, threads=threads,
                         round_to=round_to, min_channels=min_channels, provider=provider, seed=seed,
                         input_shapes=shapes, plan_out=plan_out, batch_size=batch_size, calib_limit=calib_limit,
                         image_options=_image_options(img), eval_src=eval_src, reconstruct=reconstruct,
@@ -318,30 +327,44 @@ def finetune(pruned, teacher, data, output, mode, trainer, val, eval_src, bridge
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @provider_option
-@click.option("--batch-size", type=int, default=None, help="Batch of a dynamic batch dim [default: 1, or the "
-              "first dim of --input-shape].")
+@click.option("--batch-size", "batch_sizes", default=None, metavar="B[,B..]",
+              help="Batch size(s) for a dynamic batch dim [default: the --input-shape's, else 1].")
 @click.option("--repeats", type=int, default=50, show_default=True)
 @click.option("--warmup", type=int, default=5, show_default=True)
 @click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
-@shape_option
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,..",
+              help="Fix an input's dims; give a name several times to bench several shapes.")
 @click.option("--json", "json_out", type=click.Path(), help="Write the timings as JSON here.")
-def bench(models, provider, batch_size, repeats, warmup, threads, input_shape, json_out):
-    """Latency of one or more models side by side (interleaved runs, medians)."""
+def bench(models, provider, batch_sizes, repeats, warmup, threads, input_shape, json_out):
+    """Latency of one or more models side by side (interleaved runs, medians), ratios against the first."""
     from .bench import bench_models
 
     if json_out:
         for m in models:
             api.check_output_path(m, json_out)
-    rows = bench_models(list(models), provider=provider, batch_size=batch_size, repeats=repeats, warmup=warmup,
-                        threads=threads, input_shapes=parse_input_shapes(list(input_shape)))
+    batches = None
+    if batch_sizes:
+        try:
+            batches = [int(b) for b in batch_sizes.split(",")]
+        except ValueError:
+            raise InputError(f"--batch-size: expected B or B,B,.., got {batch_sizes!r}") from None
+    shapes = [next(iter(parse_input_shapes([v]).items())) for v in input_shape]
+    rows = bench_models(list(models), provider=provider, batch_size=batches, repeats=repeats, warmup=warmup,
+                        threads=threads, input_shapes=shapes)
     if json_out:
         _write_json(json_out, rows)
-    base = rows[0]["median_ms"]
     click.echo(f"{'model':<40} {'median ms':>10} {'p10':>8} {'p90':>8} {'ratio':>7}   "
-               f"(batch {rows[0]['batch_size']}, {rows[0]['provider']})")
-    for r in rows:
-        click.echo(f"{os.path.basename(r['model']):<40} {r['median_ms']:>10.3f} {r['p10_ms']:>8.3f} {r['p90_ms']:>8.3f} "
-                   f"{r['median_ms'] / base:>7.3f}")
+               + (f"(batch {rows[0]['batch_size']}, " if len(rows) == len(models) else "(")
+               + f"{rows[0]['provider']}, threads {rows[0]['threads']}, medians of {repeats} interleaved runs)")
+    per = len(models)
+    for start in range(0, len(rows), per):
+        first = rows[start]
+        if len(rows) > per:  # several batch sizes or shapes: a heading per configuration
+            shapes_text = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in first["input_shapes"].items())
+            click.echo(f"-- batch {first['batch_size']}  {shapes_text}")
+        for r in rows[start:start + per]:
+            click.echo(f"{os.path.basename(r['model']):<40} {r['median_ms']:>10.3f} {r['p10_ms']:>8.3f} "
+                       f"{r['p90_ms']:>8.3f} {r['ratio']:>7.3f}")
 
 
 def main(argv=None):

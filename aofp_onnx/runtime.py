@@ -201,10 +201,12 @@ class Runner:
 
 
 def latency_ms(runners: list[Runner], feeds_per_runner: list[dict], *, warmup: int = 3,
-               repeats: int = 20) -> list[dict]:
+               repeats: int = 20, cpu: bool = False) -> list[dict]:
     """Per runner {"median", "p10", "p90", "repeats"} in milliseconds of `run`, measured round-robin.
 
     Each timed call includes that call's host-to-device input copies and device-to-host output copies.
+    `cpu`: the calling thread's CPU time instead of wall time (for one-thread CPU sessions, which run on
+    the calling thread: their wall time on an idle machine, without other processes' preemption).
     """
     if len(runners) != len(feeds_per_runner):
         raise ValueError(f"{len(runners)} runners but {len(feeds_per_runner)} feed dicts")
@@ -214,12 +216,13 @@ def latency_ms(runners: list[Runner], feeds_per_runner: list[dict], *, warmup: i
     for _ in range(warmup):
         for runner, feeds in pairs:
             runner.run(feeds)
+    clock = time.thread_time if cpu else time.perf_counter
     times = [[] for _ in runners]
     for _ in range(repeats):
         for i, (runner, feeds) in enumerate(pairs):
-            start = time.perf_counter()
+            start = clock()
             runner.run(feeds)
-            times[i].append((time.perf_counter() - start) * 1e3)
+            times[i].append((clock() - start) * 1e3)
     return [_summary(t) for t in times]
 
 

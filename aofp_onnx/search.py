@@ -6,8 +6,9 @@ each trial removes a random half R_g ⊂ S_g (|R_g| = ⌊|S_g|/2⌋) on top of K
 trials, S_g is ranked by mean damage; with granu = ⌊|S_g|/2⌋, if the granu-th smallest mean is below
 the threshold those granu channels are pruned and the search restarts on K_g; else, if granu > 1,
 S_g shrinks to its granu best (binary search); else g is saturated. All groups search at once; the
-run stops at the MACs target (the last prune is trimmed to land on it), when every group is saturated
-(with a target, the threshold then doubles and the search goes on), or at `max_trials`.
+run stops at the target (the last prune is trimmed to land on it), when every group is saturated
+(with a target, the threshold then doubles and the search goes on), or at `max_trials`. The target counts
+MACs, or whatever `cost(keep)` (the remaining fraction) counts: a latency table's estimate.
 
 The oracle zeroes one channel at a time, measures the relative squared error of the model outputs
 Σ‖y − y_c‖² / Σ‖y‖² over the calibration data, removes the `oracle_step` least damaging channels and
@@ -140,7 +141,7 @@ class SearchStats:
 def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: int = 8,
          flops_target: float | None = None, max_trials: int | None = None, min_channels: int = 1,
          seed: int = 0, stack: int = 8, progress=None, checkpoint=None,
-         resume: dict | None = None, after_half=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+         resume: dict | None = None, after_half=None, cost=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """The AOFP binary search over all prunable groups; `damage(keep, rows) -> [T, G]`.
 
     `checkpoint(state)` is called after every round with the whole search state (a dict of arrays
@@ -150,13 +151,14 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
     rng = np.random.default_rng(seed)
     groups = [_Group(g.slots, floor_for(g.width, min_channels)) for g in cmap.prunable]
     keep = cmap.full_keep()
-    goal = None if flops_target is None else flops_target * cmap.total_macs
+    cost = cost or _macs_ratio(cmap)
+    goal = flops_target
     stats = SearchStats(threshold=threshold)
     if resume is not None:
         threshold = _restore(resume, groups, keep, rng, stats)
     start = time.perf_counter() - stats.seconds
     while True:
-        if goal is not None and cmap.macs(keep) <= goal:
+        if goal is not None and cost(keep) <= goal:
             break
         if max_trials is not None and stats.trials >= max_trials:
             break
@@ -198,9 +200,9 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
         # decide the most harmless prunes first, so a target is met by the cheapest ones
         decided.sort(key=lambda k: np.sort(groups[k].means()[groups[k].space])[len(groups[k].space) // 2 - 1])
         for k in decided:
-            if goal is not None and cmap.macs(keep) <= goal:
+            if goal is not None and cost(keep) <= goal:
                 break
-            _decide(groups[k], keep, cmap, threshold, goal)
+            _decide(groups[k], keep, cost, threshold, goal)
         stats.history.append((stats.trials, cmap.macs(keep) / max(cmap.total_macs, 1)))
         if after_half is not None and decided:
             after_half(keep)
@@ -284,7 +286,7 @@ def load_state(path, options: dict) -> dict:
     return state
 
 
-def _decide(g: _Group, keep: np.ndarray, cmap: ChannelMap, threshold: float, goal: float | None) -> None:
+def _decide(g: _Group, keep: np.ndarray, cost, threshold: float, goal: float | None) -> None:
     means = g.means()
     g.score[g.space] = means[g.space]
     order = g.space[np.argsort(means[g.space], kind="stable")]
@@ -293,7 +295,7 @@ def _decide(g: _Group, keep: np.ndarray, cmap: ChannelMap, threshold: float, goa
     g.halvings += 1
     if granu >= 1 and means[cand[-1]] < threshold and int(g.kept.sum()) - granu >= g.floor:
         if goal is not None:
-            cand = _trim_to_goal(cand, g, keep, cmap, goal)
+            cand = _trim_to_goal(cand, g, keep, cost, goal)
         g.kept[cand] = False
         keep[g.slots[cand]] = False
         g.restart()
@@ -306,12 +308,16 @@ def _decide(g: _Group, keep: np.ndarray, cmap: ChannelMap, threshold: float, goa
         g.saturated = True
 
 
-def _trim_to_goal(cand: np.ndarray, g: _Group, keep: np.ndarray, cmap: ChannelMap, goal: float) -> np.ndarray:
+def _macs_ratio(cmap: ChannelMap):
+    return lambda keep: cmap.macs(keep) / max(cmap.total_macs, 1)
+
+
+def _trim_to_goal(cand: np.ndarray, g: _Group, keep: np.ndarray, cost, goal: float) -> np.ndarray:
     """The shortest prefix of `cand` (lowest damage first) whose removal meets the goal, or all of it."""
     def macs_without(k):
         trial = keep.copy()
         trial[g.slots[cand[:k]]] = False
-        return cmap.macs(trial)
+        return cost(trial)
 
     if macs_without(len(cand)) > goal:
         return cand
@@ -327,16 +333,17 @@ def _trim_to_goal(cand: np.ndarray, g: _Group, keep: np.ndarray, cmap: ChannelMa
 
 def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]], *, flops_target: float,
            oracle_step: int | None = None, min_channels: int = 1, stack: int = 8,
-           progress=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+           progress=None, cost=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Exact oracle pruning: rank single-channel ablations at the outputs over all `batches` of the
     calibration data, remove the least damaging, repeat."""
-    goal = flops_target * cmap.total_macs
+    cost = cost or _macs_ratio(cmap)
+    goal = flops_target
     keep = cmap.full_keep()
     scores = np.full(cmap.n_slots, UNMEASURED)
     floors = [(g.slots, floor_for(g.width, min_channels)) for g in cmap.prunable]
     stats = SearchStats()
     start = time.perf_counter()
-    while cmap.macs(keep) > goal:
+    while cost(keep) > goal:
         removable = np.concatenate([slots[keep[slots]] for slots, floor in floors if keep[slots].sum() > floor] or
                                    [np.zeros(0, np.int64)])
         if len(removable) == 0:
@@ -351,7 +358,7 @@ def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]
         order = removable[np.argsort(dmg, kind="stable")]
         removed = 0
         for slot in order:
-            if removed >= step or cmap.macs(keep) <= goal:
+            if removed >= step or cost(keep) <= goal:
                 break
             slots, floor = next(f for f in floors if f[0][0] <= slot <= f[0][-1])
             if keep[slots].sum() > floor:
@@ -405,7 +412,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         provider: str = "auto", batch_size: int = 32, threshold: float = 0.01, trials_per_half: int = 8,
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
         memory_budget: int | None = None, checkpoint: str | None = None,
-        resume: str | None = None, tuner=None) -> tuple[np.ndarray, np.ndarray, dict]:
+        resume: str | None = None, tuner=None, cost=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data.
 
     AOFP: with `checkpoint`, the search state is saved there after every round (and removed once the
@@ -429,7 +436,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         runner = Runner(masked_model(cmap), provider)
         stack = max(1, int(budget // (_activation_bytes(cmap) * len(next(iter(batches[0].values()))))))
         keep, scores, stats = oracle(cmap, runner, batches, flops_target=flops_target, oracle_step=oracle_step,
-                                     min_channels=min_channels, stack=min(stack, 64), progress=show)
+                                     min_channels=min_channels, stack=min(stack, 64), progress=show, cost=cost)
         used = runner.provider
     else:
         if tuner is not None:
@@ -456,7 +463,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,
                                    flops_target=flops_target, max_trials=max_trials, min_channels=min_channels,
                                    seed=seed, stack=stack, progress=show, checkpoint=save, resume=state,
-                                   after_half=adapt if tuner is not None else None)
+                                   after_half=adapt if tuner is not None else None, cost=cost)
         used = engine.provider
         if checkpoint and os.path.exists(checkpoint):
             os.unlink(checkpoint)
@@ -466,6 +473,6 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     info["provider"] = used
     if tuner is not None:
         info["finetune"] = tuner.to_json()
-    if flops_target is not None and cmap.macs(keep) > flops_target * cmap.total_macs:
+    if flops_target is not None and (cost or _macs_ratio(cmap))(keep) > flops_target:
         info["target_reached"] = False
     return keep, scores, info

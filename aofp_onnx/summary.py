@@ -21,10 +21,7 @@ def cut_lines(rep: dict) -> list[str]:
     v = rep["verification"]
     out.append(f"verify  {'passed' if v['passed'] else 'FAILED'}: max abs diff {v['max_abs_diff']:.3g} vs the masked "
                f"original, verified on {v['samples']} samples ({v['provider']})")
-    lat = rep.get("latency_ms")
-    if lat:
-        out.append(f"latency {lat['before']:.2f} ms -> {lat['after']:.2f} ms  (x{lat['after'] / lat['before']:.3f}, "
-                   f"median of {lat['repeats']}, batch {lat['batch_size']}, {lat['provider']})")
+    out += target_lines(rep)
     rec = rep.get("reconstruction")
     if rec:
         done = [c for c in rec["consumers"] if "skipped" not in c]
@@ -34,6 +31,33 @@ def cut_lines(rep: dict) -> list[str]:
     acc = rep.get("accuracy")
     if acc:
         out.append(f"accuracy {100 * acc['before']:.2f}% -> {100 * acc['after']:.2f}%  on {acc['samples']} samples")
+    return out
+
+
+def target_lines(rep: dict) -> list[str]:
+    """Each target beside what was reached; latency with its spread and settings; the latency table."""
+    out = []
+    for what, t in (rep.get("targets") or {}).items():
+        if t.get("target") is not None:
+            reached = t["reached"] if what == "macs" else t["measured"] if t.get("measured") is not None \
+                else t["estimated"]
+            out.append(f"target  {what} x{t['target']:.3f}, reached x{reached:.3f}"
+                       + (f" (estimated x{t['estimated']:.3f})" if what == "latency" else ""))
+    lat = rep.get("latency_ms")
+    if lat:
+        shapes = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in lat.get("input_shapes", {}).items())
+        out.append(f"latency {lat['before']:.2f} ms -> {lat['after']:.2f} ms  (x{lat['after'] / lat['before']:.3f}, "
+                   f"medians of {lat['repeats']} interleaved; p10-p90 {lat.get('before_p10', 0):.2f}-"
+                   f"{lat.get('before_p90', 0):.2f} -> {lat.get('after_p10', 0):.2f}-{lat.get('after_p90', 0):.2f}; "
+                   f"batch {lat['batch_size']}, {shapes}, {lat['provider']}, threads {lat.get('threads', 'default')})"
+                   + ("  SLOWER than the original" if lat.get("slower") else ""))
+    table = rep.get("latency_table")
+    if table:
+        share = 100 * table["seconds"] / max(rep.get("seconds", 0.0), 1e-9)
+        built = "cached" if table["cached"] else f"built in {table['seconds']:.1f} s ({share:.0f}% of the run)"
+        what = f"{table['node_configs']} layer configurations" if table["node_configs"] else "alignment probes"
+        out.append(f"table   latency table ({what}) {built}; round-to {rep['round_to']['given']} -> "
+                   f"{rep['round_to']['used']} (off-grid penalties {table['class_penalty']})")
     return out
 
 

@@ -232,9 +232,10 @@ def test_round_to_gives_multiples(model, tmp_path):
 
 
 def test_min_channels_is_respected(model, tmp_path):
-    _, low = _prune_plan(model, tmp_path, "low", "--criterion", "l1", "--flops-target", "0.02")
+    _, low = _prune_plan(model, tmp_path, "low", "--criterion", "l1", "--flops-target", "0.02", "--round-to", "1")
     assert min(g["width_after"] for g in low["groups"]) < 3  # the bound matters at this target
-    _, rep = _prune_plan(model, tmp_path, "m3", "--criterion", "l1", "--flops-target", "0.02", "--min-channels", "3")
+    _, rep = _prune_plan(model, tmp_path, "m3", "--criterion", "l1", "--flops-target", "0.02", "--min-channels", "3",
+                         "--round-to", "1")
     assert all(g["width_after"] >= 3 for g in rep["groups"]), rep["groups"]
     assert rep["verification"]["passed"]
 
@@ -246,7 +247,8 @@ def test_bench_prints_both_models_with_ratio(pruned, model, tmp_path):
                       "--json", tmp_path / "b.json"))
     lines = proc.stdout.splitlines()
     assert "ratio" in lines[0].split() and "median" in lines[0]
-    rows = lines[1:]
+    assert lines[1].startswith("-- batch 1 ")
+    rows = lines[2:]
     assert len(rows) == 2
     assert rows[0].split()[0] == model.path.name and rows[1].split()[0] == pruned["onnx"].name
     assert float(rows[0].split()[-1]) == pytest.approx(1.0)
@@ -254,6 +256,7 @@ def test_bench_prints_both_models_with_ratio(pruned, model, tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert [r["model"] for r in data] == [str(model.path), str(pruned["onnx"])]
     assert all(r["median_ms"] > 0 for r in data)
+    assert data[0]["ratio"] == 1.0 and data[1]["ratio"] == pytest.approx(data[1]["median_ms"] / data[0]["median_ms"])
 
 
 @pytest.mark.parametrize("entry", ["module", "checkout"])

@@ -1,0 +1,93 @@
+"""What the width selection aims at: a share of the MACs or of the measured latency, landed on widths the
+kernels reward, and checked against the measured model.
+
+`--round-to auto` is the smallest multiple k ∈ {1, 8, 16, 32} whose widths the latency table measures as
+fast as 32-aligned ones (`LatencyTable.rewarded_multiple`). A latency target R selects with the table's
+estimate as the cost (the criterion's order; widths fitted where a step buys the most latency per unit
+of damage, `select.fit_to_target`). The estimate is then checked on the cut model: while the measured
+ratio r misses R by more than `TOLERANCE`, the internal target becomes R_int · R / r and the widths are
+reselected, at most `ROUNDS` times.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from .errors import InputError
+from .latency import LatencyTable, measure_latency
+from .runtime import CPU, resolve_provider
+from .select import round_widths, select_by_score
+from .surgery import cut
+
+TOLERANCE = 0.03
+ROUNDS = 2
+REPEATS = 15  # interleaved runs per check
+SLOWER_HINT = ("the pruned model measures slower than the original: its widths are off the multiples the "
+               "kernels reward; try --round-to auto (or 8/16), or --latency-target to aim at latency itself")
+
+
+def parse_round_to(value) -> int | str:
+    if value in (None, "auto"):
+        return "auto"
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--round-to must be a positive integer or 'auto', got {value!r}") from None
+    if k < 1:
+        raise InputError("--round-to and --min-channels must be at least 1")
+    return k
+
+
+def check_targets(flops_target: float | None, latency_target: float | None) -> None:
+    for name, value in (("--flops-target", flops_target), ("--latency-target", latency_target)):
+        if value is not None and not 0 < value <= 1:
+            raise InputError(f"{name} must be in (0, 1], got {value}")
+    if flops_target is not None and latency_target is not None:
+        raise InputError("give --flops-target or --latency-target, not both")
+
+
+def resolve_round_to(round_to, table: LatencyTable | None) -> int:
+    if round_to != "auto":
+        return int(round_to)
+    return table.rewarded_multiple() if table is not None else 1
+
+
+def meet_measured(pruner, keep: np.ndarray, scores: np.ndarray, table: LatencyTable, target: float, step: int,
+                  min_channels: int, feeds: dict, provider: str, threads: int | None, progress=None):
+    """(keep, rounds of measurement) with the measured latency ratio brought within TOLERANCE of `target`:
+    each miss reselects from the scores (the criterion's order) at the corrected internal target. With one
+    CPU thread the check times the thread's CPU time, which other processes on the machine do not inflate."""
+    internal = target
+    history = []
+    for _ in range(ROUNDS):
+        pruned = cut(pruner.cmap, keep)
+        measured = measure_latency(pruner.graph.data, pruned, feeds, provider, repeats=REPEATS, threads=threads,
+                                   cpu=threads == 1 and provider_is_cpu(provider))["ratio"]
+        history.append({"internal_target": internal, "estimated": table.ratio(keep), "measured": measured})
+        if progress:
+            progress(f"latency target {target:.3f}: estimated x{table.ratio(keep):.3f}, measured x{measured:.3f}")
+        if abs(measured - target) <= TOLERANCE * target:
+            break
+        internal = internal * target / max(measured, 1e-9)
+        keep = select_by_score(pruner.cmap, scores, internal, min_channels, cost=table.aligned_ratio)
+        keep = round_widths(pruner.cmap, keep, scores, step, min_channels, internal, table.ratio)
+    return keep, history
+
+
+def provider_is_cpu(provider: str) -> bool:
+    return resolve_provider(provider) == CPU
+
+
+def stderr_line(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def targets_reached(pruner, keep: np.ndarray, flops_target, latency_target, table, lat: dict | None) -> dict:
+    """Each target beside what was reached (MACs counted; latency estimated and measured)."""
+    out = {"macs": {"target": flops_target, "reached": pruner.cmap.macs(keep) / max(pruner.cmap.total_macs, 1)}}
+    if latency_target is not None:
+        out["latency"] = {"target": latency_target, "estimated": table.ratio(keep),
+                          "measured": lat["ratio"] if lat else None}
+    return out

@@ -1,0 +1,263 @@
+"""Latency tables, the latency target, `--round-to auto`, the slower-than-original flag, `bench`, and
+landing within 1 % of a MACs target. Nothing here asserts a timing: measured tables are checked for
+their structure and caching, and the selection logic runs against hand-made tables."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from aofp_onnx import api, latency, select, targets
+from aofp_onnx.bench import bench_models, shape_settings
+from aofp_onnx.criteria import l1_scores
+from aofp_onnx.latency import Curve, LatencyTable, alignment, build_table, sample_widths
+
+
+def conv_chain(path, widths=(64, 48, 40), size: int | str = 12, seed=0):
+    """x[N,3,s,s] → Conv3x3 → Relu → Conv3x3 → Relu → Conv1x1 → Relu → Conv1x1(10) → y (dynamic batch;
+    dynamic spatial dims when `size` is a name)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, cin, prev = [], [], 3, "x"
+    for k, cout in enumerate(list(widths) + [10]):
+        ksize = 3 if k < 2 else 1
+        w = (rng.standard_normal((cout, cin, ksize, ksize)) * (2 / (cin * ksize * ksize)) ** 0.5).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{k}"))
+        out = f"c{k}"
+        nodes.append(helper.make_node("Conv", [prev, f"w{k}"], [out], pads=[ksize // 2] * 4))
+        if k < len(widths):
+            nodes.append(helper.make_node("Relu", [out], [f"r{k}"]))
+            out = f"r{k}"
+        prev, cin = out, cout
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 10, size, size])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def chain(tmp_path, monkeypatch):
+    monkeypatch.setenv("AOFP_ONNX_CACHE", str(tmp_path / "cache"))
+    return conv_chain(tmp_path / "chain.onnx")
+
+
+def fake_table(pruner, penalty=None, node_ms=None, fixed_ms=1.0):
+    """A LatencyTable with hand-made measurements: every conv measured, curves linear with `penalty`."""
+    cmap = pruner.cmap
+    kinds = [latency._NodeKind(cmap, c) for c in cmap.counted]
+    nodes, keys = {}, []  # ms of node k: 1 + k unless given
+    for k, kind in enumerate(kinds):
+        ms = (node_ms or {}).get(k, 1.0 + k)
+        curves = {}
+        for role in dict.fromkeys(kind.roles):
+            full = kind.cout if role == "out" else kind.cin
+            curves[role] = Curve(full, [full], [ms], dict(penalty or {})).to_json()
+        nodes[f"n{k}"] = {"full": ms, "curves": curves}
+        keys.append(f"n{k}" if kind.measured else None)
+    raw = sum(v["full"] for v in nodes.values())
+    data = {"provider": "fake", "batch": 1, "threads": None, "input_shapes": {}, "full_ms": raw + fixed_ms,
+            "nodes": nodes, "node_keys": keys}
+    unscaled = LatencyTable(cmap, data)  # no half-width measurement: s = L_full / Σ t_c, L_fixed = 0
+    assert unscaled.fixed_ms == 0 and unscaled.estimate_ms(cmap.full_keep()) == pytest.approx(raw + fixed_ms)
+    half = latency.half_keep(cmap)
+    data["half_ms"] = fixed_ms + unscaled.estimate_ms(half) * raw / (raw + fixed_ms)  # as if s = 1
+    table = LatencyTable(cmap, data)
+    assert table.estimate_ms(half) == pytest.approx(data["half_ms"]) and table.fixed_ms == pytest.approx(fixed_ms)
+    return table
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+def test_sample_widths_and_alignment_classes():
+    assert [alignment(w) for w in (64, 48, 40, 33, 1)] == [32, 16, 8, 1, 1]
+    assert sample_widths(128) == ([32, 64, 128], {16: 48, 8: 56, 1: 63})  # probes between 32 and 64
+    assert sample_widths(512) == ([224, 256, 512], {16: 240, 8: 248, 1: 255})
+    assert sample_widths(48) == ([16, 24, 48], {1: 23})  # below 64 channels: an 8-grid
+    assert sample_widths(12) == ([12], {})
+
+
+def test_curve_interpolates_between_samples_and_applies_class_penalties():
+    curve = Curve(128, [64, 128], [4.0, 8.0], {16: 1.5, 8: 2.0, 1: 3.0})  # ms: 1/16 per channel
+    rho = curve.ratios()
+    assert rho[128] == pytest.approx(1.0)
+    assert rho[96] == pytest.approx(6.0 / 8.0)  # linear between 64 and 128, 32-aligned: no penalty
+    assert rho[32] == pytest.approx(2.0 / 8.0)  # through 0 below the smallest sample
+    assert rho[80] == pytest.approx(5.0 / 8.0 * 1.5)  # a multiple of 16, not 32
+    assert rho[72] == pytest.approx(4.5 / 8.0 * 2.0)
+    assert rho[71] == pytest.approx(71 / 16 / 8.0 * 3.0)
+    aligned = curve.ratios(aligned=True)  # what searches stop on: monotone, no penalties
+    assert aligned[71] == pytest.approx(71 / 16 / 8.0) and np.all(np.diff(aligned) > 0)
+
+
+def test_table_is_measured_once_then_read_from_the_cache(chain, monkeypatch):
+    pruner = api.Pruner.load(chain)
+    feeds = pruner.feeds(2, 2)[0]
+    table = build_table(pruner.cmap, feeds, "cpu", threads=1)
+    files = list((latency.cache_dir()).glob("*.json"))
+    assert len(files) == 1 and latency.cache_dir().parent.name == "cache"
+    summary = table.summary()
+    assert summary["batch"] == 2 and summary["threads"] == 1 and not summary["cached"]
+    assert summary["node_configs"] == 4  # four distinct convs
+    assert table.ratio(pruner.cmap.full_keep()) == pytest.approx(1.0)
+    saved = json.loads(files[0].read_text())
+    assert saved["key"]["fingerprint"] == pruner.cmap.graph.fingerprint() and saved["key"]["batch"] == 2
+    curve = saved["nodes"][table.data["node_keys"][1]]["curves"]["out"]  # conv 1: 48 outputs
+    assert curve["widths"] == [16, 24, 48] and sorted(curve["penalty"]) == ["1"]
+    # whole-model alignment probes around half width (32, 24, 16; all below 64: an 8-grid, so only odd widths)
+    assert sorted(saved["model_penalty"]) == ["1"] and saved["model_penalty"]["1"] > 0
+    assert table.class_penalty() == {16: 1.0, 8: 1.0, 1: saved["model_penalty"]["1"]}
+    probes = latency.probe_keeps(pruner.cmap)
+    assert {k: [int(keep[g.slots].sum()) for g in pruner.cmap.prunable] for k, keep in probes.items()} == \
+        {"lower": [24, 16, 8], 1: [31, 23, 15]}
+    wide = api.Pruner.load(conv_chain(chain.parent / "wide.onnx", widths=(256, 130, 40)))
+    probes = latency.probe_keeps(wide.cmap)  # half widths 128 (grid 32), 64 (grid 32), 16 (grid 8)
+    assert {k: [int(keep[g.slots].sum()) for g in wide.cmap.prunable] for k, keep in probes.items()} == \
+        {"lower": [96, 32, 8], 16: [112, 48, 16], 8: [120, 56, 16], 1: [127, 63, 15]}
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a cached table was measured again")
+
+    measure, timings = latency._measure_node, latency._timings
+    monkeypatch.setattr(latency, "_measure_node", no_timing)
+    monkeypatch.setattr(latency, "_timings", no_timing)
+    again = build_table(pruner.cmap, feeds, "cpu", threads=1)
+    assert again.summary()["cached"] and again.full_ms == table.full_ms
+    monkeypatch.setattr(latency, "_measure_node", measure)
+    monkeypatch.setattr(latency, "_timings", timings)
+    build_table(pruner.cmap, pruner.feeds(1, 1)[0], "cpu", threads=1, full=False)  # another batch: another table
+    assert len(list(latency.cache_dir().glob("*.json"))) == 2
+
+
+def test_estimate_is_the_product_form_over_each_nodes_tensors(chain):
+    pruner = api.Pruner.load(chain)
+    table = fake_table(pruner, node_ms={0: 2.0, 1: 3.0, 2: 4.0, 3: 5.0}, fixed_ms=1.0)
+    cmap = pruner.cmap
+    g0, g1, g2 = cmap.prunable  # widths 64, 48, 40
+    keep = cmap.full_keep()
+    keep[g0.slots[32:]] = False  # 32 of 64
+    keep[g1.slots[24:]] = False  # 24 of 48
+    # conv0 scales with g0 (out); conv1 with g0 (in) and g1 (out); conv2 with g1 and g2; conv3 with g2
+    expected = 1.0 + 2.0 * 0.5 + 3.0 * 0.5 * 0.5 + 4.0 * 0.5 * 1.0 + 5.0 * 1.0
+    assert table.estimate_ms(keep) == pytest.approx(expected)
+    assert table.ratio(keep) == pytest.approx(expected / 15.0)
+
+
+@pytest.mark.parametrize("penalty, multiple", [({16: 1.0, 8: 1.0, 1: 1.0}, 1), ({16: 1.0, 8: 1.06, 1: 1.6}, 8),
+                                               ({16: 1.01, 8: 1.3, 1: 2.0}, 16), ({16: 1.2, 8: 1.3, 1: 2.0}, 32)])
+def test_round_to_auto_picks_the_smallest_multiple_without_penalty(chain, penalty, multiple):
+    table = fake_table(api.Pruner.load(chain), penalty=penalty)
+    assert table.rewarded_multiple() == multiple
+    assert targets.resolve_round_to("auto", table) == multiple
+    assert targets.resolve_round_to(4, table) == 4
+    assert targets.resolve_round_to("auto", None) == 1
+
+
+# --- the latency target --------------------------------------------------------------------------
+
+def test_latency_target_selection_lands_on_aligned_widths_below_the_target(chain):
+    pruner = api.Pruner.load(chain)
+    table = fake_table(pruner, penalty={16: 1.0, 8: 1.5, 1: 2.0})
+    cmap, scores = pruner.cmap, l1_scores(pruner.cmap)
+    keep = select.select_by_score(cmap, scores, 0.6, cost=table.ratio)
+    assert table.ratio(keep) <= 0.6
+    keep = select.round_widths(cmap, keep, scores, 16, 1, 0.6, table.ratio)
+    widths = [int(keep[g.slots].sum()) for g in cmap.prunable]
+    assert all(w % 16 == 0 or w == g.width for w, g in zip(widths, cmap.prunable)), widths
+    assert 0.6 - 0.15 < table.ratio(keep) <= 0.6  # within one 16-channel step of the biggest group
+
+
+@pytest.mark.parametrize("criterion", ["l1", "aofp"])
+def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp_path, monkeypatch, criterion):
+    pruner = api.Pruner.load(chain, data="random:8")
+    monkeypatch.setattr(latency, "build_table", lambda cmap, *a, **k: fake_table(pruner))
+    measured = []
+
+    def fake_measure(before, after, feeds, provider, repeats=20, threads=None, cpu=False):
+        ratio = 0.7 if not measured else 0.6  # the first check misses: the widths are refitted once
+        measured.append(ratio)
+        return {"before": 10.0, "after": 10.0 * ratio, "ratio": ratio, "before_p10": 9.0, "before_p90": 11.0,
+                "after_p10": 9 * ratio, "after_p90": 11 * ratio, "provider": "fake", "threads": threads,
+                "batch_size": 2, "input_shapes": {}, "repeats": repeats, "slower": False}
+
+    monkeypatch.setattr(targets, "measure_latency", fake_measure)
+    monkeypatch.setattr(api, "measure_latency", fake_measure)
+    monkeypatch.setattr(api.Pruner, "load", classmethod(lambda cls, *a, **k: pruner))
+    rep = api.prune(chain, tmp_path / "out.onnx", calib="random:8", criterion=criterion, latency_target=0.6,
+                    round_to=8, batch_size=4, progress=False)
+    lat = rep["targets"]["latency"]
+    rounds = lat["rounds"]
+    assert [r["measured"] for r in rounds] == [0.7, 0.6] and rounds[1]["internal_target"] == pytest.approx(0.6 * 0.6 / 0.7)
+    assert lat["target"] == 0.6 and lat["measured"] == 0.6 and lat["estimated"] <= 0.6 * 0.6 / 0.7
+    assert rep["round_to"] == {"given": 8, "used": 8} and rep["targets"]["macs"]["target"] is None
+    assert all(g["width_after"] % 8 == 0 for g in rep["groups"] if g["width_after"] != g["width_before"])
+
+
+def test_targets_are_checked():
+    for bad in ({"flops_target": 0.0}, {"latency_target": 1.5}, {"flops_target": 0.5, "latency_target": 0.5}):
+        with pytest.raises(api.InputError):
+            targets.check_targets(bad.get("flops_target"), bad.get("latency_target"))
+    assert targets.parse_round_to("auto") == "auto" and targets.parse_round_to("16") == 16
+    with pytest.raises(api.InputError):
+        targets.parse_round_to("sixteen")
+
+
+# --- measured, reported ----------------------------------------------------------------------------
+
+def test_a_slower_pruned_model_is_flagged_with_a_hint(chain, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def slower(runners, feeds, warmup=3, repeats=20, cpu=False):
+        calls.append(len(runners))
+        return [{"median": 10.0, "p10": 9.0, "p90": 11.0, "repeats": repeats},
+                {"median": 12.0, "p10": 11.0, "p90": 13.0, "repeats": repeats}][:len(runners)]
+
+    monkeypatch.setattr(latency, "latency_ms", slower)
+    rep = api.prune(chain, tmp_path / "out.onnx", calib="random:4", criterion="l1", flops_target=0.5, round_to=1,
+                    batch_size=2)
+    lat = rep["latency_ms"]
+    assert lat["slower"] and lat["ratio"] == pytest.approx(1.2) and "--round-to" in lat["hint"]
+    assert (lat["before_p10"], lat["before_p90"], lat["after_p10"], lat["after_p90"]) == (9.0, 11.0, 11.0, 13.0)
+    assert lat["batch_size"] == 2 and lat["input_shapes"] == {"x": [2, 3, 12, 12]}
+    assert "warning" in capsys.readouterr().err and (tmp_path / "out.onnx").exists()
+
+
+def test_bench_times_several_models_batches_and_shapes(chain, tmp_path):
+    chain = conv_chain(tmp_path / "wide.onnx", size="S")
+    other = conv_chain(tmp_path / "narrow.onnx", widths=(32, 24, 16), size="S")
+    shapes = [("x", (1, 3, 12, 12)), ("x", (1, 3, 16, 16))]
+    assert shape_settings(shapes) == [{"x": (1, 3, 12, 12)}, {"x": (1, 3, 16, 16)}]
+    rows = bench_models([str(chain), str(other)], provider="cpu", batch_size=[1, 3], repeats=2, warmup=0,
+                        threads=1, input_shapes=shapes)
+    assert len(rows) == 8
+    assert [(r["batch_size"], r["input_shapes"]["x"][2]) for r in rows[::2]] == [(1, 12), (1, 16), (3, 12), (3, 16)]
+    assert all(r["ratio"] == 1.0 for r in rows[::2]) and all(r["ratio"] > 0 for r in rows[1::2])
+    assert all(r["input_shapes"]["x"][0] == r["batch_size"] for r in rows)
+
+
+# --- MACs target met closely (issue 12, item 6) ----------------------------------------------------
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+@pytest.mark.parametrize("step", [1, 8])
+def test_rounding_lands_within_one_percent_below_the_macs_target(tmp_path, target, step):
+    deep = conv_chain(tmp_path / "deep.onnx", widths=(96, 80, 64, 96, 80, 64, 48, 56))
+    pruner = api.Pruner.load(deep)
+    cmap, scores = pruner.cmap, l1_scores(pruner.cmap)
+    over = select.select_by_score(cmap, scores, target - 0.1)  # a search that overshot (AOFP's halves)
+    for keep in (over, select.select_by_score(cmap, scores, target)):
+        fitted = select.round_widths(cmap, keep, scores, step, 1, target)
+        ratio = cmap.macs(fitted) / cmap.total_macs
+        assert target - 0.01 <= ratio <= target, (step, ratio)
+        assert all(int(fitted[g.slots].sum()) % step == 0 or int(fitted[g.slots].sum()) == g.width
+                   for g in cmap.prunable)
+
+
+def test_prune_report_shows_the_macs_target_beside_what_was_reached(chain, tmp_path):
+    deep = conv_chain(tmp_path / "deep.onnx", widths=(96, 80, 64, 96, 80, 64, 48, 56))
+    rep = api.prune(deep, tmp_path / "out.onnx", calib="random:4", criterion="l1", flops_target=0.5, round_to=8,
+                    batch_size=2, latency=False)
+    macs = rep["targets"]["macs"]
+    assert macs["target"] == 0.5 and macs["reached"] == rep["macs_after"] / rep["macs_before"]
+    assert 0.49 <= macs["reached"] <= 0.5
