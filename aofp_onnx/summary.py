@@ -55,9 +55,9 @@ def target_lines(rep: dict) -> list[str]:
     if table:
         share = 100 * table["seconds"] / max(rep.get("seconds", 0.0), 1e-9)
         built = "cached" if table["cached"] else f"built in {table['seconds']:.1f} s ({share:.0f}% of the run)"
-        what = f"{table['node_configs']} layer configurations" if table["node_configs"] else "alignment probes"
-        out.append(f"table   latency table ({what}) {built}; round-to {rep['round_to']['given']} -> "
-                   f"{rep['round_to']['used']} (off-grid penalties {table['class_penalty']})")
+        what = f"table of {table['node_configs']} layer configurations" if table["node_configs"] else "probes"
+        out.append(f"round   --round-to {rep['round_to']['given']} -> {rep['round_to']['used']} (measured off-grid "
+                   f"penalties {table['class_penalty']}; {what} {built})")
     return out
 
 
