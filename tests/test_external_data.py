@@ -154,7 +154,7 @@ def test_cli_verify_rejects_a_plan_that_does_not_match(ext, tmp_path):
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps(plan))
     proc = run_cli("verify", ext["model"], ext["pruned"], "--plan", wrong)
-    assert proc.returncode == 1 and proc.stdout.startswith("FAILED"), proc.stdout + proc.stderr
+    assert proc.returncode == 3 and proc.stdout.startswith("FAILED"), proc.stdout + proc.stderr
 
 
 def test_apply_writes_external_data_too_and_matches_prune(ext):
