@@ -430,6 +430,9 @@ def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val:
         with phases("fidelity", f"comparing outputs with the teacher's on {len(held)} validation samples"):
             rep["fidelity_before"] = fid.fidelity(teacher_data, student, held, provider, options.batch_size)
             rep["fidelity"] = fid.fidelity(teacher_data, tuned, held, provider, options.batch_size)
+        if not val:
+            for key in ("fidelity_before", "fidelity"):
+                rep[key]["source"] = f"the validation split (not trained on) of {held.source}"
     if labelled is not None:
         with phases("accuracy", f"on {len(labelled)} labelled samples"):
             rep["accuracy"] = {"before": accuracy(student, labelled, provider),
