@@ -304,7 +304,14 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     fidelity measured against the original as loaded.
     `latency_target` R keeps R of the latency measured on `provider` at `latency_batch` (default
     `batch_size`) with `threads`, through a latency table (`latency.build_table`, cached), checked on the
-    cut model; `round_to="auto"` rounds widths to the multiple that table says the kernels reward."""
+    cut model; `round_to="auto"` rounds widths to the multiple that table says the kernels reward. Under
+    torchrun the fine-tuning of `finetune_steps` is data-parallel: rank 0 searches and writes, the other
+    processes train with it and return None."""
+    from .finetune import launched_processes, leads, release
+
+    if launched_processes() > 1 and not finetune_steps:
+        raise InputError("under torchrun, prune spreads only the fine-tuning of --finetune-steps over the processes; "
+                         "spread the search with --devices, in one process")
     start = time.perf_counter()
     check_output_path(model_path, output)
     check_targets(flops_target, latency_target)
@@ -324,6 +331,8 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
         tuner = _base_path_tuner(pruner, criterion, finetune_steps, finetune_data, finetune_options, image_options,
                                  seed)
         search_options["tuner"], original = tuner, tuner.teacher
+        if not leads(tuner.training):
+            return None
     lat_batch = latency_batch or batch_size
     lat_feeds = pruner.feeds(lat_batch, lat_batch)[0]
     table = None
@@ -367,6 +376,8 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     if plan_out:
         plan.save(plan_out)
     rep["seconds"] = time.perf_counter() - start
+    if finetune_steps:
+        release(tuner.training)
     return rep
 
 
@@ -388,7 +399,8 @@ def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val:
     """Fine-tune the pruned model (distillation from `teacher`, supervised, or the user's trainer) and
     write the same graph with the trained initializer values; returns the report. With a teacher, the
     report's `fidelity` compares the written model's outputs with the teacher's on the validation samples
-    (never trained on; `fidelity_before`: the model as it came)."""
+    (never trained on; `fidelity_before`: the model as it came). Under torchrun, None on the processes
+    other than rank 0: they train with it and return once it has written."""
     from . import finetune as ft
 
     options = options or ft.Options()
@@ -415,7 +427,10 @@ def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val:
     labelled = load_data(eval_src, specs, image_options=image_options, labels=True) if eval_src else None
     job = ft.Job(student, teacher_data, train, held, mode, options)
     start = time.perf_counter()
-    result = ft.run(job, bridge)
+    training = ft.start(job, bridge)
+    if not ft.leads(training):  # torchrun: rank 0 writes, this process trained with it and waited
+        return None
+    result = training.train()
     tuned = ft.with_values(student, result.values)
     if not ft.same_graph(student.proto, tuned.proto):
         raise VerificationError("fine-tuning changed the graph; nothing written")
@@ -441,4 +456,5 @@ def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val:
                 rep["accuracy"]["teacher"] = accuracy(teacher_data, labelled, provider)
     with phases("write", os.fspath(output)):
         save_model(tuned, output, external_data=external)
+    ft.release(training)
     return rep

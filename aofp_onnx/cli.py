@@ -206,6 +206,8 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
             raise Interrupted(f"interrupted; nothing written. The search state is in {checkpoint}: continue with "
                               f"the same command plus --resume {checkpoint}") from None
         raise
+    if rep is None:  # torchrun: rank 0 reports
+        return
     if plot:
         from .plot import plot_widths
 
@@ -308,10 +310,13 @@ def finetune(pruned, teacher, data, output, mode, trainer, val, eval_src, bridge
     rep = api.finetune(pruned, output, data=data, teacher=teacher, val=val, mode=mode, options=options,
                        bridge=bridge, provider=provider, input_shapes=parse_input_shapes(list(input_shape)),
                        image_options=_image_options(img), eval_src=eval_src, progress=not no_progress)
+    if rep is None:  # torchrun: rank 0 reports
+        return
     if report_path:
         _write_json(report_path, rep)
     best = rep.get("best") or {}
-    click.echo(f"fine-tuned ({rep['mode']}, {rep['device']}, {rep['seconds']:.1f} s); kept epoch "
+    procs = f", {rep['world_size']} processes" if rep.get("world_size", 1) > 1 else ""
+    click.echo(f"fine-tuned ({rep['mode']}, {rep['device']}{procs}, {rep['seconds']:.1f} s); kept epoch "
                f"{best.get('epoch', '-')} of {options.epochs}")
     if "distill_error" in rep:
         d = rep["distill_error"]

@@ -12,10 +12,15 @@ Losses a bridge implements (``job.mode``):
   on the same unlabelled inputs (no labels needed);
 - ``supervised``: cross-entropy of the first output (logits over axis 1) against the labels;
 - ``trainer``: the user's ``module:function``, handed the framework's module and the data.
+
+Under torchrun (``WORLD_SIZE`` > 1) a bridge may train data-parallel: every process starts the same
+job, rank 0 (`leads`) trains and writes while the others `serve` (mirror its training) and return
+once it has written (`release`). A bridge without these methods is one process.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -80,15 +85,39 @@ class Result:
     device: str
     history: list[dict] = field(default_factory=list)  # per epoch (or per call): losses, validation metric
     best: dict | None = None  # the history entry whose values these are
+    world_size: int = 1  # processes that trained (torchrun)
 
     def to_json(self) -> dict:
-        return {"device": self.device, "history": self.history, "best": self.best}
+        return {"device": self.device, "history": self.history, "best": self.best, "world_size": self.world_size}
 
 
 class Training(Protocol):
-    """A started fine-tuning; `train` can be called again (training-time AOFP calls it once per half)."""
+    """A started fine-tuning; `train` can be called again (training-time AOFP calls it once per half).
+
+    Optional, for data-parallel bridges: `rank` (0 writes), `serve()` (the other ranks: mirror rank
+    0's `train` calls until it closes) and `close(ok)` (rank 0, after writing: release the others)."""
 
     def train(self, steps: int | None = None, constants: dict[str, np.ndarray] | None = None) -> Result: ...
+
+
+def launched_processes() -> int:
+    """How many processes torchrun started for this command (1 without torchrun)."""
+    return max(1, int(os.environ.get("WORLD_SIZE") or 1))
+
+
+def leads(training) -> bool:
+    """Whether this process writes: rank 0, or the only process; the others serve rank 0 and return."""
+    if getattr(training, "rank", 0) == 0:
+        return True
+    training.serve()
+    return False
+
+
+def release(training, ok: bool = True) -> None:
+    """Rank 0, once written: let the processes that served it return."""
+    close = getattr(training, "close", None)
+    if close is not None:
+        close(ok)
 
 
 def bridge_names() -> list[str]:
@@ -228,6 +257,7 @@ class BasePathTuner:
         self.mode = resolve_mode("auto", data, teacher, None)
         self.names = set(self.graph.inits)
         self.training = load_bridge(bridge)(Job(masked_model(cmap), teacher, data, None, self.mode, options))
+        self.world_size = getattr(self.training, "world_size", 1)
         self.steps, self.halves, self.seconds, self.losses = steps, 0, 0.0, []
         self.device = None
 
@@ -243,19 +273,25 @@ class BasePathTuner:
         self.device = result.device
 
     def to_json(self) -> dict:
-        return {"mode": self.mode, "steps_per_half": self.steps, "halves": self.halves,
+        return {"mode": self.mode, "world_size": self.world_size, "steps_per_half": self.steps, "halves": self.halves,
                 "steps": self.steps * self.halves, "seconds": self.seconds, "device": self.device,
                 "first_loss": self.losses[0] if self.losses else None,
                 "last_loss": self.losses[-1] if self.losses else None}
 
 
+def start(job: Job, bridge: str = "torch") -> Training:
+    """The named bridge started on `job` (under torchrun: this process's part of a data-parallel job)."""
+    job.options.check()
+    return load_bridge(bridge)(job)
+
+
 def run(job: Job, bridge: str = "torch") -> Result:
     """Fine-tune `job.student` with the named bridge; the result's values are checked against the graph."""
-    job.options.check()
-    result = load_bridge(bridge)(job).train()
+    result = start(job, bridge).train()
     with_values(job.student, result.values)  # raises if the bridge changed the graph
     return result
 
 
 __all__ = ["BasePathTuner", "Job", "Options", "Result", "Training", "bridge_names", "check_teacher",
-           "load_bridge", "output_errors", "resolve_mode", "run", "same_graph", "split_validation", "with_values"]
+           "launched_processes", "leads", "load_bridge", "output_errors", "release", "resolve_mode", "run",
+           "same_graph", "split_validation", "start", "with_values"]

@@ -7,6 +7,9 @@ eval mode, without gradients), or cross-entropy of the first output against the 
 cosine learning-rate decay over the planned steps. With epochs, the model is scored on the validation
 data before training and after every epoch; the best state so far is kept and handed back (so a
 fine-tuning that only hurts returns the starting values).
+
+Under torchrun the training is data-parallel (`bridge.distributed`): DistributedDataParallel over
+gloo (CPU) or NCCL (CUDA), each process on its shard of the samples, validation sums all-reduced.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from onnx import helper
 from ..calib import Data
 from ..errors import InputError
 from ..finetune import Job, Result
+from .distributed import Leader, World
 from .executor import OnnxModule
 
 
@@ -40,8 +44,12 @@ class TorchTraining:
         self.job, opts = job, job.options
         torch.manual_seed(opts.seed)
         self.rng = np.random.default_rng(opts.seed)
-        self.device = pick_device(opts.device)
+        self.world = World.join(pick_device(opts.device))
+        self.device = torch.device(self.world.device)
+        self.rank, self.world_size = self.world.rank, self.world.world_size
+        self.leader = Leader(self.world)
         self.student = OnnxModule(job.student, bn=opts.bn).to(self.device)
+        self.model = self.world.wrap(self.student)  # what training runs (DDP under torchrun)
         self.teacher = None
         if job.mode == "distill":
             self.teacher = OnnxModule(job.teacher).to(self.device).eval()
@@ -50,13 +58,19 @@ class TorchTraining:
         self.params = [p for p in self.student.parameters() if p.requires_grad and p.ndim > 0]
         self.optimizer = torch.optim.Adam(self.params, lr=opts.lr)
         self._order: list[int] = []
+        self._passes = 0
         self.constants = dict(job.constants)  # extra inputs fed as they are (train() may replace them)
 
     # -- data -------------------------------------------------------------------------------------
     def _next_indices(self) -> np.ndarray:
         """The next training batch of a reshuffled pass over the data (a pass restarts when used up)."""
         n, bs = len(self.job.data), min(self.job.options.batch_size, len(self.job.data))
-        if len(self._order) < bs:
+        if self.world_size > 1:  # this process's ⌈B/N⌉ samples, from its shard of the pass
+            bs = min(self.world.local_batch(bs), -(-n // self.world_size))
+            if len(self._order) < bs:
+                self._order = self.world.shard(n, self.job.options.seed, self._passes)
+                self._passes += 1
+        elif len(self._order) < bs:
             self._order = list(self.rng.permutation(n))
         take, self._order = self._order[:bs], self._order[bs:]
         return np.asarray(take)
@@ -79,20 +93,23 @@ class TorchTraining:
 
     @torch.no_grad()
     def score(self, data: Data) -> dict:
-        """Validation: mean loss, and accuracy when the data has labels (model in eval mode)."""
+        """Validation: mean loss, and accuracy when the data has labels (model in eval mode); each
+        process scores every N-th sample and the sums are all-reduced."""
         self.student.eval()
         loss, correct = 0.0, 0
         bs = self.job.options.batch_size
-        for s in range(0, len(data), bs):
-            idx = np.arange(s, min(s + bs, len(data)))
+        mine = np.arange(self.rank, len(data), self.world_size)
+        for s in range(0, len(mine), bs):
+            idx = mine[s:s + bs]
             outputs = self.student(**self._feeds(data, idx))
             loss += float(self._loss(outputs, data, idx)) * len(idx)
             if data.labels is not None:
                 predicted = outputs[0].reshape(len(idx), -1).argmax(1).cpu().numpy()
                 correct += int((predicted == data.labels[idx]).sum())
+        loss, correct = self.world.all_sum([loss, correct])
         out = {"val_loss": loss / len(data)}
         if data.labels is not None:
-            out["val_accuracy"] = correct / len(data)
+            out["val_accuracy"] = int(correct) / len(data)
         return out
 
     def _better(self, a: dict, b: dict | None) -> bool:
@@ -111,7 +128,7 @@ class TorchTraining:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr0 * 0.5 * (1 + math.cos(math.pi * (done + k) / max(total, 1)))
             idx = self._next_indices()
-            loss = self._loss(self.student(**self._feeds(self.job.data, idx)), self.job.data, idx)
+            loss = self._loss(self.model(**self._feeds(self.job.data, idx)), self.job.data, idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -129,19 +146,23 @@ class TorchTraining:
             out[init.name] = np.array(tensor, dtype=helper.tensor_dtype_to_np_dtype(init.data_type), copy=True)
         return out
 
-    def train(self, steps: int | None = None, constants: dict[str, np.ndarray] | None = None) -> Result:
-        """`steps` optimizer steps (no validation), or the job's epochs with the best state kept."""
+    def train(self, steps: int | None = None, constants: dict[str, np.ndarray] | None = None, *,
+              mirrored: bool = False) -> Result:
+        """`steps` optimizer steps (no validation), or the job's epochs with the best state kept. Under
+        torchrun rank 0 calls it and the other processes run the same call in `serve`."""
+        if not mirrored:
+            self.leader.command(steps, constants)
         self.constants = dict(self.job.constants if constants is None else constants)
         opts = self.job.options
         if self.job.mode == "trainer":
             return self._user_trainer()
         if steps is not None:
             loss = self._steps(steps, steps, 0, None)
-            return Result(self.values(), str(self.device), [{"steps": steps, "train_loss": loss}])
+            return self._result(self.values(), [{"steps": steps, "train_loss": loss}])
         per_epoch = math.ceil(len(self.job.data) / opts.batch_size)
         total = opts.steps or opts.epochs * per_epoch
         epochs = math.ceil(total / per_epoch)
-        show = _progress(opts.progress)
+        show = _progress(opts.progress and self.world.leader)
         val = self.job.val or self.job.data
         best = {"epoch": 0, **self.score(val)}
         best_values, history, done = self.values(), [dict(best)], 0
@@ -155,16 +176,28 @@ class TorchTraining:
                 best, best_values = entry, self.values()
         if show:
             sys.stderr.write("\n")
-        return Result(best_values, str(self.device), history, best)
+        return self._result(best_values, history, best)
+
+    def _result(self, values, history, best=None) -> Result:
+        return Result(values, str(self.device), history, best, world_size=self.world_size)
+
+    def serve(self) -> bool:
+        """Processes other than rank 0: mirror its `train` calls until it closes; whether it succeeded."""
+        return self.leader.serve(self.train)
+
+    def close(self, ok: bool = True) -> None:
+        """Release the other processes (rank 0, once written) and leave the process group."""
+        self.leader.close(ok)
 
     def _user_trainer(self) -> Result:
         fn = load_trainer(self.job.options.trainer)
-        extra = {"teacher": self.teacher, "options": self.job.options, "device": self.device}
+        extra = {"teacher": self.teacher, "options": self.job.options, "device": self.device,
+                 "distributed": self.world}
         accepted = inspect.signature(fn).parameters
         kwargs = {k: v for k, v in extra.items() if k in accepted}
         self.student.train()
         fn(self.student, self.job.data, **kwargs)
-        return Result(self.values(), str(self.device), [{"trainer": self.job.options.trainer}])
+        return self._result(self.values(), [{"trainer": self.job.options.trainer}])
 
 
 def load_trainer(spec: str):
