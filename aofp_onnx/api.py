@@ -272,6 +272,8 @@ def choose_keep(pruner: Pruner, criterion: str, *, flops_target: float | None, m
     """(keep, scores, search stats) for a criterion; l1/random/oracle need a target. With `latency_target`,
     the target counts the latency `table` estimates (without alignment penalties) instead of MACs."""
     check_criterion(criterion, flops_target, latency_target)
+    if search_options.get("devices") and criterion != "aofp":
+        raise InputError("--devices shares the AOFP trials between sessions; use it with --criterion aofp")
     start = time.perf_counter()
     target = latency_target if latency_target is not None else flops_target
     cost = table.aligned_ratio if latency_target is not None else None  # rounding then meets the real one

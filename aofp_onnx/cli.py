@@ -167,11 +167,13 @@ def inspect(model, input_shape, json_out, show_all):
 @click.option("--finetune-batch-size", type=int, default=32, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Fine-tuning device (auto: CUDA when torch sees a GPU).")
+@click.option("--devices", metavar="LIST", help="AOFP: share each round's trials between sessions, one per device: "
+              "cuda:0,cuda:1 (one per GPU) or cpu,cpu (CPU sessions splitting the cores); same plan as one device.")
 @image_options
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
           batch_size, calib_limit, latency_target, latency_batch, threads, round_to, min_channels, provider, seed, input_shape, plan_out, report_path,
           eval_src, plot, no_latency, verify_samples, no_progress, checkpoint, resume, reconstruct, finetune_steps,
-          finetune_data, finetune_lr, finetune_batch_size, device, **img):
+          finetune_data, finetune_lr, finetune_batch_size, device, devices, **img):
     """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
     shapes = parse_input_shapes(list(input_shape))
     checkpoint = checkpoint or f"{output}.search-state.npz"
@@ -187,6 +189,8 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
                               oracle_step=oracle_step)
     if criterion == "aofp":
         search_options.update(checkpoint=checkpoint, resume=resume)
+    if devices:
+        search_options.update(devices=devices)
     if finetune_steps:
         from .finetune import Options
 

@@ -94,9 +94,10 @@ class Runner:
 
     def __init__(self, model: onnx.ModelProto | ModelData | str | os.PathLike, provider: str = "auto", *,
                  threads: int | None = None, optimization: str = "all", outputs: list[str] | None = None,
-                 prepack: bool = True, arena: bool = True):
+                 prepack: bool = True, arena: bool = True, device_id: int = 0):
         resolved = resolve_provider(provider)
-        providers = [CUDA, CPU] if resolved == CUDA else [CPU]
+        providers = [(CUDA, {"device_id": device_id}), CPU] if resolved == CUDA else [CPU]
+        self.device_id = device_id  # the GPU of a CUDA session
         self._tempdir: str | None = None  # a large model's files, removed with the runner
         options = _session_options(threads, optimization)
         if not prepack:  # kernels would keep a re-laid-out copy of every weight
@@ -192,12 +193,12 @@ class Runner:
             device_value = value if isinstance(value, ort.OrtValue) else self._to_device(value)
             binding.bind_ortvalue_input(name, device_value)
         for name in names:
-            binding.bind_output(name, self._device, 0)
+            binding.bind_output(name, self._device, self.device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
     def _to_device(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, self.device_id)
 
 
 def latency_ms(runners: list[Runner], feeds_per_runner: list[dict], *, warmup: int = 3,

@@ -59,11 +59,13 @@ class TrialEngine:
     the session's groups have saturated, the session is rebuilt for the groups still searching
     (`build_trial_model(cmap, ids)`), so the others' consumer copies, which would cost as much as ever,
     stop running (at most log₄⁄₃ G rebuilds per restart of the search). One session at a time holds the
-    weights."""
+    weights. With `devices` (`pool.parse_devices`), one session per device shares the rows of each run."""
 
-    def __init__(self, cmap: ChannelMap, provider: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    def __init__(self, cmap: ChannelMap, provider: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 devices: list | None = None):
         self.cmap = cmap
-        self._session = tuple(range(len(cmap.prunable))), Runner(build_trial_model(cmap), provider)
+        self.devices = devices
+        self._session = tuple(range(len(cmap.prunable))), self._runner(build_trial_model(cmap), provider)
         self.provider = self._session[1].provider
         # per stacked trial and sample, the copies hold about one activation set at a time (each copy's
         # stacked input, output and difference are freed once its damage is reduced); measured peaks
@@ -79,8 +81,16 @@ class TrialEngine:
         if not set(active) <= set(covered) or 4 * len(active) <= 3 * len(covered):
             ids = [self.cmap.prunable[k].id for k in active]
             self._session = None  # the old session's memory goes before the new one is built
-            self._session = active, Runner(build_trial_model(self.cmap, ids), "cuda" if self.provider == CUDA else "cpu")
+            provider = "cuda" if self.provider == CUDA else "cpu"
+            self._session = active, self._runner(build_trial_model(self.cmap, ids), provider)
         return self._session
+
+    def _runner(self, model, provider: str):
+        if self.devices:
+            from .pool import RunnerPool
+
+            return RunnerPool(model, self.devices, split=TRIAL_INPUT)
+        return Runner(model, provider)
 
     def damage(self, keep: np.ndarray, rows: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """[T, G] damage of T trial rows (each [S+1], 0 = removed by the trial) on one calibration batch."""
@@ -412,15 +422,21 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         provider: str = "auto", batch_size: int = 32, threshold: float = 0.01, trials_per_half: int = 8,
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
         memory_budget: int | None = None, checkpoint: str | None = None,
-        resume: str | None = None, tuner=None, cost=None) -> tuple[np.ndarray, np.ndarray, dict]:
+        resume: str | None = None, tuner=None, cost=None,
+        devices: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data.
 
     AOFP: with `checkpoint`, the search state is saved there after every round (and removed once the
     search ends); `resume` continues a saved state (same model, data and options, else InputError).
     With `tuner` (a `finetune.BasePathTuner`), the base path is fine-tuned after every half and the
-    trial session rebuilt on the new weights (no checkpoints then: the state would lack the weights)."""
+    trial session rebuilt on the new weights (no checkpoints then: the state would lack the weights).
+    `devices` (AOFP, e.g. "cuda:0,cuda:1" or "cpu,cpu"): one trial session per device, sharing each round."""
     if pruner.data is None:
         raise InputError(f"--criterion {criterion} needs calibration data (--calib)")
+    if devices is not None:
+        from .pool import parse_devices
+
+        devices = parse_devices(devices)
     if trials_per_half < 1 or batch_size < 1 or threshold <= 0:
         raise InputError("--trials-per-half and --batch-size must be at least 1, --threshold positive")
     cmap = pruner.cmap
@@ -443,7 +459,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
             if resume:
                 raise InputError("--resume cannot continue a search that fine-tunes (--finetune-steps)")
             checkpoint = None
-        engine = TrialEngine(cmap, provider, budget)
+        engine = TrialEngine(cmap, provider, budget, devices)
         stack = min(trials_per_half, engine.max_stack(len(next(iter(batches[0].values())))))
         options = {"fingerprint": cmap.graph.fingerprint(), "data": _data_digest(batches), "threshold": threshold,
                    "trials_per_half": trials_per_half, "flops_target": flops_target, "max_trials": max_trials,
@@ -457,7 +473,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         def adapt(keep):
             nonlocal engine
             tuner(keep)
-            engine = TrialEngine(cmap, provider, budget)  # the session holds the weights it was built with
+            engine = TrialEngine(cmap, provider, budget, devices)  # the session holds the weights it was built with
 
         save = (lambda st: save_state(checkpoint, st, options)) if checkpoint else None
         keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,
@@ -471,6 +487,8 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         show.close()
     info = stats.to_json()
     info["provider"] = used
+    if devices:
+        info["devices"] = [str(d) for d in devices]
     if tuner is not None:
         info["finetune"] = tuner.to_json()
     if flops_target is not None and (cost or _macs_ratio(cmap))(keep) > flops_target:
