@@ -1,0 +1,118 @@
+"""`finetune` under torchrun on CPU: two processes train with DistributedDataParallel over gloo, rank 0
+writes, the other waits; the user's trainer gets the process group. Also: `prune` under torchrun
+without --finetune-steps is refused.
+
+torchrun is run as `python -m torch.distributed.run` (the same entry point as the `torchrun` script,
+with this interpreter), from the checkout so that `-m aofp_onnx` imports it. NCCL (CUDA) takes the
+same path with another backend and device; no GPU was there to run it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from aofp_onnx import finetune as ft
+from cliutil import ok, run_cli
+
+pytest.importorskip("torch")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CNN, CALIB, TEST = ROOT / "models" / "mnist_cnn.onnx", ROOT / "models" / "mnist_calib.npz", ROOT / "models" / "mnist_test.npz"
+
+
+def torchrun(*args, extra_path=None, timeout=300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m aofp_onnx ARGS` from the checkout, output captured."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (extra_path, ROOT) if p)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "aofp_onnx", *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+
+
+def initializers(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def cut(tmp_path_factory) -> pathlib.Path:
+    """The MNIST CNN cut by L1 to 0.3 of its MACs (accuracy near chance)."""
+    out = tmp_path_factory.mktemp("ddp") / "cut.onnx"
+    ok(run_cli("prune", CNN, "-o", out, "--calib", CALIB, "--criterion", "l1", "--flops-target", "0.3", "--no-progress"))
+    return out
+
+
+@pytest.mark.slow  # two fine-tunings (one of them two processes): about 35 s of CPU, 2 minutes on busy cores
+def test_two_processes_train_like_one_and_rank_0_writes_the_same_graph(cut, tmp_path):
+    with np.load(TEST) as t:
+        x, y = t["input"], t["labels"]
+    np.savez(tmp_path / "train.npz", input=x[:256], labels=y[:256])
+    np.savez(tmp_path / "val.npz", input=x[256:356], labels=y[256:356])
+    np.savez(tmp_path / "eval.npz", input=x[500:], labels=y[500:])
+    common = ["--data", tmp_path / "train.npz", "--val", tmp_path / "val.npz", "--eval", tmp_path / "eval.npz",
+              "--epochs", "2", "--lr", "2e-3", "--device", "cpu", "--no-progress"]
+    one = ok(run_cli("finetune", cut, "-o", tmp_path / "one.onnx", "--report", tmp_path / "one.json", *common))
+    two = ok(torchrun("finetune", cut, "-o", tmp_path / "two.onnx", "--report", tmp_path / "two.json", *common))
+    r1, r2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert r1["world_size"] == 1 and r2["world_size"] == 2
+    assert "2 processes" in two.stdout and "processes" not in one.stdout.splitlines()[0]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
+    assert len(r2["history"]) == len(r1["history"]) == 3  # epoch 0 and two epochs
+    assert ft.same_graph(onnx.load(str(cut)), onnx.load(str(tmp_path / "two.onnx")))
+    before, after = initializers(cut), initializers(tmp_path / "two.onnx")
+    assert sum(not np.array_equal(before[k], after[k]) for k in before) >= 4
+    # the same training split over two processes: recovers like one process, within the noise of the
+    # sample order (500 evaluation digits: one standard error of an accuracy near 0.7 is 2 points)
+    a1, a2 = r1["accuracy"], r2["accuracy"]
+    assert a2["before"] == a1["before"] < 0.2
+    assert a2["after"] > a2["before"] + 0.4 and a1["after"] > a1["before"] + 0.4, (a1, a2)
+    assert abs(a2["after"] - a1["after"]) <= 0.06, (a1, a2)
+
+
+@pytest.mark.slow  # one torchrun of two processes without training: about 10 s
+def test_the_user_trainer_gets_the_process_group(cut, tmp_path):
+    (tmp_path / "ddptrainer.py").write_text(textwrap.dedent(f"""
+        import json
+        import torch
+        import torch.distributed as dist
+
+        def shift(module, data, distributed):
+            total = torch.tensor([distributed.rank + 1.0])
+            dist.all_reduce(total, group=distributed.group)  # 1 + 2 on two processes
+            name, = [n for n in module.initializer_names() if module.parameter_for(n).shape == (10,)]
+            with torch.no_grad():
+                module.parameter_for(name).add_(total[0] + distributed.rank)  # rank 0's values are written
+            info = dict(rank=distributed.rank, world_size=distributed.world_size, backend=distributed.backend)
+            open({str(tmp_path)!r} + f"/rank{{distributed.rank}}.json", "w").write(json.dumps(info))
+    """))
+    out = tmp_path / "t.onnx"
+    ok(torchrun("finetune", cut, "--data", CALIB, "-o", out, "--trainer", "ddptrainer:shift", "--device", "cpu",
+                "--no-progress", extra_path=tmp_path))
+    for rank in (0, 1):
+        info = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert info == {"rank": rank, "world_size": 2, "backend": "gloo"}
+    with np.load(CALIB) as c:
+        x = c["input"][:8]
+
+    def logits(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+    np.testing.assert_allclose(logits(out), logits(cut) + 3.0, rtol=0, atol=1e-4)
+
+
+def test_prune_under_torchrun_without_finetune_steps_is_refused(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, "-m", "aofp_onnx", "prune", str(CNN), "-o", str(out), "--calib", str(CALIB),
+                           "--flops-target", "0.5"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "spread the search with --devices" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
