@@ -95,7 +95,7 @@ class Training(Protocol):
     """A started fine-tuning; `train` can be called again (training-time AOFP calls it once per half).
 
     Optional, for data-parallel bridges: `rank` (0 writes), `serve()` (the other ranks: mirror rank
-    0's `train` calls until it closes) and `close(ok)` (rank 0, after writing: release the others)."""
+    0's `train` calls until it closes) and `close()` (rank 0, after writing: release the others)."""
 
     def train(self, steps: int | None = None, constants: dict[str, np.ndarray] | None = None) -> Result: ...
 
@@ -113,11 +113,11 @@ def leads(training) -> bool:
     return False
 
 
-def release(training, ok: bool = True) -> None:
+def release(training) -> None:
     """Rank 0, once written: let the processes that served it return."""
     close = getattr(training, "close", None)
     if close is not None:
-        close(ok)
+        close()
 
 
 def bridge_names() -> list[str]:

@@ -13,7 +13,8 @@ give the same training, each process computing 1/N of it. Validation sums are al
 
 Rank 0 leads: only it runs the search of training-time AOFP and writes the result. Every call of
 `train` is mirrored on the others through `Leader.command` (rank 0 broadcasts what to run, the
-followers' `serve` loop runs the same call), and `close` releases them once rank 0 has written.
+followers' `serve` loop runs the same call), and `close` releases them once rank 0 has written. If
+a process fails, torchrun stops the others (and says which rank failed).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..errors import InputError
 
 STOP = "stop"
 
@@ -54,6 +57,9 @@ class World:
             return World(device=str(device))
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
+            if local >= torch.cuda.device_count():
+                raise InputError(f"torchrun process {local} of this node has no GPU of its own (torch sees "
+                                 f"{torch.cuda.device_count()}); start at most that many, or use --device cpu")
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -106,21 +112,21 @@ class Leader:
         if self.world.world_size > 1 and self.world.leader:
             self.world.broadcast(("train", steps, constants))
 
-    def serve(self, train) -> bool:
-        """Followers: run every `train(steps, constants)` rank 0 runs; True when rank 0 closed with success."""
+    def serve(self, train) -> None:
+        """Followers: run every `train(steps, constants)` rank 0 runs, until it closes."""
         while True:
             kind, *args = self.world.broadcast(None)
             if kind == STOP:
                 self._end()
-                return bool(args[0])
+                return
             train(*args, mirrored=True)
 
-    def close(self, ok: bool = True) -> None:
+    def close(self) -> None:
         """Rank 0: release the followers (after writing); every process leaves the group."""
         if self.closed:
             return
         if self.world.leader:
-            self.world.broadcast((STOP, ok))
+            self.world.broadcast((STOP,))
         self._end()
 
     def _end(self) -> None:

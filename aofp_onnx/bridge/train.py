@@ -181,13 +181,13 @@ class TorchTraining:
     def _result(self, values, history, best=None) -> Result:
         return Result(values, str(self.device), history, best, world_size=self.world_size)
 
-    def serve(self) -> bool:
-        """Processes other than rank 0: mirror its `train` calls until it closes; whether it succeeded."""
-        return self.leader.serve(self.train)
+    def serve(self) -> None:
+        """Processes other than rank 0: mirror its `train` calls until it closes."""
+        self.leader.serve(self.train)
 
-    def close(self, ok: bool = True) -> None:
+    def close(self) -> None:
         """Release the other processes (rank 0, once written) and leave the process group."""
-        self.leader.close(ok)
+        self.leader.close()
 
     def _user_trainer(self) -> Result:
         fn = load_trainer(self.job.options.trainer)
