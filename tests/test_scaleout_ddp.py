@@ -27,7 +27,8 @@ from cliutil import ok, run_cli
 pytest.importorskip("torch")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CNN, CALIB, TEST = ROOT / "models" / "mnist_cnn.onnx", ROOT / "models" / "mnist_calib.npz", ROOT / "models" / "mnist_test.npz"
+MODELS = ROOT / "models"
+CNN, CALIB, TEST = MODELS / "mnist_cnn.onnx", MODELS / "mnist_calib.npz", MODELS / "mnist_test.npz"
 
 
 def torchrun(*args, extra_path=None, timeout=300) -> subprocess.CompletedProcess:
@@ -44,9 +45,10 @@ def initializers(path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def cut(tmp_path_factory) -> pathlib.Path:
-    """The MNIST CNN cut by L1 to 0.3 of its MACs (accuracy near chance)."""
+    """The MNIST CNN cut by L1 to half its MACs (accuracy falls to chance)."""
     out = tmp_path_factory.mktemp("ddp") / "cut.onnx"
-    ok(run_cli("prune", CNN, "-o", out, "--calib", CALIB, "--criterion", "l1", "--flops-target", "0.3", "--no-progress"))
+    ok(run_cli("prune", CNN, "-o", out, "--calib", CALIB, "--criterion", "l1", "--flops-target", "0.5",
+               "--no-progress"))
     return out
 
 
@@ -69,12 +71,12 @@ def test_two_processes_train_like_one_and_rank_0_writes_the_same_graph(cut, tmp_
     assert ft.same_graph(onnx.load(str(cut)), onnx.load(str(tmp_path / "two.onnx")))
     before, after = initializers(cut), initializers(tmp_path / "two.onnx")
     assert sum(not np.array_equal(before[k], after[k]) for k in before) >= 4
-    # the same training split over two processes: recovers like one process, within the noise of the
-    # sample order (500 evaluation digits: one standard error of an accuracy near 0.7 is 2 points)
+    # the same training split over two processes recovers like one process, within the noise of the sample
+    # order: one process with seeds 0-3 reaches 86.4, 86.6, 88.2, 90.0% (the difference of two runs: σ ≈ 2.3 points)
     a1, a2 = r1["accuracy"], r2["accuracy"]
     assert a2["before"] == a1["before"] < 0.2
-    assert a2["after"] > a2["before"] + 0.4 and a1["after"] > a1["before"] + 0.4, (a1, a2)
-    assert abs(a2["after"] - a1["after"]) <= 0.06, (a1, a2)
+    assert a1["after"] > 0.8 and a2["after"] > 0.8, (a1, a2)
+    assert abs(a2["after"] - a1["after"]) <= 0.07, (a1, a2)
 
 
 @pytest.mark.slow  # one torchrun of two processes without training: about 10 s
@@ -106,6 +108,19 @@ def test_the_user_trainer_gets_the_process_group(cut, tmp_path):
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 
     np.testing.assert_allclose(logits(out), logits(cut) + 3.0, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow  # a short search (24 trials) with a fine-tuning step after each half, two processes: about 15 s
+def test_training_time_aofp_under_torchrun(tmp_path):
+    out, report = tmp_path / "tt.onnx", tmp_path / "tt.json"
+    proc = ok(torchrun("prune", CNN, "-o", out, "--calib", CALIB, "--flops-target", "0.5", "--provider", "cpu",
+                       "--max-trials", "24", "--finetune-steps", "2", "--data", CALIB, "--device", "cpu",
+                       "--no-progress", "--report", report))
+    rep = json.loads(report.read_text())
+    info = rep["search"]["finetune"]
+    assert info["world_size"] == 2 and info["halves"] >= 2 and info["steps"] == 2 * info["halves"]
+    assert rep["verification"]["passed"] and proc.stdout.count("wrote ") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tt.json", "tt.onnx"]  # no search state left behind
 
 
 def test_prune_under_torchrun_without_finetune_steps_is_refused(tmp_path):
