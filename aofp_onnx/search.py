@@ -1,21 +1,20 @@
-"""AOFP and the exact oracle: choosing which channels to remove from data.
+"""AOFP: choosing which channels to remove from data (the search's state machine).
 
 AOFP (Ding et al. 2019), per prunable group g with kept set K_g and search space S_g (= K_g at start):
-each trial removes a random half R_g ⊂ S_g (|R_g| = ⌊|S_g|/2⌋) on top of K and adds its damage t_g
-(the next layers' relative squared errors, see `trial`) to every channel of R_g. After `trials_per_half`
-trials, S_g is ranked by mean damage; with granu = ⌊|S_g|/2⌋, if the granu-th smallest mean is below
-the threshold those granu channels are pruned and the search restarts on K_g; else, if granu > 1,
-S_g shrinks to its granu best (binary search); else g is saturated. All groups search at once; the
-run stops at the target (the last prune is trimmed to land on it), when every group is saturated
-(with a target, the threshold then doubles and the search goes on), or at `max_trials`. The target counts
-MACs, or whatever `cost(keep)` (the remaining fraction) counts: a latency table's estimate.
+each trial removes a random half R_g ⊂ S_g (|R_g| = ⌊|S_g|/2⌋) on top of K and records its damage t_g
+(relative squared errors downstream of g, read where `damage_at` says, see `trial`) with R_g. After
+`trials_per_half` trials, S_g is ranked by the estimated damage per channel (`estimate`: the paper's
+mean over the trials that removed the channel, or a ridge fit of the damages to the trial masks);
+with granu = ⌊|S_g|/2⌋, if the granu-th smallest estimate is below the threshold those granu channels
+are pruned and the search restarts on K_g; else, if granu > 1, S_g shrinks to its granu best (binary
+search); else g is saturated. All groups search at once; the run stops at the target (the last
+prune is trimmed to land on it), when every group is saturated (with a target, the threshold then
+doubles and the search goes on), or at `max_trials`. The target counts
+MACs, or whatever `cost(keep)` (the remaining fraction) counts: a latency table's estimate. The exact
+oracle is in `oracle`.
 
-The oracle zeroes one channel at a time, measures the relative squared error of the model outputs
-Σ‖y − y_c‖² / Σ‖y‖² over the calibration data, removes the `oracle_step` least damaging channels and
-ranks again until the target holds.
-
-The AOFP state machine takes a `damage(keep, rows) -> [T, G]` function, so it runs against
-onnxruntime (`TrialEngine`) or against a fake in tests.
+The state machine takes a `damage(keep, rows) -> [T, G]` function, so it runs against onnxruntime
+(`TrialEngine`) or against a fake in tests.
 """
 from __future__ import annotations
 
@@ -25,20 +24,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import estimate
 from .errors import InputError
+from .estimate import UNMEASURED
 from .groups import ChannelMap
 from .masking import KEEP_INPUT, keep_feed, masked_model
 from .progress import SearchProgress
 from .runtime import CUDA, Runner
 from .select import floor_for
-from .trial import DAMAGE_OUTPUT, TRIAL_INPUT, build_trial_model
+from .statefile import data_digest, load_state, save_state
+from .trial import DAMAGE_AT, DAMAGE_OUTPUT, TRIAL_INPUT, build_trial_model
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations one stacked run may use
-UNMEASURED = 1e9  # score of a channel no trial has measured yet (ranks as important)
-
-
-def _tile(feeds: dict[str, np.ndarray], times: int) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([v] * times, axis=0) if times > 1 else v for k, v in feeds.items()}
+DEFAULT_ESTIMATOR = "mean"
+DEFAULT_DAMAGE_AT = "next"
 
 
 def _activation_bytes(cmap: ChannelMap) -> int:
@@ -62,10 +61,12 @@ class TrialEngine:
     weights. With `devices` (`pool.parse_devices`), one session per device shares the rows of each run."""
 
     def __init__(self, cmap: ChannelMap, provider: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 devices: list | None = None):
+                 devices: list | None = None, damage_at: str = DEFAULT_DAMAGE_AT):
         self.cmap = cmap
         self.devices = devices
-        self._session = tuple(range(len(cmap.prunable))), self._runner(build_trial_model(cmap), provider)
+        self.damage_at = damage_at
+        self._session = tuple(range(len(cmap.prunable))), self._runner(build_trial_model(cmap, damage_at=damage_at),
+                                                                       provider)
         self.provider = self._session[1].provider
         # per stacked trial and sample, the copies hold about one activation set at a time (each copy's
         # stacked input, output and difference are freed once its damage is reduced); measured peaks
@@ -82,7 +83,7 @@ class TrialEngine:
             ids = [self.cmap.prunable[k].id for k in active]
             self._session = None  # the old session's memory goes before the new one is built
             provider = "cuda" if self.provider == CUDA else "cpu"
-            self._session = active, self._runner(build_trial_model(self.cmap, ids), provider)
+            self._session = active, self._runner(build_trial_model(self.cmap, ids, damage_at=self.damage_at), provider)
         return self._session
 
     def _runner(self, model, provider: str):
@@ -106,12 +107,15 @@ class TrialEngine:
 
 @dataclass
 class _Group:
+    """One group's search: kept set and search space (local indices), and the trials in the space so far
+    (`masks` [T, width], True where trial t removed the channel; `damage` [T])."""
     slots: np.ndarray
     floor: int
+    estimator: str = DEFAULT_ESTIMATOR
     kept: np.ndarray = None
     space: np.ndarray = None
-    total: np.ndarray = None
-    count: np.ndarray = None
+    masks: np.ndarray = None
+    damage: np.ndarray = None
     score: np.ndarray = None
     trials: int = 0
     saturated: bool = False
@@ -125,13 +129,27 @@ class _Group:
 
     def restart(self):
         self.space = np.flatnonzero(self.kept)
-        self.total = np.zeros(len(self.slots))
-        self.count = np.zeros(len(self.slots), dtype=np.int64)
-        self.trials = 0
+        self.forget()
         self.saturated = len(self.space) < 2 or int(self.kept.sum()) <= self.floor
 
-    def means(self) -> np.ndarray:
-        return np.where(self.count > 0, self.total / np.maximum(self.count, 1), UNMEASURED)
+    def forget(self):
+        self.masks = np.zeros((0, len(self.slots)), dtype=bool)
+        self.damage = np.zeros(0)
+        self.trials = 0
+
+    def record(self, removed: np.ndarray, damage: np.ndarray):
+        """Add trials: `removed` [T, h] local indices each trial removed, `damage` [T]."""
+        masks = np.zeros((len(removed), len(self.slots)), dtype=bool)
+        np.put_along_axis(masks, removed, True, axis=1)
+        self.masks = np.concatenate([self.masks, masks])
+        self.damage = np.concatenate([self.damage, damage])
+        self.trials += len(removed)
+
+    def estimates(self) -> np.ndarray:
+        """Per local channel, the estimated damage (`estimate`) over the space; UNMEASURED elsewhere."""
+        out = np.full(len(self.slots), UNMEASURED)
+        out[self.space] = estimate.scores(self.estimator, self.masks[:, self.space], self.damage)
+        return out
 
 
 @dataclass
@@ -142,24 +160,26 @@ class SearchStats:
     threshold: float = 0.0
     first_half_damage: np.ndarray | None = None
     history: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        out = {"trials": self.trials, "rounds": self.rounds, "seconds": self.seconds}
+        out = {"trials": self.trials, "rounds": self.rounds, "seconds": self.seconds, **self.settings}
         return {**out, "threshold": self.threshold} if self.threshold else out
 
 
 def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: int = 8,
          flops_target: float | None = None, max_trials: int | None = None, min_channels: int = 1,
-         seed: int = 0, stack: int = 8, progress=None, checkpoint=None,
+         seed: int = 0, stack: int = 8, estimator: str = DEFAULT_ESTIMATOR, progress=None, checkpoint=None,
          resume: dict | None = None, after_half=None, cost=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-    """The AOFP binary search over all prunable groups; `damage(keep, rows) -> [T, G]`.
+    """The AOFP binary search over all prunable groups; `damage(keep, rows) -> [T, G]`; halves ranked by
+    `estimator` ('mean' or 'ridge').
 
     `checkpoint(state)` is called after every round with the whole search state (a dict of arrays
     and plain values); `resume=state` continues from one, giving what the uninterrupted run gives.
     `after_half(keep)` is called after every round in which some group ranked a half (training-time
     AOFP fine-tunes the base path there)."""
     rng = np.random.default_rng(seed)
-    groups = [_Group(g.slots, floor_for(g.width, min_channels)) for g in cmap.prunable]
+    groups = [_Group(g.slots, floor_for(g.width, min_channels), estimator) for g in cmap.prunable]
     keep = cmap.full_keep()
     cost = cost or _macs_ratio(cmap)
     goal = flops_target
@@ -197,18 +217,14 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
         stats.trials += t
         stats.rounds += 1
         for k in active:
-            g = groups[k]
-            for trial, local in enumerate(picks[k]):
-                g.total[local] += dmg[trial, k]
-                g.count[local] += 1
-            g.trials += t
+            groups[k].record(picks[k], dmg[:, k])
         decided = [k for k in active if groups[k].trials >= trials_per_half]
         if stats.first_half_damage is None and decided:
             stats.first_half_damage = np.full(cmap.n_slots, np.nan)
             for k in decided:
-                stats.first_half_damage[groups[k].slots] = groups[k].means()
+                stats.first_half_damage[groups[k].slots] = groups[k].estimates()
         # decide the most harmless prunes first, so a target is met by the cheapest ones
-        decided.sort(key=lambda k: np.sort(groups[k].means()[groups[k].space])[len(groups[k].space) // 2 - 1])
+        decided.sort(key=lambda k: np.sort(groups[k].estimates()[groups[k].space])[len(groups[k].space) // 2 - 1])
         for k in decided:
             if goal is not None and cost(keep) <= goal:
                 break
@@ -229,7 +245,7 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
     return keep, scores, stats
 
 
-_GROUP_FIELDS = ("kept", "space", "total", "count", "score")
+_GROUP_FIELDS = ("kept", "space", "masks", "damage", "score")
 
 
 def _snapshot(groups: list[_Group], keep: np.ndarray, rng, stats: SearchStats, threshold: float) -> dict:
@@ -261,43 +277,8 @@ def _restore(state: dict, groups: list[_Group], keep: np.ndarray, rng, stats: Se
     return scalars["threshold"]
 
 
-def save_state(path, state: dict, options: dict) -> None:
-    """Write a search state (and the options it belongs to) atomically as .npz."""
-    import io
-    import json
-
-    from .io import write_atomic
-
-    arrays = {k: v for k, v in state.items() if k != "scalars" and v is not None}
-    meta = json.dumps({"scalars": state["scalars"], "options": options})
-    buf = io.BytesIO()
-    np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
-    write_atomic(path, buf.getvalue())
-
-
-def load_state(path, options: dict) -> dict:
-    """A saved search state, checked to belong to the same model, data and options."""
-    import json
-
-    try:
-        with np.load(path) as data:
-            meta = json.loads(bytes(data["__meta__"]).decode())
-            state = {k: data[k] for k in data.files if k != "__meta__"}
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such search state") from None
-    except Exception as exc:
-        raise InputError(f"{path}: not an aofp-onnx search state ({type(exc).__name__})") from None
-    saved = meta.get("options", {})
-    differ = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
-    if differ:
-        raise InputError(f"{path}: saved for other settings ({', '.join(differ)} differ); resume with the same "
-                         "model, data and options")
-    state["scalars"] = meta["scalars"]
-    return state
-
-
 def _decide(g: _Group, keep: np.ndarray, cost, threshold: float, goal: float | None) -> None:
-    means = g.means()
+    means = g.estimates()
     g.score[g.space] = means[g.space]
     order = g.space[np.argsort(means[g.space], kind="stable")]
     granu = len(order) // 2
@@ -311,9 +292,7 @@ def _decide(g: _Group, keep: np.ndarray, cost, threshold: float, goal: float | N
         g.restart()
     elif granu > 1:
         g.space = cand
-        g.total[:] = 0
-        g.count[:] = 0
-        g.trials = 0
+        g.forget()
     else:
         g.saturated = True
 
@@ -341,91 +320,18 @@ def _trim_to_goal(cand: np.ndarray, g: _Group, keep: np.ndarray, cost, goal: flo
     return cand[:lo]
 
 
-def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]], *, flops_target: float,
-           oracle_step: int | None = None, min_channels: int = 1, stack: int = 8,
-           progress=None, cost=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-    """Exact oracle pruning: rank single-channel ablations at the outputs over all `batches` of the
-    calibration data, remove the least damaging, repeat."""
-    cost = cost or _macs_ratio(cmap)
-    goal = flops_target
-    keep = cmap.full_keep()
-    scores = np.full(cmap.n_slots, UNMEASURED)
-    floors = [(g.slots, floor_for(g.width, min_channels)) for g in cmap.prunable]
-    stats = SearchStats()
-    start = time.perf_counter()
-    while cost(keep) > goal:
-        removable = np.concatenate([slots[keep[slots]] for slots, floor in floors if keep[slots].sum() > floor] or
-                                   [np.zeros(0, np.int64)])
-        if len(removable) == 0:
-            break
-        dmg = output_damage(runner, batches, keep, removable, stack)
-        stats.trials += len(removable)
-        stats.rounds += 1
-        scores[removable] = dmg
-        if stats.first_half_damage is None:
-            stats.first_half_damage = scores.copy()
-        step = oracle_step or max(1, len(removable) // 16)
-        order = removable[np.argsort(dmg, kind="stable")]
-        removed = 0
-        for slot in order:
-            if removed >= step or cost(keep) <= goal:
-                break
-            slots, floor = next(f for f in floors if f[0][0] <= slot <= f[0][-1])
-            if keep[slots].sum() > floor:
-                keep[slot] = False
-                removed += 1
-        if progress:
-            progress(stats, cmap.macs(keep) / max(cmap.total_macs, 1), len(removable), cmap.n_slots)
-    stats.seconds = time.perf_counter() - start
-    return keep, scores, stats
-
-
-def output_damage(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
-                  stack: int) -> np.ndarray:
-    """Σ‖y − y_c‖² / Σ‖y‖² over outputs and all batches, for removing each slot c alone on top of `keep`."""
-    num, den = squared_errors(runner, batches, keep, slots, stack)
-    return num.sum(axis=1) / max(den.sum(), 1e-30)
-
-
-def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
-                   stack: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per runner output o: num[c, o] = Σ‖y_o − y_o,c‖² for removing slot c alone on top of `keep`, and
-    den[o] = Σ‖y_o‖², summed over all batches."""
-    num, den = np.zeros((len(slots), len(runner.outputs))), np.zeros(len(runner.outputs))
-    for feeds in batches:
-        n = len(next(iter(feeds.values())))
-        base = runner.run({**feeds, KEEP_INPUT: keep_feed(keep)})
-        den += [np.sum(np.square(y, dtype=np.float64)) for y in base]
-        for start in range(0, len(slots), stack):
-            chunk = slots[start:start + stack]
-            rows = np.repeat(keep.astype(np.float32)[None], len(chunk), axis=0)
-            rows[np.arange(len(chunk)), chunk] = 0.0
-            ys = runner.run({**_tile(feeds, len(chunk)), KEEP_INPUT: np.repeat(rows, n, axis=0)})
-            for o, (y, y0) in enumerate(zip(ys, base)):
-                diff = y.reshape(len(chunk), n, -1) - y0.reshape(1, n, -1)
-                num[start:start + len(chunk), o] += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
-    return num, den
-
-
-def _data_digest(batches: list[dict]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for feeds in batches:
-        for name in sorted(feeds):
-            h.update(name.encode())
-            h.update(np.ascontiguousarray(feeds[name]).tobytes())
-    return h.hexdigest()[:16]
 
 
 def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1, seed: int = 0,
         provider: str = "auto", batch_size: int = 32, threshold: float = 0.01, trials_per_half: int = 8,
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
-        memory_budget: int | None = None, checkpoint: str | None = None,
-        resume: str | None = None, tuner=None, cost=None,
-        devices: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+        memory_budget: int | None = None, checkpoint: str | None = None, resume: str | None = None,
+        tuner=None, cost=None, devices: str | None = None, estimator: str = DEFAULT_ESTIMATOR,
+        damage_at: str = DEFAULT_DAMAGE_AT) -> tuple[np.ndarray, np.ndarray, dict]:
     """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data.
 
+    AOFP ranks halves by `estimator` ('mean', 'ridge') of the damage read at `damage_at` ('next',
+    'block', 'output'; see `trial`).
     AOFP: with `checkpoint`, the search state is saved there after every round (and removed once the
     search ends); `resume` continues a saved state (same model, data and options, else InputError).
     With `tuner` (a `finetune.BasePathTuner`), the base path is fine-tuned after every half and the
@@ -439,6 +345,10 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         devices = parse_devices(devices)
     if trials_per_half < 1 or batch_size < 1 or threshold <= 0:
         raise InputError("--trials-per-half and --batch-size must be at least 1, --threshold positive")
+    if estimator not in estimate.ESTIMATORS:
+        raise InputError(f"--estimator must be one of {', '.join(estimate.ESTIMATORS)}, got {estimator!r}")
+    if damage_at not in DAMAGE_AT:
+        raise InputError(f"--damage-at must be one of {', '.join(DAMAGE_AT)}, got {damage_at!r}")
     cmap = pruner.cmap
     if not cmap.prunable:
         return cmap.full_keep(), np.zeros(0), {"trials": 0, "seconds": 0.0, "provider": None}
@@ -447,6 +357,8 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     show = SearchProgress(criterion, {"MACs": flops_target} if flops_target is not None else None,
                           max_trials) if progress else None
     if criterion == "oracle":
+        from .oracle import oracle  # the oracle module builds on SearchStats
+
         if flops_target is None:
             raise InputError("--criterion oracle needs --flops-target")
         runner = Runner(masked_model(cmap), provider)
@@ -459,11 +371,12 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
             if resume:
                 raise InputError("--resume cannot continue a search that fine-tunes (--finetune-steps)")
             checkpoint = None
-        engine = TrialEngine(cmap, provider, budget, devices)
+        engine = TrialEngine(cmap, provider, budget, devices, damage_at)
         stack = min(trials_per_half, engine.max_stack(len(next(iter(batches[0].values())))))
-        options = {"fingerprint": cmap.graph.fingerprint(), "data": _data_digest(batches), "threshold": threshold,
+        options = {"fingerprint": cmap.graph.fingerprint(), "data": data_digest(batches), "threshold": threshold,
                    "trials_per_half": trials_per_half, "flops_target": flops_target, "max_trials": max_trials,
-                   "min_channels": min_channels, "seed": seed, "stack": stack}
+                   "min_channels": min_channels, "seed": seed, "stack": stack, "estimator": estimator,
+                   "damage_at": damage_at}
         state = load_state(resume, options) if resume else None
         counter = iter(range(state["scalars"]["rounds"] if state else 0, 1 << 62))  # one damage call per round
 
@@ -473,14 +386,15 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         def adapt(keep):
             nonlocal engine
             tuner(keep)
-            engine = TrialEngine(cmap, provider, budget, devices)  # the session holds the weights it was built with
+            engine = TrialEngine(cmap, provider, budget, devices, damage_at)  # the session holds its weights
 
         save = (lambda st: save_state(checkpoint, st, options)) if checkpoint else None
         keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,
                                    flops_target=flops_target, max_trials=max_trials, min_channels=min_channels,
-                                   seed=seed, stack=stack, progress=show, checkpoint=save, resume=state,
-                                   after_half=adapt if tuner is not None else None, cost=cost)
+                                   seed=seed, stack=stack, estimator=estimator, progress=show, checkpoint=save,
+                                   resume=state, after_half=adapt if tuner is not None else None, cost=cost)
         used = engine.provider
+        stats.settings = {"estimator": estimator, "damage_at": damage_at}
         if checkpoint and os.path.exists(checkpoint):
             os.unlink(checkpoint)
     if show:

@@ -35,6 +35,7 @@ from .masking import KEEP_INPUT, MaskInserter, mask_input
 
 TRIAL_INPUT = "aofp_trial"
 DAMAGE_OUTPUT = "aofp_damage"
+DAMAGE_AT = ("next", "block", "output")  # where a trial's damage is read (block, output: `trial_downstream`)
 TINY = 1e-30  # floor of a consumer's base energy: a consumer silent on the batch adds 0/TINY
 INT64_MAX = np.iinfo(np.int64).max
 # ops a consumer's damage is read through (elementwise; other inputs must be constants)
@@ -82,7 +83,9 @@ class _Builder:
         """[-1] + shape(x)[1:] (drop_first) or [-1] + shape(x): reshape targets that fold/unfold trials."""
         key = ("shape", x, drop_first)
         if key not in self._cache:
-            shape = self.node("Shape", [x], f"{x}__shape")
+            if ("shape", x) not in self._cache:
+                self._cache[("shape", x)] = self.node("Shape", [x], f"{x}__shape")
+            shape = self._cache[("shape", x)]
             if drop_first:
                 shape = self.node("Slice", [shape, "aofp_one", "aofp_int_max"], f"{x}__tail")
             self._cache[key] = self.node("Concat", ["aofp_minus_one", shape], f"{x}__lead{int(drop_first)}", axis=0)
@@ -107,11 +110,16 @@ class _Builder:
         return self.node("Reshape", [gathered, f"{base}_mshape"], f"{base}_m")
 
 
-def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None) -> ModelData:
+def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None, damage_at: str = "next") -> ModelData:
     """The trial graph of `cmap`'s model (see the module docstring); its only outputs are the damages.
 
-    `groups`: score only these group ids (the outputs then have one column per listed group)."""
+    `groups`: score only these group ids (the outputs then have one column per listed group);
+    `damage_at`: 'next' (this module), 'block' or 'output' (`trial_downstream`)."""
     chosen = [g for g in cmap.prunable if groups is None or g.id in groups]
+    if damage_at != "next":
+        from .trial_downstream import build_downstream_trial_model  # it builds on this module's helpers
+
+        return build_downstream_trial_model(cmap, chosen, damage_at)
     model = onnx.ModelProto()
     model.CopyFrom(cmap.graph.model)
     graph = model.graph

@@ -21,7 +21,7 @@ from aofp_onnx.api import Pruner
 from aofp_onnx.modeldata import ModelData
 from aofp_onnx.masking import masked_model
 from aofp_onnx.runtime import Runner
-from aofp_onnx.search import squared_errors
+from aofp_onnx.oracle import squared_errors
 from aofp_vs_oracle import spearman
 
 
@@ -48,7 +48,7 @@ def main():
                               np.arange(cmap.n_slots), args.stack)
     damage = num / np.maximum(den, 1e-30)
     finals_at = [names.index(t) for t in finals]
-    oracle = num[:, finals_at].sum(axis=1) / max(den[finals_at].sum(), 1e-30)  # = search.output_damage
+    oracle = num[:, finals_at].sum(axis=1) / max(den[finals_at].sum(), 1e-30)  # = oracle.output_damage
     order = [names.index(t) for t in hidden]  # graph order
 
     print(f"model {args.model}: {len(cmap.prunable)} prunable groups, {cmap.n_slots} channels, {args.samples} samples")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aofp_onnx import search
+from aofp_onnx import search, statefile
 from aofp_onnx.api import Pruner
 from aofp_onnx.errors import InputError
 
@@ -84,8 +84,8 @@ def test_resume_from_any_round_matches_the_uninterrupted_search(stop_at):
         path = Path(tmp) / "state.npz"
         with pytest.raises(KeyboardInterrupt):
             search.aofp(cmap, interrupted, flops_target=0.5, seed=3, stack=4,
-                        checkpoint=lambda s: search.save_state(path, s, {"seed": 3}))
-        state = search.load_state(path, {"seed": 3})
+                        checkpoint=lambda s: statefile.save_state(path, s, {"seed": 3}))
+        state = statefile.load_state(path, {"seed": 3})
     assert state["scalars"]["rounds"] == stop_at
     keep, scores, resumed = search.aofp(cmap, damage, flops_target=0.5, seed=3, stack=4, resume=state)
     assert np.array_equal(keep, full_keep)
@@ -97,11 +97,11 @@ def test_a_state_saved_for_other_options_is_refused(tmp_path):
     cmap = Pruner.load(ROOT / "models" / "mnist_cnn.onnx").cmap
     path = tmp_path / "state.npz"
     search.aofp(cmap, fake_damage(cmap), flops_target=0.9, seed=1, stack=4, max_trials=8,
-                checkpoint=lambda s: search.save_state(path, s, {"seed": 1, "threshold": 0.01}))
+                checkpoint=lambda s: statefile.save_state(path, s, {"seed": 1, "threshold": 0.01}))
     with pytest.raises(InputError, match="seed differ"):
-        search.load_state(path, {"seed": 2, "threshold": 0.01})
+        statefile.load_state(path, {"seed": 2, "threshold": 0.01})
     (tmp_path / "junk.npz").write_bytes(b"not a state")
     with pytest.raises(InputError, match="not an aofp-onnx search state"):
-        search.load_state(tmp_path / "junk.npz", {})
+        statefile.load_state(tmp_path / "junk.npz", {})
     with pytest.raises(InputError, match="no such search state"):
-        search.load_state(tmp_path / "missing.npz", {})
+        statefile.load_state(tmp_path / "missing.npz", {})

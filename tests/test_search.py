@@ -38,7 +38,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import zoo
-from aofp_onnx import search
+from aofp_onnx import oracle, search
 from aofp_onnx.api import Pruner
 from aofp_onnx.errors import InputError
 from aofp_onnx.masking import KEEP_INPUT, keep_feed, masked_model
@@ -286,7 +286,7 @@ def vgg_oracle(vgg_path):
     m = zoo.ZooModel("vgg", vgg_path, {"input": (1, 3, 32, 32)}, None)
     feeds = m.feeds(batch=4, seed=0)
     runner = Runner(masked_model(p.cmap), "cpu")
-    keep, scores, stats = search.oracle(p.cmap, runner, [feeds], flops_target=0.8, oracle_step=24, stack=32)
+    keep, scores, stats = oracle.oracle(p.cmap, runner, [feeds], flops_target=0.8, oracle_step=24, stack=32)
     return p, feeds, keep, scores, stats
 
 

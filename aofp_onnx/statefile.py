@@ -1,0 +1,50 @@
+"""Search-state files: the AOFP state after a round, saved atomically as .npz with the options it
+belongs to, and loaded only for the same model, data and options (`prune --checkpoint/--resume`)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+
+from .errors import InputError
+from .io import write_atomic
+
+
+def save_state(path, state: dict, options: dict) -> None:
+    """Write a search state (and the options it belongs to) atomically as .npz."""
+    arrays = {k: v for k, v in state.items() if k != "scalars" and v is not None}
+    meta = json.dumps({"scalars": state["scalars"], "options": options})
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
+    write_atomic(path, buf.getvalue())
+
+
+def load_state(path, options: dict) -> dict:
+    """A saved search state, checked to belong to the same model, data and options."""
+    try:
+        with np.load(path) as data:
+            meta = json.loads(bytes(data["__meta__"]).decode())
+            state = {k: data[k] for k in data.files if k != "__meta__"}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such search state") from None
+    except Exception as exc:
+        raise InputError(f"{path}: not an aofp-onnx search state ({type(exc).__name__})") from None
+    saved = meta.get("options", {})
+    differ = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
+    if differ:
+        raise InputError(f"{path}: saved for other settings ({', '.join(differ)} differ); resume with the same "
+                         "model, data and options")
+    state["scalars"] = meta["scalars"]
+    return state
+
+
+def data_digest(batches: list[dict]) -> str:
+    """A short sha256 of the calibration batches (names and values)."""
+    h = hashlib.sha256()
+    for feeds in batches:
+        for name in sorted(feeds):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(feeds[name]).tobytes())
+    return h.hexdigest()[:16]
