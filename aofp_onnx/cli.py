@@ -158,6 +158,12 @@ def inspect(model, input_shape, json_out, show_all):
 @click.option("--checkpoint", type=click.Path(), help="AOFP: save the search state here after every round "
               "[default: OUTPUT.search-state.npz; removed when the search ends].")
 @click.option("--resume", type=click.Path(), help="AOFP: continue the search saved in this state file.")
+@click.option("--estimator", type=click.Choice(["mean", "ridge"]), default=None,
+              help="AOFP: per-channel damage from the trials, the paper's mean or a ridge fit to the trial masks "
+                   "[default: the measured better one, see README].")
+@click.option("--damage-at", type=click.Choice(["next", "block", "output"]), default=None,
+              help="AOFP: read a trial's damage at the next layers (the paper's), at the first channel-mixing "
+                   "layer after them, or at the model outputs [default: see README].")
 @reconstruct_option
 @click.option("--finetune-steps", type=int, default=0, show_default=True,
               help="Training-time AOFP: fine-tune the base path this many steps after every half (needs --data).")
@@ -171,8 +177,9 @@ def inspect(model, input_shape, json_out, show_all):
               "cuda:0,cuda:1 (one per GPU) or cpu,cpu (CPU sessions splitting the cores); same plan as one device.")
 @image_options
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
-          batch_size, calib_limit, latency_target, latency_batch, threads, round_to, min_channels, provider, seed, input_shape, plan_out, report_path,
-          eval_src, plot, no_latency, verify_samples, no_progress, checkpoint, resume, reconstruct, finetune_steps,
+          batch_size, calib_limit, latency_target, latency_batch, threads, round_to, min_channels, provider, seed,
+          input_shape, plan_out, report_path, eval_src, plot, no_latency, verify_samples, no_progress, checkpoint,
+          resume, estimator, damage_at, reconstruct, finetune_steps,
           finetune_data, finetune_lr, finetune_batch_size, device, devices, **img):
     """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
     shapes = parse_input_shapes(list(input_shape))
@@ -189,6 +196,7 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
                               oracle_step=oracle_step)
     if criterion == "aofp":
         search_options.update(checkpoint=checkpoint, resume=resume)
+        search_options.update({k: v for k, v in (("estimator", estimator), ("damage_at", damage_at)) if v})
     if devices:
         search_options.update(devices=devices)
     if finetune_steps:

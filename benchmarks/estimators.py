@@ -1,0 +1,201 @@
+"""AOFP's estimators and damage points against the exact oracle, L1 and random on labelled real tasks.
+
+    python benchmarks/estimators.py [--tasks digits ocr-cls] [--keeps 0.7 0.5] [--seeds 0 1 2]
+
+Tasks: `digits`, the narrow ResNet-20 trained here (models/resnet20_digits.onnx, MNIST digits);
+`ocr-cls`, PaddleOCR's text-orientation classifier from the rapidocr wheel on Pillow-rendered text
+lines (benchmarks/textlines.py). All in this one run, on the same calibration samples and provider:
+
+1. per damage point (next, block, output): the same `--spearman-trials` random-half trials at full
+   width through each trial graph, and per estimator (mean; ridge at each `--ridges` λ) the Spearman
+   rank correlation of its per-channel estimate with the oracle's first-round damage (single-channel
+   ablation at the outputs), pooled over all channels and averaged within groups (groups wider than 2);
+2. per MACs target: search wall time of the oracle and of every AOFP variant (median over seeds);
+3. per MACs target, test accuracy of the cut without recovery and after least-squares reconstruction
+   (`--reconstruct`, on `--recon-samples` calibration samples): oracle, every AOFP variant (mean and
+   min over seeds), L1, random (mean over seeds); then the issue's checks for the default variant.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from aofp_onnx.api import Pruner, accuracy
+from aofp_onnx.calib import input_specs, load_data
+from aofp_onnx.criteria import l1_scores, random_scores
+from aofp_onnx.estimate import ESTIMATORS, RIDGE, mean_scores, ridge_scores
+from aofp_onnx.masking import masked_model
+from aofp_onnx.oracle import oracle, output_damage
+from aofp_onnx.reconstruct import reconstruct
+from aofp_onnx.runtime import Runner
+from aofp_onnx.search import DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, TrialEngine, aofp
+from aofp_onnx.select import select_by_score
+from aofp_onnx.surgery import cut
+from aofp_onnx.trial import DAMAGE_AT
+from aofp_vs_oracle import spearman
+
+DEFAULT = f"{DEFAULT_ESTIMATOR}@{DEFAULT_DAMAGE_AT}"
+
+
+def task_data(name: str, args):
+    """(model path, search calibration path, test path) of a task."""
+    if name == "digits":
+        return "models/resnet20_digits.onnx", "models/mnist_calib.npz", "models/mnist_test.npz"
+    import textlines
+
+    model = textlines.fetch_model()
+    paths = []
+    for label, n, seed in (("calib", args.recon_samples, 100), ("test", args.test_samples, 200)):
+        path = textlines.cache_dir() / f"textlines_{label}_{n}_{seed}.npz"
+        if not path.exists():
+            x, labels = textlines.make(n, seed)
+            np.savez(path, x=x, labels=labels)
+        paths.append(str(path))
+    return str(model), *paths
+
+
+def run_task(name: str, args) -> list[str]:
+    model, calib, test_path = task_data(name, args)
+    pruner = Pruner.load(model, data=calib, limit=args.recon_samples)
+    cmap = pruner.cmap
+    recon_data = pruner.data
+    search_data = recon_data.take(args.samples)
+    batches = list(search_data.batches(args.batch))
+    test = load_data(test_path, input_specs(pruner.graph.model), labels=True)
+    original = accuracy(pruner.graph.data, test, args.provider)
+    print(f"\n=== {name}: {model}; {cmap.total_macs:,} MACs, {len(cmap.prunable)} prunable groups of "
+          f"{len(cmap.groups)}, {cmap.n_slots} channels; search on {len(search_data)} samples in batches of "
+          f"{args.batch}, reconstruction on {len(recon_data)}; test {len(test)} samples, original "
+          f"{100 * original:.2f}%", flush=True)
+    variants = [f"{e}@{d}" for d in args.damage_at for e in args.estimators]
+    engines = {d: TrialEngine(cmap, args.provider, damage_at=d) for d in args.damage_at}
+
+    def search(variant, seed, target, trials_per_half=args.trials_per_half, max_trials=None):
+        est, at = variant.split("@")
+        counter = iter(range(1 << 40))
+        engine = engines[at]
+        stack = min(trials_per_half, engine.max_stack(args.batch), 8)
+        return aofp(cmap, lambda keep, rows: engine.damage(keep, rows, batches[next(counter) % len(batches)]),
+                    threshold=args.threshold, trials_per_half=trials_per_half, flops_target=target,
+                    max_trials=max_trials, seed=seed, stack=stack, estimator=est)
+
+    def scores_of(keep):
+        pruned = cut(cmap, keep)
+        fitted, _ = reconstruct(cmap, keep, pruned, recon_data, provider=args.provider)
+        return accuracy(pruned, test, args.provider), accuracy(fitted, test, args.provider)
+
+    masked = Runner(masked_model(cmap), args.provider)
+    lines = []
+    oracle_first = None
+    if args.spearman_only:
+        oracle_first = output_damage(masked, batches, cmap.full_keep(), np.arange(cmap.n_slots), 8)
+    for target in [] if args.spearman_only else args.keeps:
+        start = time.perf_counter()
+        keep_o, _, stats_o = oracle(cmap, masked, batches, flops_target=target, stack=8)
+        oracle_s = time.perf_counter() - start
+        if oracle_first is None:
+            oracle_first = stats_o.first_half_damage
+        rows = {"oracle": ([scores_of(keep_o)], [oracle_s])}
+        for variant in variants:
+            accs, secs = [], []
+            for seed in args.seeds:
+                start = time.perf_counter()
+                keep, _, _ = search(variant, seed, target)
+                secs.append(time.perf_counter() - start)
+                accs.append(scores_of(keep))
+            rows[f"aofp {variant}"] = (accs, secs)
+            print(f"   [{name} x{target}] aofp {variant}: {np.mean(accs, axis=0)} {np.median(secs):.1f} s", flush=True)
+        rows["l1"] = ([scores_of(select_by_score(cmap, l1_scores(cmap), target))], [0.0])
+        rows["random"] = ([scores_of(select_by_score(cmap, random_scores(cmap, s), target)) for s in args.seeds],
+                          [0.0])
+        print(f"\n{name}, keep {target} of the MACs (oracle reaches x{cmap.macs(keep_o) / cmap.total_macs:.3f}): "
+              f"test accuracy without / with reconstruction (mean over seeds; min), search time")
+        print(f"   {'criterion':<22} {'no recovery':>20} {'reconstructed':>20} {'search s':>9} {'vs oracle':>9}")
+        for label, (accs, secs) in rows.items():
+            a = 100 * np.array(accs)
+            sec = statistics.median(secs)
+            ratio = f"x{oracle_s / sec:.1f}" if sec > 0 and label != "oracle" else ""
+            print(f"   {label:<22} {a[:, 0].mean():7.2f}% ({a[:, 0].min():6.2f}%) {a[:, 1].mean():7.2f}% "
+                  f"({a[:, 1].min():6.2f}%) {sec:9.1f} {ratio:>9}")
+        d = rows[f"aofp {DEFAULT}"]
+        mean = lambda key, k: float(np.mean(np.array(rows[key][0])[:, k]))  # noqa: E731
+        for k, kind in ((0, "no recovery"), (1, "reconstructed")):
+            aofp_acc = mean(f"aofp {DEFAULT}", k)
+            lines.append(f"{name} x{target} {kind}: AOFP {100 * aofp_acc:.2f}% >= L1 {100 * mean('l1', k):.2f}%: "
+                         f"{aofp_acc >= mean('l1', k)}; >= random {100 * mean('random', k):.2f}%: "
+                         f"{aofp_acc >= mean('random', k)}")
+        gap = 100 * (mean("oracle", 0) - mean(f"aofp {DEFAULT}", 0))
+        speed = oracle_s / statistics.median(d[1])
+        lines.append(f"{name} x{target}: oracle - AOFP (no recovery) {gap:.2f} points (<= 2: {gap <= 2}); "
+                     f"search x{speed:.1f} faster (>= 10: {speed >= 10})")
+
+    print(f"\n{name}: Spearman with the oracle's single-channel output damage, {args.spearman_trials} random-half "
+          f"trials at full width per damage point (pooled / mean within groups; trial time)")
+    estimators = [("mean", mean_scores)] + [(f"ridge λ={r:g}", lambda m, y, r=r: ridge_scores(m, y, r))
+                                            for r in args.ridges]
+    for at in args.damage_at:
+        start = time.perf_counter()
+        masks, damage = full_width_trials(cmap, engines[at], batches, args.spearman_trials, args.seeds[0])
+        seconds = time.perf_counter() - start
+        for label, fn in estimators:
+            est = np.zeros(cmap.n_slots)
+            for k, g in enumerate(cmap.prunable):
+                est[g.slots] = fn(masks[k], damage[:, k])
+            within = [spearman(est[g.slots], oracle_first[g.slots]) for g in cmap.prunable if g.width > 2]
+            print(f"   {at:<7} {label:<14} {spearman(est, oracle_first):6.3f} / {np.mean(within):6.3f}   "
+                  f"({seconds:.1f} s)", flush=True)
+    return lines
+
+
+def full_width_trials(cmap, engine, batches, trials: int, seed: int, stack: int = 8):
+    """`trials` rows of random halves of every group at full width: per group masks [T, width], damage [T, G]."""
+    rng = np.random.default_rng(seed)
+    keep = cmap.full_keep()
+    masks = [np.zeros((trials, g.width), dtype=bool) for g in cmap.prunable]
+    damage = np.zeros((trials, len(cmap.prunable)))
+    for start in range(0, trials, stack):
+        rows = np.ones((min(stack, trials - start), cmap.n_slots + 1), np.float32)
+        for k, g in enumerate(cmap.prunable):
+            for j in range(len(rows)):
+                local = rng.choice(g.width, g.width // 2, replace=False)
+                masks[k][start + j, local] = True
+                rows[j, g.slots[local]] = 0.0
+        damage[start:start + len(rows)] = engine.damage(keep, rows, batches[(start // stack) % len(batches)])
+    return masks, damage
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["digits", "ocr-cls"], choices=["digits", "ocr-cls"])
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
+    parser.add_argument("--damage-at", nargs="+", default=list(DAMAGE_AT), choices=DAMAGE_AT)
+    parser.add_argument("--samples", type=int, default=64, help="calibration samples of the searches")
+    parser.add_argument("--recon-samples", type=int, default=256, help="calibration samples of the reconstruction")
+    parser.add_argument("--test-samples", type=int, default=512, help="ocr-cls: rendered test lines")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threshold", type=float, default=0.01)
+    parser.add_argument("--trials-per-half", type=int, default=8)
+    parser.add_argument("--spearman-trials", type=int, default=64)
+    parser.add_argument("--ridges", type=float, nargs="+", default=sorted({RIDGE, 0.1, 1.0}),
+                        help="ridge λ values (relative) the Spearman table compares")
+    parser.add_argument("--spearman-only", action="store_true", help="only the Spearman table (and one oracle run)")
+    parser.add_argument("--provider", default="cpu")
+    args = parser.parse_args()
+    if DEFAULT not in [f"{e}@{d}" for d in args.damage_at for e in args.estimators]:
+        sys.exit(f"the default variant {DEFAULT} must be among the variants run")
+    checks = []
+    for name in args.tasks:
+        checks += run_task(name, args)
+    print(f"\nchecks for the default AOFP ({DEFAULT}):")
+    for line in checks:
+        print("   " + line)
+
+
+if __name__ == "__main__":
+    main()

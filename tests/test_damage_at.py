@@ -1,0 +1,165 @@
+"""Trial graphs that read the damage downstream (`damage_at` 'block', 'output'; aofp_onnx.trial_downstream)
+against a direct computation with the masked original (`masking.masked_model`) on onnxruntime.
+
+For keep state K and trial row r, group g's trial keeps K_R = K with r's zeros on g's slots, and
+- output: t_g = Σ_o ‖y_o(K) − y_o(K_R)‖² / Σ_o ‖y_o(K)‖² over the model outputs (the oracle's measure);
+- block: per read point Z (the first channel-mixing layer after g's consumers, or a model output),
+  ‖(Z(K) − Z(K_R))·K‖² / ‖Z(K)·K‖², summed; on the hand-built chain below the read points are known:
+
+    x → conv1 (3→8) → relu → depthwise (8) → relu → conv2 (8→6) → relu → conv3 (6→4) → GAP → Flatten → Gemm (4→2)
+
+  group conv1 (8 channels, through the depthwise conv; consumer conv2): read at conv3's output;
+  group conv2 (consumer conv3): read at the Gemm's output (the model output); group conv3 (consumer
+  the Gemm): at the model output.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import zoo
+from aofp_onnx import search
+from aofp_onnx.api import Pruner
+from aofp_onnx.masking import KEEP_INPUT, masked_model
+from aofp_onnx.modeldata import ModelData
+from aofp_onnx.runtime import Runner
+from aofp_onnx.search import TrialEngine
+from aofp_onnx.trial import build_trial_model
+
+MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"
+REL_TOL = 1e-4
+
+
+def _chain_model(path: pathlib.Path) -> pathlib.Path:
+    rng = np.random.default_rng(0)
+    w = {"w1": (8, 3, 3, 3), "wd": (8, 1, 3, 3), "w2": (6, 8, 1, 1), "w3": (4, 6, 3, 3)}
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), k) for k, s in w.items()]
+    inits += [numpy_helper.from_array(rng.normal(size=(2, 4)).astype(np.float32), "wg"),
+              numpy_helper.from_array(rng.normal(size=(2,)).astype(np.float32), "bg")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["conv1"], pads=[1] * 4),
+             helper.make_node("Relu", ["conv1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "wd"], ["dw"], pads=[1] * 4, group=8),
+             helper.make_node("Relu", ["dw"], ["rd"]),
+             helper.make_node("Conv", ["rd", "w2"], ["conv2"]),
+             helper.make_node("Relu", ["conv2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["conv3"], pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["conv3"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "wg", "bg"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def _keep_and_rows(cm, seed: int, trials: int = 3):
+    rng = np.random.default_rng(seed)
+    keep = cm.full_keep()
+    keep[:-1] = rng.random(cm.n_slots) > 0.2
+    rows = np.ones((trials, cm.n_slots + 1), np.float32)
+    rows[:, :-1] = rng.random((trials, cm.n_slots)) > 0.4
+    for g in cm.prunable:
+        keep[g.slots[0]] = True
+    rows[-1] = 1.0  # a row that removes nothing: zero damage
+    return keep, rows
+
+
+def _removes(cm, keep, rows) -> np.ndarray:
+    """[T, G]: does row t remove a kept channel of group g?"""
+    return np.stack([[bool((keep[g.slots] & (row[g.slots] == 0)).any()) for g in cm.prunable] for row in rows])
+
+
+def _direct(cm, keep, rows, feeds, reads):
+    """[T, G] damage from masked-original runs; `reads(k)` -> [(tensor, slots of its channels or None)]."""
+    proto = masked_model(cm).copy_proto()
+    names = {t for k in range(len(cm.prunable)) for t, _ in reads(k)}
+    proto.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                              for t in sorted(names) if t not in {o.name for o in proto.graph.output})
+    runner = Runner(ModelData(proto, cm.graph.weights), "cpu")
+    out_names = runner.output_names
+
+    def run(k):
+        return dict(zip(out_names, runner.run({**feeds, KEEP_INPUT: k.astype(np.float32)[None]})))
+
+    base = run(keep)
+    want = np.zeros((len(rows), len(cm.prunable)))
+    for t, row in enumerate(rows):
+        for k, g in enumerate(cm.prunable):
+            trial = keep.copy()
+            trial[g.slots] &= row[g.slots] > 0
+            got = run(trial)
+            terms = []
+            for tensor, slots in reads(k):
+                own = 1.0 if slots is None else keep[slots].astype(np.float64).reshape(1, -1, *[1] * (base[tensor].ndim - 2))
+                terms.append((np.sum(np.square((base[tensor] - got[tensor]) * own, dtype=np.float64)),
+                              np.sum(np.square(base[tensor] * own, dtype=np.float64))))
+            want[t, k] = sum(n / d for n, d in terms)
+    return want
+
+
+def test_block_damage_reads_the_first_mixing_layer_after_the_consumers(tmp_path):
+    p = Pruner.load(_chain_model(tmp_path / "chain.onnx"), input_shapes={"x": (4, 3, 8, 8)})
+    cm = p.cmap
+    assert [g.width for g in cm.prunable] == [8, 6, 4]
+    feeds = {"x": np.random.default_rng(1).normal(size=(4, 3, 8, 8)).astype(np.float32)}
+    keep, rows = _keep_and_rows(cm, 2)
+    conv3 = cm.prunable[2].slots
+    want = _direct(cm, keep, rows, feeds, lambda k: [("conv3", conv3)] if k == 0 else [("logits", None)])
+    got = TrialEngine(cm, "cpu", damage_at="block").damage(keep, rows, feeds)
+    np.testing.assert_allclose(got, want, rtol=REL_TOL, atol=1e-9)
+    removes = _removes(cm, keep, rows)
+    assert np.all(got[~removes] < 1e-9) and got[removes].max() > 1e-3
+    nxt = TrialEngine(cm, "cpu", damage_at="next").damage(keep, rows, feeds)
+    assert not np.allclose(nxt[:-1, 0], got[:-1, 0])  # conv1's next layer is conv2, its block ends at conv3
+
+
+@pytest.mark.parametrize("name", ["resnet20_digits", "mobilenet_v3"])
+def test_output_damage_equals_masked_original_runs(name, tmp_path):
+    if name == "resnet20_digits":
+        p = Pruner.load(MODELS / f"{name}.onnx", data=str(MODELS / "mnist_calib.npz"), limit=4)
+        feeds = next(p.data.batches(4))
+    else:
+        m = zoo.build(name, tmp_path)
+        p, feeds = Pruner.load(m.path), m.feeds(batch=2, seed=1)
+    cm = p.cmap
+    keep, rows = _keep_and_rows(cm, 0)
+    outputs = [o.name for o in cm.graph.model.graph.output]
+    got = TrialEngine(cm, "cpu", damage_at="output").damage(keep, rows, feeds)
+    proto = masked_model(cm)
+    runner = Runner(proto, "cpu")
+    base = runner.run({**feeds, KEEP_INPUT: keep.astype(np.float32)[None]})
+    want = np.zeros_like(got)
+    for t, row in enumerate(rows):
+        for k, g in enumerate(cm.prunable):
+            trial = keep.copy()
+            trial[g.slots] &= row[g.slots] > 0
+            ys = runner.run({**feeds, KEEP_INPUT: trial.astype(np.float32)[None]})
+            want[t, k] = sum(np.sum(np.square(y - b, dtype=np.float64)) for y, b in zip(ys, base)) / \
+                sum(np.sum(np.square(b, dtype=np.float64)) for b in base)
+    assert len(outputs) >= 1
+    np.testing.assert_allclose(got, want, rtol=REL_TOL, atol=1e-9)
+    removes = _removes(cm, keep, rows)
+    assert np.all(got[~removes] < 1e-9) and got[removes].max() > 1e-3
+
+
+@pytest.mark.parametrize("damage_at", ["block", "output"])
+def test_downstream_trial_graphs_are_valid_onnx(damage_at):
+    p = Pruner.load(MODELS / "resnet20_digits.onnx", data=str(MODELS / "mnist_calib.npz"), limit=2)
+    model = build_trial_model(p.cmap, [p.cmap.prunable[1].id, p.cmap.prunable[5].id], damage_at=damage_at)
+    onnx.checker.check_model(model.materialize(), full_check=True)
+    assert [o.name for o in model.proto.graph.output] == ["aofp_damage"]
+
+
+def test_search_run_with_ridge_and_block_is_deterministic(tmp_path):
+    p = Pruner.load(_chain_model(tmp_path / "chain.onnx"), data="random:16")
+    runs = [search.run(p, "aofp", flops_target=0.6, trials_per_half=4, batch_size=8, provider="cpu",
+                       estimator="ridge", damage_at="block", seed=3) for _ in range(2)]
+    (k1, s1, i1), (k2, s2, i2) = runs
+    np.testing.assert_array_equal(k1, k2)
+    np.testing.assert_array_equal(s1, s2)
+    assert i1["estimator"] == "ridge" and i1["damage_at"] == "block" and i1["trials"] == i2["trials"] > 0
+    assert p.cmap.macs(k1) <= 0.6 * p.cmap.total_macs
