@@ -90,15 +90,27 @@ def run_task(name: str, args) -> list[str]:
 
     masked = Runner(masked_model(cmap), args.provider)
     lines = []
-    oracle_first = None
-    if args.spearman_only:
-        oracle_first = output_damage(masked, batches, cmap.full_keep(), np.arange(cmap.n_slots), 8)
+    oracle_first = output_damage(masked, batches, cmap.full_keep(), np.arange(cmap.n_slots), 8)  # its first round
+    print(f"\n{name}: Spearman with the oracle's single-channel output damage, {args.spearman_trials} random-half "
+          f"trials at full width per damage point (pooled / mean within groups; trial time)")
+    estimators = [("mean", mean_scores)] + [(f"ridge λ={r:g}", lambda m, y, r=r: ridge_scores(m, y, r))
+                                            for r in args.ridges]
+    for at in args.damage_at:
+        start = time.perf_counter()
+        masks, damage = full_width_trials(cmap, engines[at], batches, args.spearman_trials, args.seeds[0])
+        seconds = time.perf_counter() - start
+        for label, fn in estimators:
+            est = np.zeros(cmap.n_slots)
+            for k, g in enumerate(cmap.prunable):
+                est[g.slots] = fn(masks[k], damage[:, k])
+            within = [spearman(est[g.slots], oracle_first[g.slots]) for g in cmap.prunable if g.width > 2]
+            print(f"   {at:<7} {label:<14} {spearman(est, oracle_first):6.3f} / {np.mean(within):6.3f}   "
+                  f"({seconds:.1f} s)", flush=True)
     for target in [] if args.spearman_only else args.keeps:
         start = time.perf_counter()
         keep_o, _, stats_o = oracle(cmap, masked, batches, flops_target=target, stack=8)
         oracle_s = time.perf_counter() - start
-        if oracle_first is None:
-            oracle_first = stats_o.first_half_damage
+        print(f"   [{name} x{target}] oracle: {stats_o.rounds} rankings, {oracle_s:.1f} s", flush=True)
         rows = {"oracle": ([scores_of(keep_o)], [oracle_s])}
         for variant in variants:
             accs, secs = [], []
@@ -133,21 +145,6 @@ def run_task(name: str, args) -> list[str]:
         lines.append(f"{name} x{target}: oracle - AOFP (no recovery) {gap:.2f} points (<= 2: {gap <= 2}); "
                      f"search x{speed:.1f} faster (>= 10: {speed >= 10})")
 
-    print(f"\n{name}: Spearman with the oracle's single-channel output damage, {args.spearman_trials} random-half "
-          f"trials at full width per damage point (pooled / mean within groups; trial time)")
-    estimators = [("mean", mean_scores)] + [(f"ridge λ={r:g}", lambda m, y, r=r: ridge_scores(m, y, r))
-                                            for r in args.ridges]
-    for at in args.damage_at:
-        start = time.perf_counter()
-        masks, damage = full_width_trials(cmap, engines[at], batches, args.spearman_trials, args.seeds[0])
-        seconds = time.perf_counter() - start
-        for label, fn in estimators:
-            est = np.zeros(cmap.n_slots)
-            for k, g in enumerate(cmap.prunable):
-                est[g.slots] = fn(masks[k], damage[:, k])
-            within = [spearman(est[g.slots], oracle_first[g.slots]) for g in cmap.prunable if g.width > 2]
-            print(f"   {at:<7} {label:<14} {spearman(est, oracle_first):6.3f} / {np.mean(within):6.3f}   "
-                  f"({seconds:.1f} s)", flush=True)
     return lines
 
 
