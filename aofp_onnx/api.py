@@ -7,6 +7,7 @@ Every function that writes refuses an output path equal to the input and writes 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,15 +19,17 @@ from . import criteria
 from . import fidelity as fid
 from .calib import Data, ImageOptions, apply_input_shapes, input_specs, load_data
 from .count import count_params
+from .batch import Unpinning, repin, working_graph, working_model
 from .errors import InputError, VerificationError
 from .graph import Graph, load_model, read_model
 from .modeldata import ModelData, split_weights
 from .groups import ChannelMap, analyze
 from .io import release_memory
 from .plan import Plan, keep_from_plan, plan_from_keep
+from .probe import open_axes, probe
 from .progress import QUIET, Phases
 from .latency import measure_latency
-from .runtime import Runner
+from .runtime import Runner, pinned_batches
 from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
 from .select import round_widths, select_by_score
 from .surgery import cut
@@ -54,6 +57,16 @@ class Pruner:
     input_shapes: dict = field(default_factory=dict)
     external_data: bool = False  # the file kept its weights in external data: so will the output
     held: Data | None = None  # calibration samples held out of everything but the fidelity check
+    unpinning: Unpinning | None = None  # the working graph is the file with its pinned batch made dynamic
+    pinned: dict = field(default_factory=dict)  # inputs whose batch stays pinned in the working graph
+
+    def written(self, model: ModelData) -> ModelData:
+        """`model` (the working graph's, cut or not) with the file's batch declarations."""
+        return repin(model, self.unpinning)
+
+    def batch_size(self, wanted: int) -> int:
+        """Samples per run: `wanted`, or the batch the working graph pins."""
+        return min(self.pinned.values()) if self.pinned else wanted
 
     @classmethod
     def load(cls, path, *, input_shapes: dict | None = None, data: str | None = None, limit: int | None = None,
@@ -74,12 +87,16 @@ class Pruner:
             loaded, held = fid.split(loaded, extra if extra > 0 else fid.held_out_count(len(loaded)))
         shapes = dict(input_shapes or {})
         if loaded is not None:
+            pins = {s.name: s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
             for name, arr in loaded.inputs.items():
-                shapes.setdefault(name, (1,) + tuple(arr.shape[1:]))
+                shapes.setdefault(name, (pins.get(name, 1),) + tuple(arr.shape[1:]))
         graph = Graph.from_model(model, shapes)
         del model  # the weights now live in graph.weights; give the parsed file's memory back
         release_memory()
-        return cls(os.fspath(path), graph, analyze(graph), loaded, shapes, external, held)
+        probe(graph.data, graph.input_shapes, open_axes(graph.model))
+        graph, unpinning = working_graph(graph, loaded.inputs if loaded is not None else None)
+        return cls(os.fspath(path), graph, analyze(graph), loaded, shapes, external, held, unpinning,
+                   pinned_batches(graph.model))
 
     # -- data ----------------------------------------------------------------------------------
     def feeds(self, n: int = VERIFY_SAMPLES, batch_size: int = 1) -> list[dict[str, np.ndarray]]:
@@ -230,10 +247,12 @@ def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: 
             pruned, recovered = refit(pruner.cmap, keep, pruned, pruner.data, provider=provider)
         release_memory()
     lat = None
-    if latency:
-        with phases("latency", f"timing the original and the pruned model, interleaved, batch {batch_size}"):
-            feeds = pruner.feeds(batch_size, batch_size)[0]
-            lat = measure_latency(pruner.graph.data, pruned, feeds, provider, threads=threads)
+    written = pruner.written(pruned)
+    if latency:  # the models as the user runs them: at the file's batch where it pins one
+        size = min(pinned_batches(written.proto).values(), default=batch_size)
+        with phases("latency", f"timing the original and the pruned model, interleaved, batch {size}"):
+            feeds = pruner.feeds(size, size)[0]
+            lat = measure_latency(pruner.written(pruner.graph.data), written, feeds, provider, threads=threads)
         if lat["slower"]:
             lat["hint"] = SLOWER_HINT
             stderr_line(f"aofp-onnx: warning: {SLOWER_HINT} (x{lat['ratio']:.3f}, median of {lat['repeats']})")
@@ -241,8 +260,12 @@ def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: 
     with phases("fidelity", f"comparing outputs with the original's on {len(samples)} samples"):
         fidelity = fid.fidelity(original or pruner.graph.data, pruned, samples, provider, batch_size, held)
     with phases("write", os.fspath(output)):
-        save_model(pruned, output, external_data=pruner.external_data)
+        save_model(written, output, external_data=pruner.external_data)
     rep = report(pruner, keep, pruned, verification, criterion, search, lat)
+    if pruner.unpinning is not None or pruner.pinned:
+        rep["batch"] = pruner.unpinning.to_json() if pruner.unpinning is not None else {
+            "pinned": dict(pruner.pinned), "working_copy": "none (the batch is pinned beyond Reshape targets): "
+                                                           "one pinned batch per run"}
     if recovered is not None:
         rep["verification"]["model"] = "cut (before reconstruction)"
         rep["reconstruction"] = recovered.to_json()
@@ -391,7 +414,10 @@ def _base_path_tuner(pruner: Pruner, criterion: str, steps: int, src: str | None
     if not src:
         raise InputError("--finetune-steps needs training data (--data)")
     data = load_data(src, input_specs(pruner.graph.model), image_options=image_options, seed=seed, labels=None)
-    return ft.BasePathTuner(pruner.cmap, data, steps, options or ft.Options(seed=seed))
+    options = options or ft.Options(seed=seed)
+    if pruner.pinned:  # the bridge runs the graph as it is: one pinned batch per step
+        options = dataclasses.replace(options, batch_size=pruner.batch_size(options.batch_size))
+    return ft.BasePathTuner(pruner.cmap, data, steps, options)
 
 
 def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val: str | None = None,
@@ -416,24 +442,34 @@ def finetune(pruned_path, output, *, data: str, teacher: str | None = None, val:
     specs = input_specs(student_proto)
     if input_shapes:
         specs = apply_input_shapes(specs, input_shapes)
-    student = split_weights(student_proto)
+    student_file = split_weights(student_proto)
     want = True if mode == "supervised" else None
     train = load_data(data, specs, image_options=image_options, seed=options.seed, labels=want)
     held = load_data(val, specs, image_options=image_options, labels=want) if val else None
     teacher_data = split_weights(read_model(teacher)[0]) if teacher else None
     if teacher_data is not None:
-        ft.check_teacher(student, teacher_data)
+        ft.check_teacher(student_file, teacher_data)
+    # the bridge trains a working copy whose batch is dynamic (same names: the values go back to the file's graph)
+    student, pins = working_model(student_file, train.inputs)
+    teacher_work = None
+    if teacher_data is not None:
+        teacher_work, teacher_pins = working_model(teacher_data, train.inputs)
+        pins = {**teacher_pins, **pins}
+    if pins:  # pinned in a way the copy cannot prove away: one pinned batch per step
+        options = dataclasses.replace(options, batch_size=min(pins.values()))
     mode = ft.resolve_mode(mode, train, teacher_data, options.trainer)
     if held is None:
         train, held = ft.split_validation(train, options.seed)
     labelled = load_data(eval_src, specs, image_options=image_options, labels=True) if eval_src else None
-    job = ft.Job(student, teacher_data, train, held, mode, options)
+    job = ft.Job(student, teacher_work, train, held, mode, options)
     start = time.perf_counter()
     training = ft.start(job, bridge)
     if not ft.leads(training):  # torchrun: rank 0 writes, this process trained with it and waited
         return None
     result = training.train()
-    tuned = ft.with_values(student, result.values)
+    student = student_file  # trained values only: the copy's integer constants are its unpinned targets
+    trained = {k: v for k, v in result.values.items() if np.asarray(v).dtype.kind == "f"}
+    tuned = ft.with_values(student, trained)
     if not ft.same_graph(student.proto, tuned.proto):
         raise VerificationError("fine-tuning changed the graph; nothing written")
     rep = {"model": os.fspath(pruned_path), "teacher": teacher and os.fspath(teacher), "mode": mode,

@@ -4,7 +4,8 @@ Each configuration (a batch size × a choice of input shapes) feeds every model 
 its fixed dims (a dynamic batch = the batch size, other dynamic dims from --input-shape; a name given
 several shapes makes several configurations); the models' runs are interleaved round-robin so machine
 noise hits them alike, and the median (with p10/p90) of `repeats` timed runs is reported with its ratio
-to the first model's median in the same configuration.
+to the first model's median in the same configuration. A batch the file pins takes the batch size in
+samples, in runs of its size (see `runtime.Runner`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import onnx
 from .calib import input_specs
 from .errors import InputError
 from .graph import fixed_input_shapes, load_model
-from .runtime import Runner, latency_ms
+from .runtime import Runner, latency_ms, pinned_batches
 
 
 def model_feeds(model: onnx.ModelProto, batch_size: int | None, input_shapes: dict | None = None,
@@ -43,6 +44,9 @@ def model_feeds(model: onnx.ModelProto, batch_size: int | None, input_shapes: di
             if all(isinstance(d, int) and d > 0 for d in dims):
                 given[spec.name] = tuple(dims)
     shapes = fixed_input_shapes(model, given)
+    for name, b in pinned_batches(model).items():  # a pinned batch takes batch_size samples in runs of b
+        if name not in given and batch_size:
+            shapes[name] = (batch_size, *shapes[name][1:])
     rng = np.random.default_rng(seed)
     return {name: rng.standard_normal(shape).astype(specs[name].dtype) for name, shape in shapes.items()}
 

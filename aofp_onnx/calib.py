@@ -105,7 +105,9 @@ def _spec(vi: onnx.ValueInfoProto) -> InputSpec:
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
     if not tt.HasField("shape"):
         return InputSpec(vi.name, None, dtype)
-    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+    # a dim_param, an unset dim and Paddle's dim_value -1 are all dynamic (None or the symbol)
+    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                 for d in tt.shape.dim)
     return InputSpec(vi.name, dims, dtype)
 
 

@@ -144,10 +144,10 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
 
 
 def input_dims(value_info: onnx.ValueInfoProto) -> list:
-    """Dims of a graph input: ints where fixed, the symbol (or None) where dynamic."""
+    """Dims of a graph input: ints where fixed, the symbol (or None) where dynamic (Paddle's -1 too)."""
     dims = []
     for d in value_info.type.tensor_type.shape.dim:
-        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+        dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None))
     return dims
 
 
@@ -210,7 +210,7 @@ def infer_shapes(model: onnx.ModelProto, weights: dict | None = None) -> dict[st
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+        if tt.HasField("shape") and all(d.HasField("dim_value") and d.dim_value >= 0 for d in tt.shape.dim):
             shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)

@@ -3,7 +3,11 @@
 `resolve_provider` turns auto/cpu/cuda into an execution provider, trusting CUDA only after a tiny
 session really runs on it. A `Runner` owns one session; on CUDA it feeds inputs through IOBinding
 and can keep an input on the device across calls (`bind_persistent`), so a calibration batch is
-uploaded once. `latency_ms` times several runners round-robin so machine noise hits them alike.
+uploaded once. An input whose batch the file pins to b takes any number n of samples: the runner
+splits the feeds into ceil(n / b) runs of b (the last one padded by repeating its last sample) and
+concatenates the outputs along axis 0 (trimmed to n); every feed with n rows is split alike, the
+others (e.g. a [1, S] mask) go whole to every run. `latency_ms` times several runners round-robin so
+machine noise hits them alike.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ OPTIMIZATION_LEVELS = {
 }
 # protobuf refuses to serialize 2 GiB; larger models go through a file with external data
 MAX_IN_MEMORY_BYTES = int(1.8e9)
-ERRORS_ONLY = 3
+QUIET = 4  # fatal only: onnxruntime's failures reach the user as our one-line errors, never as its log
+ort.set_default_logger_severity(QUIET)  # the C++ default logger (environment creation, provider loading)
 
 
 def resolve_provider(provider: str) -> str:
@@ -61,28 +66,37 @@ def _cuda_runs() -> bool:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    ort.set_default_logger_severity(4)  # a failed CUDA load logs errors; the probe's answer says it all
-    try:
+    try:  # a failed CUDA load would log errors; the probe's answer says it all
         session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA, CPU])
         session.run(None, {"x": np.ones(1, np.float32)})
         return session.get_providers()[0] == CUDA
     except Exception:  # any failure to start CUDA means "not usable"
         return False
-    finally:
-        ort.set_default_logger_severity(ERRORS_ONLY)
 
 
 def _session_options(threads: int | None, optimization: str) -> ort.SessionOptions:
     if optimization not in OPTIMIZATION_LEVELS:
         raise InputError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
     options = ort.SessionOptions()
-    options.log_severity_level = ERRORS_ONLY
+    options.log_severity_level = QUIET
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     if threads is not None:
         if threads < 1:
             raise InputError(f"threads must be at least 1, got {threads}")
         options.intra_op_num_threads = threads
     return options
+
+
+def pinned_batches(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph inputs (not initializers) whose dim 0 the file fixes: {name: b}. A dim_param or
+    Paddle's `dim_value: -1` is dynamic."""
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            out[vi.name] = int(dims[0].dim_value)
+    return out
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -113,6 +127,8 @@ class Runner:
         self.input_names: list[str] = [i.name for i in self.session.get_inputs()]
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
         self.outputs = self._checked_outputs(outputs) if outputs is not None else list(self.output_names)
+        self.pinned: dict[str, int] = {i.name: i.shape[0] for i in self.session.get_inputs()
+                                       if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
         self._persistent: dict[str, np.ndarray | ort.OrtValue] = {}
 
     def _shared_weights(self, data: ModelData, options: ort.SessionOptions) -> str:
@@ -186,6 +202,39 @@ class Runner:
         if unknown or missing:
             raise ValueError(f"feeds must name exactly the inputs {', '.join(self.input_names)}; "
                              f"missing: {', '.join(missing) or '-'}; unknown: {', '.join(unknown) or '-'}")
+        split = self._split(feeds)
+        if split is not None:
+            return self._run_split(feeds, names, *split)
+        return self._run_once(feeds, names)
+
+    def _split(self, feeds: dict) -> tuple[int, int] | None:
+        """(n, b) when a pinned input gets n ≠ b samples, else None."""
+        sizes = {(v.shape[0], self.pinned[k]) for k, v in feeds.items()
+                 if k in self.pinned and isinstance(v, np.ndarray) and v.ndim and v.shape[0] != self.pinned[k]}
+        if len(sizes) > 1:
+            raise ValueError("inputs pinned to a batch get different sample counts: "
+                             + ", ".join(f"{n} for a batch of {b}" for n, b in sorted(sizes)))
+        return next(iter(sizes), None)
+
+    def _run_split(self, feeds: dict, names: list[str], n: int, b: int) -> list[np.ndarray]:
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for start in range(0, n, b):
+            rows = min(b, n - start)
+            chunk = {}
+            for k, v in feeds.items():
+                if isinstance(v, np.ndarray) and v.ndim and v.shape[0] == n:
+                    v = v[start:start + b]
+                    if rows < b:
+                        v = np.concatenate([v, np.repeat(v[-1:], b - rows, axis=0)])
+                chunk[k] = v
+            for part, name, y in zip(parts, names, self._run_once(chunk, names)):
+                if np.ndim(y) == 0 or len(y) != b:
+                    raise ValueError(f"output {name!r} has no batch axis of {b}: feed the model's pinned "
+                                     f"batch of {b} sample(s) per run")
+                part.append(y[:rows])
+        return [np.concatenate(p) for p in parts]
+
+    def _run_once(self, feeds: dict, names: list[str]) -> list[np.ndarray]:
         if self._device is None:
             return self.session.run(names, feeds)
         binding = self.session.io_binding()

@@ -353,7 +353,11 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     if not cmap.prunable:
         return cmap.full_keep(), np.zeros(0), {"trials": 0, "seconds": 0.0, "provider": None}
     budget = memory_budget or int(os.environ.get("AOFP_ONNX_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
-    batches = list(pruner.data.batches(batch_size))
+    # a batch the file pins in a way the working copy could not prove away: its size per run, no stacking
+    pinned = bool(getattr(pruner, "pinned", None))
+    batches = list(pruner.data.batches(pruner.batch_size(batch_size) if pinned else batch_size))
+    if pinned and len(batches) > 1:  # a short last batch would be padded to the pinned size: leave it out
+        batches = [b for b in batches if len(next(iter(b.values()))) == len(next(iter(batches[0].values())))]
     show = SearchProgress(criterion, {"MACs": flops_target} if flops_target is not None else None,
                           max_trials) if progress else None
     if criterion == "oracle":
@@ -362,7 +366,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         if flops_target is None:
             raise InputError("--criterion oracle needs --flops-target")
         runner = Runner(masked_model(cmap), provider)
-        stack = max(1, int(budget // (_activation_bytes(cmap) * len(next(iter(batches[0].values()))))))
+        stack = 1 if pinned else max(1, int(budget // (_activation_bytes(cmap) * len(next(iter(batches[0].values()))))))
         keep, scores, stats = oracle(cmap, runner, batches, flops_target=flops_target, oracle_step=oracle_step,
                                      min_channels=min_channels, stack=min(stack, 64), progress=show, cost=cost)
         used = runner.provider
@@ -380,8 +384,13 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         state = load_state(resume, options) if resume else None
         counter = iter(range(state["scalars"]["rounds"] if state else 0, 1 << 62))  # one damage call per round
 
+        # pinned: each round averages the damages of the pinned batches that make up one --batch-size
+        per_round = max(1, batch_size // len(next(iter(batches[0].values())))) if pinned else 1
+        rounds = [batches[k:k + per_round] for k in range(0, len(batches), per_round)]
+
         def damage(keep, rows):
-            return engine.damage(keep, rows, batches[next(counter) % len(batches)])
+            chosen = rounds[next(counter) % len(rounds)]
+            return sum(engine.damage(keep, rows, feeds) for feeds in chosen) / len(chosen)
 
         def adapt(keep):
             nonlocal engine
@@ -403,6 +412,8 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     info["provider"] = used
     if devices:
         info["devices"] = [str(d) for d in devices]
+    if pinned:
+        info["batch"] = f"pinned in the model to {len(next(iter(batches[0].values())))} sample(s) per run"
     if tuner is not None:
         info["finetune"] = tuner.to_json()
     if flops_target is not None and (cost or _macs_ratio(cmap))(keep) > flops_target:
