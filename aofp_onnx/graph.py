@@ -2,9 +2,9 @@
 
 Two views of one model:
 
-* the **working model** (`Graph.model`): the file as loaded (external data included) with `Constant`
-  nodes and `Identity`-of-initializer nodes folded into initializers, so every weight is an
-  initializer. Dynamic dims stay dynamic: this is the graph that is cut and written.
+* the **working model** (`Graph.model`): the file as loaded (external data included) with every
+  constant subgraph (Constant nodes, Paddle's `Reshape(bias)`, casts and arithmetic of constants)
+  folded into initializers (`fold_constants`), so every weight is an initializer. Dynamic dims stay dynamic: this is the graph that is cut and written.
 * weights of at least `LARGE` elements live outside the proto (`ModelData.weights`, numpy arrays); the
   proto keeps an external-data placeholder for each, so protos stay small to copy and onnxruntime
   sessions read the arrays in place (zero copy). `ModelData.materialize()` puts them back for writing.
@@ -12,10 +12,8 @@ Two views of one model:
   leading batch dim), shapes inferred by `onnx.shape_inference` with data propagation; tensors that
   inference leaves unknown are read from one onnxruntime run of that copy.
 
-The folding is written here rather than taken from onnx-graphsurgeon's `fold_constants` because a
-graphsurgeon round trip re-creates the model (value_info, unused initializers, metadata) and, with
-shapes folded, bakes runtime shapes into constants; we need exactly "Constant → initializer" and
-nothing else, so node names, order and metadata stay those of the file.
+The folded values come from onnx-graphsurgeon (shape folding off, so runtime shapes are never baked
+in); they are transplanted into the file's own proto so node names, order and metadata stay its own.
 """
 from __future__ import annotations
 
@@ -98,49 +96,99 @@ def _first_line(exc: Exception) -> str:
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn Constant nodes and Identity nodes of initializers into initializers, in place.
+    """Replace every node computed from constants alone by initializers of its outputs, in place.
 
-    Requires: a topologically sorted graph. Ensures: every node output that is a compile-time
-    constant of those two kinds is an initializer of the same name; other nodes keep their order.
+    Requires: a topologically sorted graph. Ensures: a node whose inputs are all initializers or outputs
+    of such nodes (Constant, Reshape/Cast/Transpose/Unsqueeze/Concat/arithmetic of constants, Shape of a
+    constant, ...) is gone and its outputs consumed elsewhere are initializers of the same names; nothing
+    that depends on a model input is folded (no shape folding), nor a node that writes a graph output,
+    reads a random generator, or would grow the model (an output larger than `FOLD_GROWTH` elements and
+    than its inputs together: Expand, Tile, ConstantOfShape). Initializers only the folded nodes read go.
+    Every other node keeps its name, order and attributes; the model keeps its metadata and value_info.
+
+    The values come from onnx-graphsurgeon's `fold_constants` (it evaluates the constant subgraphs with
+    onnxruntime) run on a copy: its exported model is not used, because a graphsurgeon round trip
+    re-creates the model (metadata_props and value_info dropped); only the values are taken over.
     """
+    values = _folded_values(model)
     graph = model.graph
-    known = {init.name for init in graph.initializer}
     outputs = {o.name for o in graph.output}
-    keep = []
-    for node in graph.node:
-        tensor = None
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
-            tensor = _constant_value(node)
-        elif node.op_type == "Identity" and node.input[0] in known and node.output[0] not in outputs:
-            src = next(i for i in graph.initializer if i.name == node.input[0])
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(src)
-        if tensor is None:
-            keep.append(node)
+    sizes = {init.name: int(np.prod(init.dims)) for init in graph.initializer}
+    const = set(sizes)
+    folded_nodes, new_inits = set(), {}
+    for k, node in enumerate(graph.node):
+        outs = [o for o in node.output if o]
+        if (not outs or node.op_type in RANDOM_OPS or any(o in outputs or o not in values for o in outs)
+                or any(i and i not in const for i in node.input)):
             continue
-        tensor.name = node.output[0]
-        graph.initializer.append(tensor)
-        known.add(tensor.name)
+        tensors = [_as_initializer(values[o], o) for o in outs]
+        grown = max(int(np.prod(t.dims)) for t in tensors if t is not None) if all(tensors) else None
+        if grown is None or grown > max(FOLD_GROWTH, sum(sizes.get(i, 0) for i in node.input if i)):
+            continue
+        folded_nodes.add(k)
+        for t in tensors:
+            new_inits[t.name] = t
+            sizes[t.name] = int(np.prod(t.dims))
+            const.add(t.name)
+    if not folded_nodes:
+        return model
+    kept = [n for k, n in enumerate(graph.node) if k not in folded_nodes]
+    read = {i for n in kept for i in [*n.input, *subgraph_reads(n)] if i} | outputs
+    before = {i for k, n in enumerate(graph.node) if k in folded_nodes for i in n.input if i}
+    declared = {i.name for i in graph.input}
+    inits = [i for i in graph.initializer if i.name in read or i.name not in before or i.name in declared]
+    inits += [t for name, t in new_inits.items() if name in read]
     del graph.node[:]
-    graph.node.extend(keep)
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
     return model
 
 
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    attr = {a.name: a for a in node.attribute}
-    if "value" in attr:
-        out = onnx.TensorProto()
-        out.CopyFrom(attr["value"].t)
-        return out
-    if "value_float" in attr:
-        return numpy_helper.from_array(np.array(attr["value_float"].f, np.float32))
-    if "value_floats" in attr:
-        return numpy_helper.from_array(np.array(list(attr["value_floats"].floats), np.float32))
-    if "value_int" in attr:
-        return numpy_helper.from_array(np.array(attr["value_int"].i, np.int64))
-    if "value_ints" in attr:
-        return numpy_helper.from_array(np.array(list(attr["value_ints"].ints), np.int64))
-    return None  # sparse or string constants stay nodes
+RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+FOLD_GROWTH = 1 << 16  # a folded output may exceed its inputs' total size up to this many elements
+
+
+def _folded_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Values of the tensors onnx-graphsurgeon folds to constants in a copy of `model` (quietly)."""
+    import onnx_graphsurgeon as gs
+    import onnxruntime as ort
+
+    logger = gs.logger.G_LOGGER
+    severity = logger.severity
+    logger.severity = logger.CRITICAL + 10  # its per-node "could not fold" notes are not for the user
+    ort.set_default_logger_severity(4)
+    try:
+        graph = gs.import_onnx(model)
+        graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False,
+                             should_exclude_node=lambda n: n.op in RANDOM_OPS)
+        return {name: t.values for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    except Exception:  # graphsurgeon could not read or fold the model: nothing is folded
+        return {}
+    finally:
+        logger.severity = severity
+        ort.set_default_logger_severity(3)
+
+
+def _as_initializer(value, name: str) -> onnx.TensorProto | None:
+    """`value` as an initializer named `name`; None for what numpy_helper cannot write."""
+    try:
+        return numpy_helper.from_array(np.asarray(value), name)
+    except Exception:
+        return None
+
+
+def subgraph_reads(node: onnx.NodeProto) -> list[str]:
+    """Names read inside `node`'s subgraphs (If/Loop/Scan bodies, recursively): outer-scope values among them."""
+    names: list[str] = []
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.extend(i for i in n.input if i)
+                names.extend(subgraph_reads(n))
+            names.extend(o.name for o in g.output)  # a body may return an outer value as is
+    return names
 
 
 def input_dims(value_info: onnx.ValueInfoProto) -> list:

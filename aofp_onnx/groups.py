@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from .channels import Channels, handler_for
-from .graph import Graph
+from .graph import Graph, subgraph_reads  # noqa: F401  (surgery and reconstruct read it here)
 
 
 @dataclass
@@ -364,16 +364,3 @@ def _unhandled(node: onnx.NodeProto, ctx: Analysis) -> None:
         ch = ctx.get(name) if name else None
         if ch is not None:
             ctx.block(ch.ids, f"feeds {op} '{node.name or node.output[0]}', which has no channel handler")
-
-
-def subgraph_reads(node: onnx.NodeProto) -> list[str]:
-    """Names read inside `node`'s subgraphs (If/Loop/Scan bodies, recursively): outer-scope values among them."""
-    names: list[str] = []
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in graphs:
-            for n in g.node:
-                names.extend(i for i in n.input if i)
-                names.extend(subgraph_reads(n))
-            names.extend(o.name for o in g.output)  # a body may return an outer value as is
-    return names

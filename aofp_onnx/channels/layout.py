@@ -209,6 +209,24 @@ def _shape_constants(ctx, name, depth=0):
     return out
 
 
+def _concat_piece(ctx, name, position):
+    """(concat, k, local, value) when shape tensor `name` is a Concat of 1-D pieces and element `position`
+    is element `local` of its constant input k; None otherwise."""
+    concat = ctx.graph.producer.get(name)
+    if concat is None or concat.op_type != "Concat":
+        return None
+    start = 0
+    for k, piece in enumerate(concat.input):
+        shape = ctx.shape(piece)
+        if shape is None or len(shape) != 1:
+            return None
+        if start <= position < start + shape[0]:
+            value = ctx.init(piece)
+            return None if value is None else (concat, k, position - start, int(value[position - start]))
+        start += shape[0]
+    return None
+
+
 @register("Reshape")
 class Reshape(Handler):
     def analyze(self, node, ctx):
@@ -224,7 +242,11 @@ class Reshape(Handler):
             return ctx.block(ch.ids, f"{where}: splits or mixes the channel axis")
         o, m = found
         target = const_input(ctx, node, 1)
-        if target is None:
+        piece = _concat_piece(ctx, node.input[1], o) if target is None else None
+        if piece is not None and piece[3] not in (-1, 0):  # Paddle: Concat(Shape(x)[:1], [C·m])
+            concat, k, local, _ = piece
+            ctx.rewrite(concat, write_width(node.input[0], k, local, m))
+        elif target is None:
             literal = out_shape[o]
             if any(np.any(v == literal) for v in _shape_constants(ctx, node.input[1])) and literal > 1:
                 return ctx.block(ch.ids, f"{where}: target shape is computed from a constant holding the channel count")
