@@ -59,6 +59,7 @@ class Pruner:
     held: Data | None = None  # calibration samples held out of everything but the fidelity check
     unpinning: Unpinning | None = None  # the working graph is the file with its pinned batch made dynamic
     pinned: dict = field(default_factory=dict)  # inputs whose batch stays pinned in the working graph
+    notes: list = field(default_factory=list)  # what loading changed (e.g. "opset 9 upgraded to 11")
 
     def written(self, model: ModelData) -> ModelData:
         """`model` (the working graph's, cut or not) with the file's batch declarations."""
@@ -74,7 +75,8 @@ class Pruner:
              hold_out: bool = False) -> "Pruner":
         """With `hold_out`, up to `fidelity.HELD_OUT` samples past `limit` (or a quarter of all) are set aside
         in `held` for the fidelity check; `data` keeps the rest."""
-        model, external = read_model(path)
+        notes: list[str] = []
+        model, external = read_model(path, notes)
         specs = input_specs(model)
         if input_shapes:
             specs = apply_input_shapes(specs, input_shapes)
@@ -96,7 +98,7 @@ class Pruner:
         probe(graph.data, graph.input_shapes, open_axes(graph.model))
         graph, unpinning = working_graph(graph, loaded.inputs if loaded is not None else None)
         return cls(os.fspath(path), graph, analyze(graph), loaded, shapes, external, held, unpinning,
-                   pinned_batches(graph.model))
+                   pinned_batches(graph.model), notes)
 
     # -- data ----------------------------------------------------------------------------------
     def feeds(self, n: int = VERIFY_SAMPLES, batch_size: int = 1) -> list[dict[str, np.ndarray]]:
@@ -135,6 +137,7 @@ class Pruner:
             "model": self.path,
             "fingerprint": self.graph.fingerprint(),
             "opset": self.graph.opset,
+            "notes": self.notes,
             "input_shapes": {k: list(v) for k, v in self.graph.input_shapes.items()},
             "macs": cm.total_macs,
             "params": count_params(self.graph.model),
@@ -176,6 +179,7 @@ def report(pruner: Pruner, keep: np.ndarray, pruned: ModelData, verification: Ve
     return {
         "model": pruner.path,
         "criterion": criterion,
+        "notes": pruner.notes,
         "macs_before": cm.total_macs,
         "macs_after": cm.macs(keep),
         "params_before": count_params(pruner.graph.model),

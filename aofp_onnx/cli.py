@@ -106,6 +106,8 @@ def inspect(model, input_shape, json_out, show_all):
     groups = info["groups"]
     prunable = [g for g in groups if g["prunable"]]
     click.echo(f"{info['model']}  opset {info['opset']}  inputs {info['input_shapes']}")
+    for note in info["notes"]:
+        click.echo(f"note: {note}")
     click.echo(f"MACs {info['macs']:,}  params {info['params']:,}  groups {len(groups)} ({len(prunable)} prunable)  "
                f"prunable MACs {100 * info['prunable_macs_fraction']:.1f}%")
     shown = groups if show_all else sorted(groups, key=lambda g: -g["macs"])[:40]

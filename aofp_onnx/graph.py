@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference
+from onnx import numpy_helper, shape_inference, version_converter
 
 from .errors import InputError, shape_hint
 from .modeldata import ModelData, copy_model, default_opset, split_weights
 from .runtime import Runner
 
-MIN_OPSET, MAX_OPSET = 11, 21
+MIN_OPSET, MAX_OPSET = 11, onnx.defs.onnx_opset_version()  # newest the installed onnx knows
+OLDEST_OPSET = 7  # opsets OLDEST_OPSET..MIN_OPSET-1 are upgraded to MIN_OPSET at load (onnx.version_converter)
 QUANTIZED_OPS = {
     "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QuantizeLinear",
     "DequantizeLinear", "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul", "QGemm",
@@ -42,8 +43,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return read_model(path)[0]
 
 
-def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
-    """(model, whether its weights came from external data files), checked like `load_model`."""
+def read_model(path: str | os.PathLike, notes: list[str] | None = None) -> tuple[onnx.ModelProto, bool]:
+    """(model, whether its weights came from external data files), checked like `load_model` and
+    upgraded to MIN_OPSET when older; what was changed is appended to `notes`."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
@@ -64,7 +66,24 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     except Exception as exc:  # protobuf decode errors, missing external data, ...
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
     check_model(model, path, problem)
-    return model, has_external
+    return upgrade_opset(model, path, notes), has_external
+
+
+def upgrade_opset(model: onnx.ModelProto, label: str = "model", notes: list[str] | None = None) -> onnx.ModelProto:
+    """`model` converted to MIN_OPSET by onnx.version_converter when its opset is older (refused when
+    the converter fails or its result fails onnx.checker)."""
+    opset = default_opset(model)
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:
+        raise InputError(f"{label}: opset {opset} cannot be upgraded to {MIN_OPSET} by onnx.version_converter "
+                         f"({_first_line(exc)})") from None
+    if notes is not None:
+        notes.append(f"opset {opset} upgraded to {MIN_OPSET}")
+    return upgraded
 
 
 def check_model(model: onnx.ModelProto, label: str = "model", checker_error: Exception | None = None) -> None:
@@ -81,8 +100,9 @@ def check_model(model: onnx.ModelProto, label: str = "model", checker_error: Exc
     if checker_error is not None:
         raise InputError(f"{label}: invalid ONNX model ({_first_line(checker_error)})")
     opset = default_opset(model)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise InputError(f"{label}: opset {opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET})")
+    if not OLDEST_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"{label}: opset {opset} is not supported (supported: {OLDEST_OPSET} to {MAX_OPSET}; "
+                         f"below {MIN_OPSET} upgraded to {MIN_OPSET})")
     for node in model.graph.node:
         if node.op_type in QUANTIZED_OPS or node.domain == "com.microsoft" and node.op_type.startswith("QLinear"):
             raise InputError(

@@ -13,7 +13,8 @@ from . import fidelity as fid
 def cut_lines(rep: dict) -> list[str]:
     """MACs, params, groups, verification, latency, refit, accuracy of a `prune`/`apply` report."""
     ratio = rep["macs_after"] / max(rep["macs_before"], 1)
-    out = [f"MACs    {rep['macs_before']:,} -> {rep['macs_after']:,}  (x{ratio:.3f})",
+    out = [f"note    {note}" for note in rep.get("notes", [])]
+    out += [f"MACs    {rep['macs_before']:,} -> {rep['macs_after']:,}  (x{ratio:.3f})",
            f"params  {rep['params_before']:,} -> {rep['params_after']:,}  "
            f"(x{rep['params_after'] / max(rep['params_before'], 1):.3f})"]
     changed = sum(g["width_after"] != g["width_before"] for g in rep["groups"])

@@ -107,14 +107,15 @@ def qdq_model(path):
                              [init("w", w), init("s", np.float32(0.02)), init("z", np.uint8(128))])
 
 
-def opset9_model(path):
+def opset6_model(path):
+    """Older than the oldest opset onnx.version_converter upgrades here (7)."""
     w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
     w2 = np.random.default_rng(1).standard_normal((2, 4, 1, 1)).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("Conv", ["r", "w2"], ["y"])]
     return save_helper_model(path, nodes, [vi("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                              [vi("y", TensorProto.FLOAT, ["N", 2, 8, 8])], [init("w", w), init("w2", w2)],
-                             opset=9, ir_version=4)
+                             opset=6, ir_version=4)
 
 
 def two_input_model(path):
@@ -197,7 +198,7 @@ BAD_MODELS = {
     "qlinearconv": (lambda d: qlinearconv_model(d / "q.onnx").name, ["quantized", "QLinearConv"]),
     "convinteger": (lambda d: convinteger_model(d / "ci.onnx").name, ["quantized", "ConvInteger"]),
     "qdq": (lambda d: qdq_model(d / "qdq.onnx").name, ["quantized", "QuantizeLinear"]),
-    "opset9": (lambda d: opset9_model(d / "op9.onnx").name, ["opset 9"]),
+    "opset6": (lambda d: opset6_model(d / "op6.onnx").name, ["opset 6", "not supported"]),
 }
 BAD_MODEL_GENERIC = ("not", "invalid", "empty", "no such")  # one of these for the unreadable files
 
