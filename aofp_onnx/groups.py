@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from .channels import Channels, handler_for
+from .channels.attrs import attr
 from .graph import Graph, subgraph_reads  # noqa: F401  (surgery and reconstruct read it here)
 
 
@@ -341,7 +342,8 @@ def analyze(graph: Graph) -> ChannelMap:
     for name in graph.inputs:
         shape = graph.shape(name)
         if shape is not None and len(shape) >= 2:
-            ch = Channels(1, ctx.fresh(shape[1]))
+            axis = _input_channel_axis(graph, name)
+            ch = Channels(axis, ctx.fresh(shape[axis]))
             ctx.block(ch.ids, f"comes from model input '{name}'")
             ctx.set(name, ch)
     for node in graph.nodes:
@@ -355,6 +357,16 @@ def analyze(graph: Graph) -> ChannelMap:
         if ch is not None:
             ctx.block(ch.ids, f"reaches model output '{name}'")
     return ChannelMap(graph, ctx)
+
+
+def _input_channel_axis(graph: Graph, name: str) -> int:
+    """Axis 1, or for an input only Transposes read, all alike, the axis they move to axis 1 (NHWC → NCHW)."""
+    readers = graph.consumers.get(name, [])
+    perms = {tuple(attr(n, "perm") or ()) for n, _ in readers if n.op_type == "Transpose"}
+    if readers and len(perms) == 1 and len(readers) == sum(n.op_type == "Transpose" for n, _ in readers):
+        perm = perms.pop()
+        return perm[1] if len(perm) > 1 else 1
+    return 1
 
 
 def _unhandled(node: onnx.NodeProto, ctx: Analysis) -> None:

@@ -72,41 +72,45 @@ class _GroupedConv(Handler):
             return _block_node(node, ctx, x, out_shape, f"{where}: weights are not a constant initializer", macs)
         if x is None or out_shape is None or in_shape is None:
             return _block_node(node, ctx, x, out_shape, f"{where}: input or output shape unknown", macs)
-        if x.axis != 1:
-            return _block_node(node, ctx, x, out_shape, f"{where}: channels are not on axis 1 of its input", macs)
         group = int(attr(node, "group", 1))
         if self.transposed:
             cin, cout = w.shape[0], w.shape[1] * group
         else:
             cout, cin = w.shape[0], w.shape[1] * group
-        if len(x.ids) != cin:
+        cin_g = cin // group
+        depthwise = group > 1 and cin_g == 1
+        mapped = x.axis == 1  # else the labelled axis is one the conv mixes, and its input channels are unmapped
+        if not mapped and depthwise:
+            return _block_node(node, ctx, x, out_shape, f"{where}: channels are not on axis 1 of its input", macs)
+        if not mapped:
+            ctx.block(x.ids, f"{where}: channels are not on axis 1 of its input")
+        elif len(x.ids) != cin:
             return _block_node(node, ctx, x, out_shape,
                                f"{where}: weight expects {cin} input channels, input has {len(x.ids)}", macs)
         has_bias = len(node.input) > 2 and bool(node.input[2])
         if has_bias and ctx.init(node.input[2]) is None:
             return _block_node(node, ctx, x, out_shape, f"{where}: bias is not a constant initializer", macs)
         in_axis, out_axis = (0, 1) if self.transposed else (1, 0)
-        cin_g = cin // group
-        if group > 1 and cin_g == 1:  # depthwise (any multiplier): outputs are the input's atoms
+        if depthwise:  # any multiplier: outputs are the input's atoms
             out = np.repeat(x.ids, cout // group)
             ctx.set(out_name, _channels(out))
             ctx.bind(node, 1, 0, out_name if not self.transposed else node.input[0])
             ctx.rewrite(node, _set_group_from(node.input[0]))
             ctx.count(node, macs, out_name)
         else:
-            if group > 1:
-                _tie_across_groups(ctx, x.ids, group)
-                out = np.tile(ctx.fresh(cout // group), group)
-            else:
-                out = ctx.fresh(cout)
+            out = np.tile(ctx.fresh(cout // group), group) if group > 1 else ctx.fresh(cout)
             ctx.set(out_name, _channels(out))
-            ctx.sink(node, 0)
             ctx.source(node, 1, out_axis, out_name)
-            local_in = cin_g if (group > 1 and not self.transposed) else None
             local_out = cout // group if (group > 1 and self.transposed) else None
-            ctx.bind(node, 1, in_axis, node.input[0], local=local_in)
             ctx.bind(node, 1, out_axis, out_name, local=local_out)
-            ctx.count(node, macs, node.input[0], out_name)
+            if mapped:
+                if group > 1:
+                    _tie_across_groups(ctx, x.ids, group)
+                ctx.sink(node, 0)
+                ctx.bind(node, 1, in_axis, node.input[0], local=cin_g if (group > 1 and not self.transposed) else None)
+                ctx.count(node, macs, node.input[0], out_name)
+            else:
+                ctx.count(node, macs, out_name)
         if has_bias:
             ctx.bind(node, 2, 0, out_name)
 

@@ -4,8 +4,9 @@ Index maps, both ways (channel c ↔ output positions):
 * Concat on the channel axis: input k's channel c → offset_k + c. On another axis: inputs are tied.
 * Split / Slice (step 1) on the channel axis: output position p ↔ input channel start + p; the sizes
   and bounds are recomputed from the kept channels at cut time.
-* Flatten / flattening Reshape: channel c of [.., C, d1..dn] → features c·m + s, s < m = d1·…·dj for
-  the dims merged into the channel axis; a shape constant holding C·m is rewritten to C'·m.
+* Flatten / flattening Reshape: channel c of [.., e1..ek, C, d1..dn] → features (j·C + c)·m + s,
+  s < m = d1·…·dj, j < e1·…·ek for the dims merged with the channel axis (j > 0: a channels-last
+  flatten); a shape constant holding C·m·e is rewritten to C'·m·e.
 * Squeeze / Unsqueeze / Transpose: the channel axis moves; Shape/Size read no values.
 """
 from __future__ import annotations
@@ -240,7 +241,8 @@ class Reshape(Handler):
         found = _merged_axis(in_shape, out_shape, ch.axis)
         if found is None:
             return ctx.block(ch.ids, f"{where}: splits or mixes the channel axis")
-        o, m = found
+        o, outer, inner = found
+        m = outer * inner
         target = const_input(ctx, node, 1)
         piece = _concat_piece(ctx, node.input[1], o) if target is None else None
         if piece is not None and piece[3] not in (-1, 0):  # Paddle: Concat(Shape(x)[:1], [C·m])
@@ -254,25 +256,32 @@ class Reshape(Handler):
             ctx.rewrite(node, write_width(node.input[0], 1, o, m))
         elif target[o] == 0 and not (o == ch.axis and m == 1):
             return ctx.block(ch.ids, f"{where}: target shape copies a dim that moves")
-        ctx.set(node.output[0], Channels(o, np.repeat(ch.ids, m)))
+        ctx.set(node.output[0], Channels(o, np.tile(np.repeat(ch.ids, inner), outer)))
 
 
 def _merged_axis(in_shape, out_shape, c):
-    """(o, m): output axis o holds input axes c..c+j merged (m = ∏ dims c+1..c+j), or None.
+    """(o, outer, inner): output axis o holds input axes a..b merged, 1 ≤ a ≤ c ≤ b (the batch axis stays
+    apart), so channel i of C sits at positions (j·C + i)·inner + s, j < outer = ∏ dims a..c-1 (a
+    channels-last flatten: Keras' NHWC Flatten), s < inner = ∏ dims c+1..b; or None.
 
-    With C > 1 at most one axis fits. A single channel (C = 1) fits any size-1 axis after the outer
-    dims too (the batch axis of [1, 1, H·W] as well as axis 1): it keeps its own axis c when that fits."""
-    outer = int(np.prod(in_shape[:c]))
-    tails = np.cumprod([1] + list(in_shape[c + 1:]))
-    found = []
-    for o in range(len(out_shape)):
-        if int(np.prod(out_shape[:o])) != outer:
-            continue
-        for m in tails:
-            if out_shape[o] == in_shape[c] * m:
-                found.append((o, int(m)))
-                break
-    return next((f for f in found if f[0] == c), found[0]) if found else None
+    With C > 1 at most one axis fits for a given a; a = c is tried first. A single channel (C = 1) fits
+    any size-1 axis after the outer dims too (the batch axis of [1, 1, H·W] as well as axis 1): it keeps
+    its own axis c when that fits."""
+    for a in range(c, 0, -1) if c > 0 else [0]:
+        head = int(np.prod(in_shape[:a]))
+        outer = int(np.prod(in_shape[a:c]))
+        tails = np.cumprod([1] + list(in_shape[c + 1:]))
+        found = []
+        for o in range(len(out_shape)):
+            if int(np.prod(out_shape[:o])) != head:
+                continue
+            for m in tails:
+                if out_shape[o] == outer * in_shape[c] * m:
+                    found.append((o, outer, int(m)))
+                    break
+        if found:
+            return next((f for f in found if f[0] == c), found[0])
+    return None
 
 
 def _axes(node, ctx):
