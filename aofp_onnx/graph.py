@@ -4,16 +4,14 @@ Two views of one model:
 
 * the **working model** (`Graph.model`): the file as loaded (external data included) with every
   constant subgraph (Constant nodes, Paddle's `Reshape(bias)`, casts and arithmetic of constants)
-  folded into initializers (`fold_constants`), so every weight is an initializer. Dynamic dims stay dynamic: this is the graph that is cut and written.
+  folded into initializers and opsets below 11 upgraded (both in `normalize`), so every weight is
+  an initializer. Dynamic dims stay dynamic: this is the graph that is cut and written.
 * weights of at least `LARGE` elements live outside the proto (`ModelData.weights`, numpy arrays); the
   proto keeps an external-data placeholder for each, so protos stay small to copy and onnxruntime
   sessions read the arrays in place (zero copy). `ModelData.materialize()` puts them back for writing.
 * the **shape view**: a copy whose dynamic input dims are fixed (`--input-shape`, the data, or 1 for a
   leading batch dim), shapes inferred by `onnx.shape_inference` with data propagation; tensors that
   inference leaves unknown are read from one onnxruntime run of that copy.
-
-The folded values come from onnx-graphsurgeon (shape folding off, so runtime shapes are never baked
-in); they are transplanted into the file's own proto so node names, order and metadata stay its own.
 """
 from __future__ import annotations
 
@@ -23,13 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference, version_converter
+from onnx import numpy_helper, shape_inference
 
 from .errors import InputError, shape_hint
 from .modeldata import ModelData, copy_model, default_opset, split_weights
+from .normalize import MIN_OPSET, fold_constants, upgrade_opset
 from .runtime import Runner
 
-MIN_OPSET, MAX_OPSET = 11, onnx.defs.onnx_opset_version()  # newest the installed onnx knows
+MAX_OPSET = onnx.defs.onnx_opset_version()  # the newest the installed onnx knows
 OLDEST_OPSET = 7  # opsets OLDEST_OPSET..MIN_OPSET-1 are upgraded to MIN_OPSET at load (onnx.version_converter)
 QUANTIZED_OPS = {
     "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QuantizeLinear",
@@ -69,23 +68,6 @@ def read_model(path: str | os.PathLike, notes: list[str] | None = None) -> tuple
     return upgrade_opset(model, path, notes), has_external
 
 
-def upgrade_opset(model: onnx.ModelProto, label: str = "model", notes: list[str] | None = None) -> onnx.ModelProto:
-    """`model` converted to MIN_OPSET by onnx.version_converter when its opset is older (refused when
-    the converter fails or its result fails onnx.checker)."""
-    opset = default_opset(model)
-    if opset >= MIN_OPSET:
-        return model
-    try:
-        upgraded = version_converter.convert_version(model, MIN_OPSET)
-        onnx.checker.check_model(upgraded)
-    except Exception as exc:
-        raise InputError(f"{label}: opset {opset} cannot be upgraded to {MIN_OPSET} by onnx.version_converter "
-                         f"({_first_line(exc)})") from None
-    if notes is not None:
-        notes.append(f"opset {opset} upgraded to {MIN_OPSET}")
-    return upgraded
-
-
 def check_model(model: onnx.ModelProto, label: str = "model", checker_error: Exception | None = None) -> None:
     """Refuse what is not a float ONNX model of a supported opset, with a reason.
 
@@ -103,6 +85,13 @@ def check_model(model: onnx.ModelProto, label: str = "model", checker_error: Exc
     if not OLDEST_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"{label}: opset {opset} is not supported (supported: {OLDEST_OPSET} to {MAX_OPSET}; "
                          f"below {MIN_OPSET} upgraded to {MIN_OPSET})")
+    if _uses_bfloat16(model):
+        try:
+            Runner(ModelData(model, {}), "cpu", optimization="disable")
+        except Exception as exc:
+            reason = _first_line(exc).split("Type Error: ")[-1]
+            raise InputError(f"{label}: bfloat16 model that onnxruntime cannot run ({reason}); "
+                             "convert it to float16 or float32") from None
     for node in model.graph.node:
         if node.op_type in QUANTIZED_OPS or node.domain == "com.microsoft" and node.op_type.startswith("QLinear"):
             raise InputError(
@@ -110,105 +99,24 @@ def check_model(model: onnx.ModelProto, label: str = "model", checker_error: Exc
                 "prune before quantizing")
 
 
+def _uses_bfloat16(model: onnx.ModelProto) -> bool:
+    """Whether a graph input/output, initializer, value_info, Constant or Cast of `model` is bfloat16."""
+    bf16 = onnx.TensorProto.BFLOAT16
+    g = model.graph
+    if any(i.data_type == bf16 for i in g.initializer):
+        return True
+    if any(v.type.tensor_type.elem_type == bf16 for v in [*g.input, *g.output, *g.value_info]):
+        return True
+    for node in g.node:
+        for a in node.attribute:
+            if a.name == "to" and a.i == bf16 or a.type == onnx.AttributeProto.TENSOR and a.t.data_type == bf16:
+                return True
+    return False
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
-
-
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace every node computed from constants alone by initializers of its outputs, in place.
-
-    Requires: a topologically sorted graph. Ensures: a node whose inputs are all initializers or outputs
-    of such nodes (Constant, Reshape/Cast/Transpose/Unsqueeze/Concat/arithmetic of constants, Shape of a
-    constant, ...) is gone and its outputs consumed elsewhere are initializers of the same names; nothing
-    that depends on a model input is folded (no shape folding), nor a node that writes a graph output,
-    reads a random generator, or would grow the model (an output larger than `FOLD_GROWTH` elements and
-    than its inputs together: Expand, Tile, ConstantOfShape). Initializers only the folded nodes read go.
-    Every other node keeps its name, order and attributes; the model keeps its metadata and value_info.
-
-    The values come from onnx-graphsurgeon's `fold_constants` (it evaluates the constant subgraphs with
-    onnxruntime) run on a copy: its exported model is not used, because a graphsurgeon round trip
-    re-creates the model (metadata_props and value_info dropped); only the values are taken over.
-    """
-    values = _folded_values(model)
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    sizes = {init.name: int(np.prod(init.dims)) for init in graph.initializer}
-    const = set(sizes)
-    folded_nodes, new_inits = set(), {}
-    for k, node in enumerate(graph.node):
-        outs = [o for o in node.output if o]
-        if (not outs or node.op_type in RANDOM_OPS or any(o in outputs or o not in values for o in outs)
-                or any(i and i not in const for i in node.input)):
-            continue
-        tensors = [_as_initializer(values[o], o) for o in outs]
-        grown = max(int(np.prod(t.dims)) for t in tensors if t is not None) if all(tensors) else None
-        if grown is None or grown > max(FOLD_GROWTH, sum(sizes.get(i, 0) for i in node.input if i)):
-            continue
-        folded_nodes.add(k)
-        for t in tensors:
-            new_inits[t.name] = t
-            sizes[t.name] = int(np.prod(t.dims))
-            const.add(t.name)
-    if not folded_nodes:
-        return model
-    kept = [n for k, n in enumerate(graph.node) if k not in folded_nodes]
-    read = {i for n in kept for i in [*n.input, *subgraph_reads(n)] if i} | outputs
-    before = {i for k, n in enumerate(graph.node) if k in folded_nodes for i in n.input if i}
-    declared = {i.name for i in graph.input}
-    inits = [i for i in graph.initializer if i.name in read or i.name not in before or i.name in declared]
-    inits += [t for name, t in new_inits.items() if name in read]
-    del graph.node[:]
-    graph.node.extend(kept)
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    return model
-
-
-RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
-FOLD_GROWTH = 1 << 16  # a folded output may exceed its inputs' total size up to this many elements
-
-
-def _folded_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Values of the tensors onnx-graphsurgeon folds to constants in a copy of `model` (quietly)."""
-    import onnx_graphsurgeon as gs
-    import onnxruntime as ort
-
-    logger = gs.logger.G_LOGGER
-    severity = logger.severity
-    logger.severity = logger.CRITICAL + 10  # its per-node "could not fold" notes are not for the user
-    ort.set_default_logger_severity(4)
-    try:
-        graph = gs.import_onnx(model)
-        graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False,
-                             should_exclude_node=lambda n: n.op in RANDOM_OPS)
-        return {name: t.values for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
-    except Exception:  # graphsurgeon could not read or fold the model: nothing is folded
-        return {}
-    finally:
-        logger.severity = severity
-        ort.set_default_logger_severity(3)
-
-
-def _as_initializer(value, name: str) -> onnx.TensorProto | None:
-    """`value` as an initializer named `name`; None for what numpy_helper cannot write."""
-    try:
-        return numpy_helper.from_array(np.asarray(value), name)
-    except Exception:
-        return None
-
-
-def subgraph_reads(node: onnx.NodeProto) -> list[str]:
-    """Names read inside `node`'s subgraphs (If/Loop/Scan bodies, recursively): outer-scope values among them."""
-    names: list[str] = []
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in graphs:
-            for n in g.node:
-                names.extend(i for i in n.input if i)
-                names.extend(subgraph_reads(n))
-            names.extend(o.name for o in g.output)  # a body may return an outer value as is
-    return names
 
 
 def input_dims(value_info: onnx.ValueInfoProto) -> list:
@@ -268,8 +176,11 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
     return model
 
 
-def infer_shapes(model: onnx.ModelProto, weights: dict | None = None) -> dict[str, tuple[int, ...]]:
-    """Static shapes of every tensor: onnx shape inference (data propagation on), then onnxruntime for the rest."""
+def infer_shapes(model: onnx.ModelProto, weights: dict | None = None,
+                 dtypes: dict[str, int] | None = None) -> dict[str, tuple[int, ...]]:
+    """Static shapes of every tensor: onnx shape inference (data propagation on), then onnxruntime for the rest.
+
+    `dtypes`, when given, receives every tensor's element type (onnx.TensorProto.FLOAT, FLOAT16, ...)."""
     try:
         inferred = shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
@@ -280,11 +191,19 @@ def infer_shapes(model: onnx.ModelProto, weights: dict | None = None) -> dict[st
         tt = vi.type.tensor_type
         if tt.HasField("shape") and all(d.HasField("dim_value") and d.dim_value >= 0 for d in tt.shape.dim):
             shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+        if dtypes is not None and tt.elem_type:
+            dtypes[vi.name] = tt.elem_type
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)
+        if dtypes is not None:
+            dtypes[init.name] = init.data_type
     missing = [o for n in g.node for o in n.output if o and o not in shapes]
+    missing += [o for n in g.node for o in n.output if dtypes is not None and o and o not in dtypes]
     if missing:
-        shapes.update({n: tuple(v.shape) for n, v in probe_values(model, missing, weights).items()})
+        for name, value in probe_values(model, list(dict.fromkeys(missing)), weights).items():
+            shapes[name] = tuple(value.shape)
+            if dtypes is not None:
+                dtypes[name] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
     return shapes
 
 
@@ -318,6 +237,7 @@ class Graph:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     view: onnx.ModelProto | None = None  # the shape view (fixed input dims)
     weights: dict[str, np.ndarray] = field(default_factory=dict)
+    dtypes: dict[str, int] = field(default_factory=dict)  # element type of every tensor (onnx.TensorProto.*)
 
     def __post_init__(self):
         g = self.model.graph
@@ -342,7 +262,9 @@ class Graph:
         data = split_weights(fold_constants(model))
         fixed = fixed_input_shapes(data.proto, input_shapes)
         view = with_input_shapes(data.proto, fixed)
-        return cls(data.proto, fixed, infer_shapes(view, data.weights), view, data.weights)
+        dtypes: dict[str, int] = {}
+        shapes = infer_shapes(view, data.weights, dtypes)
+        return cls(data.proto, fixed, shapes, view, data.weights, dtypes)
 
     @property
     def data(self) -> ModelData:
@@ -382,6 +304,10 @@ class Graph:
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return self.shapes.get(name)
+
+    def dtype(self, name: str) -> int:
+        """Element type of tensor `name` (onnx.TensorProto.FLOAT when unknown)."""
+        return self.dtypes.get(name, onnx.TensorProto.FLOAT)
 
     def rank(self, name: str) -> int | None:
         s = self.shapes.get(name)

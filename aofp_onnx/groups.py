@@ -23,7 +23,8 @@ import onnx
 
 from .channels import Channels, handler_for
 from .channels.attrs import attr
-from .graph import Graph, subgraph_reads  # noqa: F401  (surgery and reconstruct read it here)
+from .graph import Graph
+from .normalize import subgraph_reads  # noqa: F401  (surgery and reconstruct read it here)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A graph input `aofp_keep` of shape [K, S+1] (K = 1 or the batch; S = prunable slots; the last column
 is the always-kept slot of blocked channels) is gathered per sink tensor T with T's slot indices and
-reshaped to broadcast along T's channel axis: T' = T · keep[:, pos(T)]. With keep = the plan's keep
+reshaped to broadcast along T's channel axis: T' = T · keep[:, pos(T)] (the mask cast to T's element type, float16 too). With keep = the plan's keep
 vector this is the core invariant's reference: removed channels zeroed at every consumer. The search's
 trial graph builds on the same `MaskInserter`.
 """
@@ -47,14 +47,23 @@ class MaskInserter:
         self.nodes += [
             helper.make_node("Gather", [self.mask_input, f"{base}_idx"], [f"{base}_g"], axis=1, name=f"{base}_gather"),
             helper.make_node("Reshape", [f"{base}_g", f"{base}_shape"], [f"{base}_m"], name=f"{base}_reshape"),
-            helper.make_node("Mul", [source, f"{base}_m"], [f"{base}_out"], name=f"{base}_mul"),
         ]
+        mask = cast_to(self.nodes, f"{base}_m", self.cmap.graph.dtype(tensor))
+        self.nodes.append(helper.make_node("Mul", [source, mask], [f"{base}_out"], name=f"{base}_mul"))
         self._done[key] = f"{base}_out"
         return f"{base}_out"
 
     def take_nodes(self) -> list[onnx.NodeProto]:
         out, self.nodes = self.nodes, []
         return out
+
+
+def cast_to(nodes: list[onnx.NodeProto], name: str, dtype: int) -> str:
+    """`name` (a float32 tensor) cast to element type `dtype` by a node appended to `nodes`, or `name` itself."""
+    if dtype == TensorProto.FLOAT:
+        return name
+    nodes.append(helper.make_node("Cast", [name], [f"{name}_cast"], to=dtype, name=f"{name}_cast"))
+    return f"{name}_cast"
 
 
 def mask_input(name: str, n_slots: int) -> onnx.ValueInfoProto:

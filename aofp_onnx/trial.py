@@ -15,7 +15,7 @@ channels (the consumer's own removed filters do not count). With Z_n the base ch
 
     t_g[t] = Σ_n ‖(Z_n − Z_R,n[t])·K‖² / ‖Z_n·K‖²   (norms over the whole batch)
 
-the output `aofp_damage` [T, G] — the paper's Σ(base − ablated)² / Σ base² at each next layer. With
+(in float32: a float16 model's trial masks are cast to its type, its Z to float32), the output `aofp_damage` [T, G] — the paper's Σ(base − ablated)² / Σ base² at each next layer. With
 one consumer (the paper's setting) that is its relative error. A group read by several consumers (a
 residual stream, a concat, a split) adds theirs: pooling their squares into one ratio instead would
 weight each consumer by its output energy, so a large conv drowns a small head — the stage-3 stream of
@@ -31,7 +31,7 @@ from onnx import helper
 
 from .modeldata import ModelData
 from .groups import ChannelMap
-from .masking import KEEP_INPUT, MaskInserter, mask_input
+from .masking import KEEP_INPUT, MaskInserter, cast_to, mask_input
 
 TRIAL_INPUT = "aofp_trial"
 DAMAGE_OUTPUT = "aofp_damage"
@@ -109,6 +109,15 @@ class _Builder:
         gathered = self.node("Gather", [source, f"{base}_idx"], f"{base}_g", axis=1)
         return self.node("Reshape", [gathered, f"{base}_mshape"], f"{base}_m")
 
+    def as_float(self, x: str, tensor: str) -> str:
+        """x (typed like `tensor`) in float32: damages are summed in float32 whatever the model's type."""
+        if self.cmap.graph.dtype(tensor) == onnx.TensorProto.FLOAT:
+            return x
+        key = ("float", x)
+        if key not in self._cache:
+            self._cache[key] = self.node("Cast", [x], f"{x}__f32", to=onnx.TensorProto.FLOAT)
+        return self._cache[key]
+
 
 def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None, damage_at: str = "next") -> ModelData:
     """The trial graph of `cmap`'s model (see the module docstring); its only outputs are the damages.
@@ -151,7 +160,8 @@ def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None, damage_
                 base = f"aofp_c{extra}"
                 extra += 1
                 idx = np.where((pos >= g.offset) & (pos < g.offset + g.width), pos, cmap.n_slots)
-                stacked = b.node("Mul", [b.unsqueeze0(x), b.trial_mask(s.tensor, idx, base)], f"{base}_x")
+                trial = cast_to(b.nodes, b.trial_mask(s.tensor, idx, base), cmap.graph.dtype(s.tensor))
+                stacked = b.node("Mul", [b.unsqueeze0(x), trial], f"{base}_x")
                 flat = b.node("Reshape", [stacked, b.shape_with_lead(x, drop_first=True)], f"{base}_xf")
                 copy = onnx.NodeProto()
                 copy.CopyFrom(node)
@@ -171,12 +181,12 @@ def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None, damage_
                     b.nodes.append(follow)
                     z, z_r = follower.output[0], f"{base}_chain{step}_out"
                 z_r = b.node("Reshape", [z_r, b.shape_with_lead(z, drop_first=False)], f"{base}_y")
-                diff = b.node("Sub", [z_r, b.unsqueeze0(z)], f"{base}_d")
-                ref = z
+                diff = b.node("Sub", [b.as_float(z_r, z), b.as_float(b.unsqueeze0(z), z)], f"{base}_d")
+                ref = b.as_float(z, z)
                 if z in cmap.tensor_axis:  # the consumer's own removed filters do not count
                     own = b.trial_mask(z, cmap.positions(z), f"{base}_own", source=KEEP_INPUT)
                     diff = b.node("Mul", [diff, own], f"{base}_dm")
-                    ref = b.node("Mul", [b.unsqueeze0(z), own], f"{base}_zm")
+                    ref = b.node("Mul", [b.as_float(b.unsqueeze0(z), z), own], f"{base}_zm")
                 num = b.sq_norm(diff, f"{base}_num", axis=1)
                 den = b.node("Max", [b.sq_norm(ref, f"{base}_den", axis=0), "aofp_tiny"], f"{base}_den_safe")
                 terms[g.id].append(b.node("Div", [num, den], f"{base}_t"))

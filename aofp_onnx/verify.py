@@ -5,7 +5,8 @@ ConvTranspose, Gemm, MatMul) restricted to its kept channels — so a cut is pro
 where the model's outputs saturate (a sigmoid map that is ~0 on the data says little). With k batches,
 batch i checks layers i, i+k, i+2k, …: every layer is checked, and only 1/k of them is held at once. For each compared tensor,
 d = max|y_masked − y_pruned| and s = max|y_masked|; the cut passes when d ≤ tol · max(s, 1) for every
-one (tol = 1e-4 by default), shapes agree and all values are finite. The pruned model must also pass
+one (tol = 1e-4 by default; for a tensor of a coarser float type, e.g. float16, at least `ULPS` units in
+the last place of that type: tol ≥ ULPS·eps), shapes agree and all values are finite. The pruned model must also pass
 `onnx.checker` (full check) and build an onnxruntime
 session.
 """
@@ -22,6 +23,7 @@ from .masking import KEEP_INPUT, keep_feed, masked_model
 from .runtime import Runner
 
 DEFAULT_TOL = 1e-4
+ULPS = 10  # a float16 tensor passes at 10·eps16 ≈ 1e-2 (its own rounding, compounded over layers)
 
 
 @dataclass
@@ -68,6 +70,7 @@ def verify(cmap: ChannelMap, keep: np.ndarray, pruned: onnx.ModelProto | ModelDa
                        arena=False)
     mask = keep_feed(keep)
     worst_abs = worst_rel = 0.0
+    passed = True
     samples = 0
     detail = ""
     for k, feeds in enumerate(batches):
@@ -84,12 +87,19 @@ def verify(cmap: ChannelMap, keep: np.ndarray, pruned: onnx.ModelProto | ModelDa
             if not np.all(np.isfinite(b)):
                 return Verification(float("inf"), float("inf"), False, reference.provider, samples,
                                     f"output '{name}': non-finite values")
-            diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-            rel = diff / max(float(np.max(np.abs(a))) if a.size else 0.0, 1.0)
+            diff = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+            rel = diff / max(float(np.max(np.abs(a.astype(np.float64)))) if a.size else 0.0, 1.0)
             if rel > worst_rel:
                 detail = f"worst output '{name}'"
             worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, rel)
-    return Verification(worst_abs, worst_rel, worst_rel <= tol, reference.provider, samples, detail)
+            passed = passed and rel <= tolerance(tol, b.dtype)
+    return Verification(worst_abs, worst_rel, passed, reference.provider, samples, detail)
+
+
+def tolerance(tol: float, dtype) -> float:
+    """The relative tolerance for a tensor of numpy type `dtype`: `tol`, or ULPS·eps for a coarser float."""
+    dtype = np.dtype(dtype)
+    return max(tol, ULPS * float(np.finfo(dtype).eps)) if np.issubdtype(dtype, np.floating) else tol
 
 
 def _layer_outputs(cmap: ChannelMap) -> list[str]:

@@ -3,7 +3,9 @@
 Construction requires: a topologically sorted graph whose nodes all have a handler (default ONNX
 domain). It ensures: every float initializer (float16/32/64) is an `nn.Parameter`, except the
 running mean/var inputs of BatchNormalization, which are float buffers; other initializers and the
-values of `Constant` nodes are constant buffers. `forward` walks the nodes in graph order with an
+values of `Constant` nodes are constant buffers. float16 is computed in float32 (float16 weights,
+constants, inputs and Casts to float16 all become float32: master weights, since Adam's small steps
+and its eps vanish in float16); the write-back casts each value to its initializer's own type. `forward` walks the nodes in graph order with an
 environment name → tensor; a tensor is dropped from it after its last use. A failing handler raises
 `NodeError` naming the node.
 
@@ -69,7 +71,8 @@ class OnnxModule(torch.nn.Module):
         stats = {n.input[k] for n in graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
                  for k in BN_STATS if len(n.input) > k}
         for init in graph.initializer:
-            value = tensor_from_numpy(data.weights[init.name] if is_placeholder(init) else numpy_helper.to_array(init))
+            value = _wide(tensor_from_numpy(data.weights[init.name] if is_placeholder(init)
+                                            else numpy_helper.to_array(init)))
             if init.data_type not in FLOAT_TYPES:
                 self._add("consts", init.name, value)
             elif init.name in stats:
@@ -94,9 +97,13 @@ class OnnxModule(torch.nn.Module):
                 raise InputError(f"node '{name}' ({proto.op_type}): input {missing[0]!r} is not produced before "
                                  "it (the graph is not topologically sorted)")
             attrs = decode_attrs(proto)
+            if proto.op_type == "Cast" and attrs.get("to") == onnx.TensorProto.FLOAT16:
+                attrs["to"] = onnx.TensorProto.FLOAT
+            if isinstance(attrs.get("value"), np.ndarray) and attrs["value"].dtype == np.float16:  # ConstantOfShape
+                attrs["value"] = attrs["value"].astype(np.float32)
             known.update(o for o in proto.output if o)
             if proto.op_type == "Constant":
-                self._add("consts", proto.output[0], _constant(name, attrs))
+                self._add("consts", proto.output[0], _wide(_constant(name, attrs)))
             else:
                 nodes.append(Node(name, proto.op_type, list(proto.input), list(proto.output), attrs, opset,
                                   HANDLERS[proto.op_type], self))
@@ -151,7 +158,7 @@ class OnnxModule(torch.nn.Module):
             raise TypeError(f"missing graph input(s) {absent}")
         env = self.tensors()
         device = next(iter(env.values())).device if env else None
-        env.update({n: v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=device)
+        env.update({n: _wide(v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=device))
                     for n, v in feeds.items()})
         for node, drop in zip(self._nodes, self._drop):
             try:
@@ -187,6 +194,11 @@ def _constant(name: str, attrs: dict) -> torch.Tensor:
             return tensor_from_numpy(np.asarray(value, dtype))
     raise UnsupportedOpError(f"node '{name}' (Constant): only tensor, float and int constants are supported, "
                              f"got {sorted(attrs)}")
+
+
+def _wide(value: torch.Tensor) -> torch.Tensor:
+    """float16 as float32 (see the module docstring); other tensors as they are."""
+    return value.float() if value.dtype == torch.float16 else value
 
 
 def _last_uses(nodes: list[Node], keep: set[str]) -> list[list[str]]:
