@@ -43,7 +43,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     constant, ...) is gone and its outputs consumed elsewhere are initializers of the same names; nothing
     that depends on a model input is folded (no shape folding), nor a node that writes a graph output,
     reads a random generator, or would grow the model (an output larger than `FOLD_GROWTH` elements and
-    than its inputs together: Expand, Tile, ConstantOfShape). Initializers only the folded nodes read go.
+    than its inputs together: Expand, Tile, ConstantOfShape; a Constant's value is in the file already). Initializers only the folded nodes read go.
     Every other node keeps its name, order and attributes; the model keeps its metadata and value_info.
 
     The values come from onnx-graphsurgeon's `fold_constants` (it evaluates the constant subgraphs with
@@ -63,7 +63,8 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         tensors = [_as_initializer(values[o], o) for o in outs]
         grown = max(int(np.prod(t.dims)) for t in tensors if t is not None) if all(tensors) else None
-        if grown is None or grown > max(FOLD_GROWTH, sum(sizes.get(i, 0) for i in node.input if i)):
+        if grown is None or node.op_type != "Constant" and grown > max(FOLD_GROWTH, sum(sizes.get(i, 0)
+                                                                                  for i in node.input if i)):
             continue
         folded_nodes.add(k)
         for t in tensors:
@@ -99,10 +100,17 @@ def _folded_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     logger.severity = logger.CRITICAL + 10  # its per-node "could not fold" notes are not for the user
     ort.set_default_logger_severity(4)
     try:
-        graph = gs.import_onnx(model)
-        graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False,
-                             should_exclude_node=lambda n: n.op in RANDOM_OPS)
-        return {name: t.values for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+        for partitioning in (None, "basic"):  # one onnxruntime run; per partition when that run fails
+            graph = gs.import_onnx(model)
+            graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, flatten_subgraphs=False,
+                                 partitioning=partitioning, should_exclude_node=lambda n: n.op in RANDOM_OPS)
+            tensors = graph.tensors()
+            const = {name for name, t in tensors.items() if isinstance(t, gs.Constant)}
+            left = [n for n in graph.nodes if n.op not in RANDOM_OPS and n.outputs
+                    and all(t.name in const for t in n.inputs) and any(t.name not in const for t in n.outputs)]
+            if not left:
+                break
+        return {name: tensors[name].values for name in const}
     except Exception:  # graphsurgeon could not read or fold the model: nothing is folded
         return {}
     finally:

@@ -118,6 +118,18 @@ def opset6_model(path):
                              opset=6, ir_version=4)
 
 
+def bfloat16_model(path):
+    """float32 I/O around bfloat16 convolutions: onnx.checker accepts it, onnxruntime has no kernel for it."""
+    import ml_dtypes  # onnx's own dependency for these types
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(ml_dtypes.bfloat16), "w")
+    nodes = [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16),
+             helper.make_node("Conv", ["xb", "w"], ["yb"], pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["yb"], ["y"], to=TensorProto.FLOAT)]
+    return save_helper_model(path, nodes, [vi("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                             [vi("y", TensorProto.FLOAT, ["N", 4, 8, 8])], [w], opset=17)
+
+
 def two_input_model(path):
     w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
     nodes = [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Conv", ["s", "w"], ["y"], pads=[1, 1, 1, 1])]
@@ -199,6 +211,7 @@ BAD_MODELS = {
     "convinteger": (lambda d: convinteger_model(d / "ci.onnx").name, ["quantized", "ConvInteger"]),
     "qdq": (lambda d: qdq_model(d / "qdq.onnx").name, ["quantized", "QuantizeLinear"]),
     "opset6": (lambda d: opset6_model(d / "op6.onnx").name, ["opset 6", "not supported"]),
+    "bfloat16": (lambda d: bfloat16_model(d / "bf16.onnx").name, ["bfloat16", "onnxruntime cannot run", "Conv"]),
 }
 BAD_MODEL_GENERIC = ("not", "invalid", "empty", "no such")  # one of these for the unreadable files
 

@@ -3,7 +3,8 @@
 Pools act on spatial axes only. ReduceX and ArgMax/ArgMin keep channels unless their axes include the
 channel axis (with keepdims=0 the channel axis moves left by the number of reduced axes before it).
 Resize/Upsample must scale the channel axis by 1; a `sizes` input holding the channel count is
-rewritten at cut time. Pad must not pad the channel axis.
+rewritten at cut time. Pad must not pad the channel axis (pads computed at run time, as Keras' "same"
+padding is, are read at the analysis shape: the verification of the cut runs at that shape too).
 """
 from __future__ import annotations
 
@@ -106,8 +107,9 @@ class Pad(Handler):
             return
         where = ctx.describe(node)
         pads = attr(node, "pads")
-        if pads is None:
+        if pads is None:  # computed pads (Keras "same" padding from Shape): their values at the analysis shape
             value = const_input(ctx, node, 1)
+            value = ctx.graph.value(node.input[1]) if value is None else value
             if value is None:
                 return ctx.block(ch.ids, f"{where}: pads are computed at run time")
             pads = value.tolist()
