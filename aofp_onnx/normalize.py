@@ -43,8 +43,9 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     constant, ...) is gone and its outputs consumed elsewhere are initializers of the same names; nothing
     that depends on a model input is folded (no shape folding), nor a node that writes a graph output,
     reads a random generator, or would grow the model (an output larger than `FOLD_GROWTH` elements and
-    than its inputs together: Expand, Tile, ConstantOfShape; a Constant's value is in the file already). Initializers only the folded nodes read go.
-    Every other node keeps its name, order and attributes; the model keeps its metadata and value_info.
+    than its inputs together: Expand, Tile, ConstantOfShape; a Constant's value is in the file already).
+    Initializers only the folded nodes read go. Every other node keeps its name, order and attributes;
+    the model keeps its metadata and value_info.
 
     The values come from onnx-graphsurgeon's `fold_constants` (it evaluates the constant subgraphs with
     onnxruntime) run on a copy: its exported model is not used, because a graphsurgeon round trip
@@ -91,7 +92,7 @@ FOLD_GROWTH = 1 << 16  # a folded output may exceed its inputs' total size up to
 
 
 def _folded_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Values of the tensors onnx-graphsurgeon folds to constants in a copy of `model` (quietly)."""
+    """Values of the node outputs onnx-graphsurgeon folds to constants in a copy of `model` (quietly)."""
     import onnx_graphsurgeon as gs
     import onnxruntime as ort
 
@@ -110,7 +111,8 @@ def _folded_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
                     and all(t.name in const for t in n.inputs) and any(t.name not in const for t in n.outputs)]
             if not left:
                 break
-        return {name: tensors[name].values for name in const}
+        computed = const - {i.name for i in model.graph.initializer}  # not the weights: no copies
+        return {name: tensors[name].values for name in computed}
     except Exception:  # graphsurgeon could not read or fold the model: nothing is folded
         return {}
     finally:
