@@ -15,6 +15,7 @@ Two views of one model:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -85,6 +86,9 @@ def check_model(model: onnx.ModelProto, label: str = "model", checker_error: Exc
     if not OLDEST_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"{label}: opset {opset} is not supported (supported: {OLDEST_OPSET} to {MAX_OPSET}; "
                          f"below {MIN_OPSET} upgraded to {MIN_OPSET})")
+    refused = _ort_refuses_opset(opset)
+    if refused:
+        raise InputError(f"{label}: opset {opset} is newer than this onnxruntime runs ({refused})")
     if _uses_bfloat16(model):
         try:
             Runner(ModelData(model, {}), "cpu", optimization="disable")
@@ -97,6 +101,22 @@ def check_model(model: onnx.ModelProto, label: str = "model", checker_error: Exc
             raise InputError(
                 f"{label}: quantized graph ({node.op_type} at node '{node.name}'); aofp-onnx prunes float models, "
                 "prune before quantizing")
+
+
+@functools.cache
+def _ort_refuses_opset(opset: int) -> str:
+    """'' when onnxruntime builds a one-Relu session at `opset`, else the reason it gives."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "opset", [x], [y])
+    try:
+        Runner(ModelData(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)],
+                                                ir_version=8), {}), "cpu")
+    except Exception as exc:
+        text = str(exc)
+        return next((part.strip() for part in text.split(". ") if "support" in part and "till opset" in part),
+                    _first_line(exc))
+    return ""
 
 
 def _uses_bfloat16(model: onnx.ModelProto) -> bool:

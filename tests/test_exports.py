@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import exportstyles
 from aofp_onnx import api
+from aofp_onnx.errors import InputError
 from aofp_onnx.graph import Graph
 from aofp_onnx.normalize import fold_constants
 
@@ -186,3 +187,18 @@ def test_opset9_is_upgraded_and_pruned(tmp_path):
     assert rep["notes"] == ["opset 9 upgraded to 11"]
     assert rep["verification"]["passed"] and rep["verification"]["max_abs_diff"] <= 1e-4
     assert _io(pruned) == _io(model) and pruned.opset_import[0].version == 11
+
+
+def test_an_opset_onnx_knows_but_onnxruntime_does_not_is_refused(tmp_path):
+    newest = onnx.defs.onnx_opset_version()
+    model = exportstyles.keras_cnn()
+    model.opset_import[0].version, model.ir_version = newest, 10
+    try:
+        _run(model, {"input_1": np.zeros((1, 16, 16, 3), np.float32)})
+        pytest.skip(f"this onnxruntime runs opset {newest}, the newest onnx knows")
+    except Exception:
+        pass
+    src = tmp_path / "new.onnx"
+    onnx.save(model, src)
+    with pytest.raises(InputError, match=f"opset {newest} is newer than this onnxruntime runs"):
+        api.inspect(src)
