@@ -101,7 +101,7 @@ def _folded_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     logger.severity = logger.CRITICAL + 10  # its per-node "could not fold" notes are not for the user
     ort.set_default_logger_severity(4)
     ir_version = model.ir_version  # stamped by an onnx newer than onnxruntime: the opsets' own IR will do
-    model.ir_version = min(ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import)))
+    model.ir_version = min(ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
     try:
         for partitioning in (None, "basic"):  # one onnxruntime run; per partition when that run fails
             graph = gs.import_onnx(model)
