@@ -94,12 +94,11 @@ FOLD_GROWTH = 1 << 16  # a folded output may exceed its inputs' total size up to
 def _folded_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Values of the node outputs onnx-graphsurgeon folds to constants in a copy of `model` (quietly)."""
     import onnx_graphsurgeon as gs
-    import onnxruntime as ort
 
     logger = gs.logger.G_LOGGER
     severity = logger.severity
     logger.severity = logger.CRITICAL + 10  # its per-node "could not fold" notes are not for the user
-    ort.set_default_logger_severity(4)
+    # onnxruntime's own log stays at runtime.QUIET (set when `runtime` is imported, as `graph` does)
     ir_version = model.ir_version  # stamped by an onnx newer than onnxruntime: the opsets' own IR will do
     model.ir_version = min(ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
     try:
@@ -120,7 +119,6 @@ def _folded_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     finally:
         model.ir_version = ir_version
         logger.severity = severity
-        ort.set_default_logger_severity(3)
 
 
 def _as_initializer(value, name: str) -> onnx.TensorProto | None:
