@@ -1,6 +1,6 @@
 """Fuzz the cut: N random CNN graphs × P random plans each, every cut checked; exit 1 on any failure.
 
-    python benchmarks/fuzz.py [-n 1000] [--plans 2] [--seed 0] [--jobs 4] [--show 5]
+    python benchmarks/fuzz.py [-n 1000] [--plans 2] [--seed 0] [--jobs 4] [--show 5] [--convention NAME] [--no-cli]
 
 Graphs come from tests/fuzzgraphs.py (the builder tests/test_fuzz.py drives with hypothesis), here
 driven by a seeded numpy generator: graph i is `random_case(seed + i)`, so a failure is reproduced by
@@ -9,6 +9,15 @@ the pruned model does not pass onnx.checker (full check), does not run in onnxru
 the masked original (relative diff > 1e-4, `aofp_onnx.verify`), or its MACs differ from the
 independent count of tests/reference_macs.py. 'original' counts generated graphs that are themselves
 invalid (a generator bug), 'errors' exceptions raised inside aofp_onnx (analyze, cut, verify).
+
+Each graph is written with exporter conventions drawn at random (tests/fuzzgraphs.py `Conventions`: batch
+dynamic / pinned (also in Reshape constants) / -1, Constant-node weights, Paddle bias reshapes, NHWC with
+Transposes, float16 with float16 or float32 inputs, opsets 11-21); `--convention NAME` forces one on every
+graph (a `fuzzgraphs.SWITCHES` name: pinned, minus1, constant, paddle_bias, nhwc, fp16, fp16-io32, opset21...).
+Besides the API check at the analysis batch, the first plan of every graph also goes through the CLI
+(tests/fuzzcli.py: `prune --criterion l1` and `apply` of a random plan, `--calib random:8`, then a run of
+the written model on several samples); `--no-cli` skips that. The report ends with a table per convention:
+graphs having it, failing graphs, and failures by kind.
 """
 from __future__ import annotations
 
@@ -23,12 +32,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def one(args):
-    seed, plans = args
+    seed, plans, force, cli = args
+    import tempfile
+
     import fuzzgraphs as fg
 
-    case = fg.random_case(seed)
+    case = fg.random_case(seed, force)
     outcome = fg.check_case(case.model, case.input_shape, [seed * 7919 + k for k in range(plans)], case.batch)
-    return seed, outcome.plans, outcome.failures, case.description
+    failures = list(outcome.failures)
+    if cli and not any(kind == "original" for kind, _ in failures):
+        import fuzzcli
+
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                failures += fuzzcli.check_case_cli(case, seed * 7919, Path(folder))
+            except Exception as exc:  # noqa: BLE001 - a failure of the check itself is reported, not fatal
+                failures.append(("error", f"cli check: {type(exc).__name__}: {exc}"))
+    return seed, outcome.plans, failures, case.conventions + case.description, case.conventions
+
+
+def convention_table(results) -> list[str]:
+    """One row per convention tag: graphs with it, graphs failing, failures by kind."""
+    import fuzzgraphs as fg
+
+    kinds = list(fg.FAILURES) + ["cli", "declarations"]
+    rows: dict[str, list[int]] = {}
+    for _seed, _plans, failures, _description, tags in results:
+        for tag in tags:
+            row = rows.setdefault(tag, [0, 0] + [0] * len(kinds))
+            row[0] += 1
+            row[1] += bool(failures)
+            for kind, _ in failures:
+                row[2 + kinds.index(kind)] += 1
+    head = f"{'convention':18s} {'graphs':>6s} {'failed':>6s} " + " ".join(f"{k[:8]:>8s}" for k in kinds)
+    return [head] + [f"{tag:18s} {r[0]:6d} {r[1]:6d} " + " ".join(f"{v:8d}" for v in r[2:])
+                     for tag, r in sorted(rows.items())]
 
 
 def main(argv=None) -> int:
@@ -38,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="first graph seed")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--show", type=int, default=5, help="failures printed per kind")
+    ap.add_argument("--convention", default=None, help="force one convention on every graph (fuzzgraphs.SWITCHES)")
+    ap.add_argument("--no-cli", dest="cli", action="store_false", help="skip the CLI check of each graph")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import onnxruntime as ort
@@ -46,16 +86,19 @@ def main(argv=None) -> int:
     import fuzzgraphs as fg
 
     start = time.perf_counter()
-    work = [(a.seed + i, a.plans) for i in range(a.n)]
-    counts = {kind: 0 for kind in fg.FAILURES}
-    examples: dict[str, list[str]] = {kind: [] for kind in fg.FAILURES}
+    if a.convention is not None and a.convention not in fg.SWITCHES:
+        ap.error(f"--convention must be one of {', '.join(fg.SWITCHES)}")
+    work = [(a.seed + i, a.plans, a.convention, a.cli) for i in range(a.n)]
+    kinds = list(fg.FAILURES) + ["cli", "declarations"]
+    counts = {kind: 0 for kind in kinds}
+    examples: dict[str, list[str]] = {kind: [] for kind in kinds}
     failed_graphs = plans_tried = 0
     if a.jobs > 1:
         with ProcessPoolExecutor(a.jobs, initializer=ort.set_default_logger_severity, initargs=(4,)) as pool:
             results = list(pool.map(one, work, chunksize=8))
     else:
         results = [one(w) for w in work]
-    for seed, plans, failures, description in results:
+    for seed, plans, failures, description, _tags in results:
         plans_tried += plans
         failed_graphs += bool(failures)
         for kind, msg in failures:
@@ -71,11 +114,14 @@ def main(argv=None) -> int:
     print(f"runtime failures        {counts['runtime']}")
     print(f"non-equivalent outputs  {counts['nonequivalent']}")
     print(f"MACs mismatches         {counts['macs']}")
+    print(f"CLI failures            {counts['cli']}  (exit != 0; 'declarations': {counts['declarations']})")
     print(f"graphs with a failure   {failed_graphs}")
     print(f"seconds                 {seconds:.1f}  ({a.jobs} worker(s))")
     for kind, lines in examples.items():
         for line in lines:
             print(f"  [{kind}] {line}")
+    print()
+    print("\n".join(convention_table(results)))
     return 1 if any(counts.values()) else 0
 
 

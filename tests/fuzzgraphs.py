@@ -33,6 +33,7 @@ checker / runtime (onnxruntime with its default optimizations) / nonequivalent (
 """
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from dataclasses import dataclass, field
 
@@ -40,15 +41,49 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-IR_VERSION = 8  # onnx.helper writes IR 14 by default, which this onnxruntime refuses
+IR_VERSION = 8  # onnx.helper writes IR 14 by default, which this onnxruntime refuses (opsets 19-21: 9, 10)
 INPUT = "input"
-OPSETS = (13, 11, 17)  # first = what hypothesis shrinks towards
+OPSETS = (13, 11, 17, 12, 14, 15, 16, 18, 19, 20, 21)  # first = what hypothesis shrinks towards
 MAX_BLOCKS = 8
 MAX_LAYERS = 12  # Conv, ConvTranspose, MatMul and Gemm nodes, the head's included
 MAX_WIDTH = 24
 MAX_SIDE = 32
 INT64_MAX = np.iinfo(np.int64).max
 TOL = 1e-4
+TOL_FP16 = 1e-2  # float16 graphs: the masked original and the cut round differently
+BATCHES = {"dynamic": "N", "pinned": 1, "minus1": -1}  # the batch dim as exporters declare it
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """How an exporter writes the graph; each is a switch, and a case's tags name the ones it has on (plus
+    "pinned_in_reshape": a declared-dynamic batch that a Reshape / Resize constant writes as 1).
+
+    batch: "dynamic" (dim_param), "pinned" (dim 1, and 1 in every Reshape constant: torch.onnx.export without
+    dynamic_axes), "minus1" (Paddle's dim_value -1); weights: "init" | "constant" (Paddle's Constant nodes) |
+    "mixed"; paddle_bias: conv biases as Add(Reshape(bias[C], [1, C, 1, 1])); nhwc: an NHWC input behind a
+    Transpose, channels-last segments (Transpose, per-channel op on the last axis, Transpose back) after convs
+    and NHWC map outputs (keras2onnx / tf2onnx); fp16: "fp16" (everything float16) or "fp16-io32" (float32
+    inputs/outputs behind Casts), by onnxconverter-common as users convert; opset: 11..21.
+    """
+
+    batch: str = "dynamic"
+    weights: str = "init"
+    paddle_bias: bool = False
+    nhwc: bool = False
+    fp16: str = ""
+    opset: int = 13
+
+    def tags(self) -> list[str]:
+        return ([f"batch={self.batch}", f"weights={self.weights}", f"opset={self.opset}"]
+                + ["paddle_bias"] * self.paddle_bias + ["nhwc"] * self.nhwc + ([self.fp16] if self.fp16 else []))
+
+
+# the switches `random_case(seed, force=...)` and the benchmark's --convention take
+SWITCHES = {"dynamic": {"batch": "dynamic"}, "pinned": {"batch": "pinned"}, "minus1": {"batch": "minus1"},
+            "constant": {"weights": "constant"}, "paddle_bias": {"paddle_bias": True}, "nhwc": {"nhwc": True},
+            "fp16": {"fp16": "fp16"}, "fp16-io32": {"fp16": "fp16-io32"},
+            **{f"opset{v}": {"opset": v} for v in OPSETS}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,18 +142,25 @@ class Case:
     input_shape: tuple[int, ...]
     description: list[str] = field(default_factory=list)
     batch: int = 1  # the batch the checks feed (2 for a dynamic batch dim that no constant pins to 1)
+    conventions: list[str] = field(default_factory=list)  # Conventions.tags()
 
     def __repr__(self) -> str:  # what hypothesis prints for a falsifying example
         opset = self.model.opset_import[0].version
-        return (f"Case(opset={opset}, input={self.input_shape}, batch={self.batch}, blocks={self.description}, "
+        return (f"Case(opset={opset}, conventions={self.conventions}, input={self.input_shape}, batch={self.batch}, "
+                f"blocks={self.description}, "
                 f"nodes={[n.op_type for n in self.model.graph.node]})")
 
 
 class Builder:
-    def __init__(self, d: Draws, opset: int, style: str, seed: int, sharing: str = "none"):
+    def __init__(self, d: Draws, opset: int, style: str, seed: int, sharing: str = "none",
+                 conventions: Conventions = Conventions()):
         self.d = d
         self.opset = opset
         self.style = style  # "init" | "constant" | "mixed"
+        self.batch_mode = conventions.batch
+        self.fp16 = bool(conventions.fp16)
+        self.paddle_bias = conventions.paddle_bias
+        self.nhwc = conventions.nhwc
         self.sharing = sharing  # "none" | "dedupe" (equal constants are one tensor) | "share" (+ same-shape weights)
         self._made: dict[tuple, str] = {}
         self.zero_padded: set[str] = set()
@@ -159,6 +201,10 @@ class Builder:
         return name
 
     def ints(self, values, prefix="s") -> str:
+        if prefix == "shape" and self.batch_mode == "pinned" and values[0] in (0, -1):
+            values = [1, *values[1:]]  # torch.onnx.export without dynamic_axes: the batch is a literal 1
+        elif prefix == "shape" and self.batch_mode == "minus1" and values[0] == 1:
+            values = [0, *values[1:]]  # Paddle: 0 copies the (-1) batch dim
         if prefix in ("shape", "sizes") and values[0] == 1:
             self.batch_literal = True  # this graph only runs with batch 1
         return self.const(np.asarray(values, np.int64), prefix, np.int64)
@@ -168,6 +214,24 @@ class Builder:
         outs = [f"{name}_o{k}" for k in range(n_out)] if n_out > 1 else [f"{name}_o"]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, **attrs))
         return outs if n_out > 1 else outs[0]
+
+    def reduce_mean(self, x: str, axes, keepdims: int) -> str:
+        if self.opset >= 18:  # axes became an input
+            return self.op("ReduceMean", [x, self.ints(axes, "axes")], keepdims=keepdims)
+        return self.op("ReduceMean", [x], axes=axes, keepdims=keepdims)
+
+    def channels_last(self, x: FM) -> FM:
+        """keras2onnx / tf2onnx between convs: Transpose to NHWC, a per-channel op on the last axis, back."""
+        t = self.op("Transpose", [x.name], perm=[0, 2, 3, 1])
+        kind = self.d.choice(["bias", "scale", "relu", "none"])
+        if kind == "bias":
+            t = self.op("Add", [t, self.const(self.uniform(-0.5, 0.5, x.c, 0.0), "nhwc_b")])
+        elif kind == "scale":
+            t = self.op("Mul", [t, self.const(self.rng.uniform(0.5, 1.5, x.c), "nhwc_s")])
+        elif kind == "relu":
+            t = self.op("Relu", [t])
+        self.log.append(f"nhwc_{kind}")
+        return self.fm(self.op("Transpose", [t], perm=[0, 3, 1, 2]), x.c, x.h, x.w)
 
     def fm(self, name, c, h, w) -> FM:
         out = FM(name, int(c), int(h), int(w))
@@ -209,7 +273,8 @@ class Builder:
         else:
             wname, bname = weights
         self.last_weights = (wname, bname)
-        ins = [x.name, wname] + ([bname] if bname else [])
+        paddle = weights is None and bname is not None and self.paddle_bias and self.d.coin()
+        ins = [x.name, wname] + ([bname] if bname and not paddle else [])
         extra = {"dilations": [dilation, dilation]} if dilation > 1 else {}
         if isinstance(pads, str):  # auto_pad
             out = self.op("Conv", ins, kernel_shape=[k, k], auto_pad=pads, strides=[stride, stride], group=group,
@@ -218,15 +283,19 @@ class Builder:
                 h, w = (x.h - span) // stride + 1, (x.w - span) // stride + 1
             else:
                 h, w = -(-x.h // stride), -(-x.w // stride)
-            return self.fm(out, cout, h, w)
-        out = self.op("Conv", ins, kernel_shape=[k, k], pads=pads, strides=[stride, stride], group=group, **extra)
-        h = (x.h + pads[0] + pads[2] - span) // stride + 1
-        w = (x.w + pads[1] + pads[3] - span) // stride + 1
+        else:
+            out = self.op("Conv", ins, kernel_shape=[k, k], pads=pads, strides=[stride, stride], group=group, **extra)
+            h = (x.h + pads[0] + pads[2] - span) // stride + 1
+            w = (x.w + pads[1] + pads[3] - span) // stride + 1
+        if paddle:  # Paddle2ONNX: the bias [C] reshaped to [1, C, 1, 1] by a constant shape, then added
+            b4 = self.op("Reshape", [bname, self.ints([1, cout, 1, 1], "bias_shape")])
+            out = self.op("Add", [out, b4])
+            self.log.append("paddle_bias")
         return self.fm(out, cout, h, w)
 
     def batchnorm(self, x: FM) -> FM:
         c = x.c
-        if self.d.int(0, 3) == 0:
+        if self.d.int(0, 3) == 0 and not self.fp16:  # (onnxconverter-common mistypes InstanceNormalization)
             ins = [x.name, self.const(self.uniform(0.5, 1.5, c, 1.0), "in_s"), self.const(self.uniform(-0.3, 0.3, c, 0.0), "in_b")]
             return self.fm(self.op("InstanceNormalization", ins, epsilon=1e-5), c, x.h, x.w)
         ins = [x.name, self.const(self.uniform(0.5, 1.5, c, 1.0), "bn_s"), self.const(self.uniform(-0.3, 0.3, c, 0.0), "bn_b"),
@@ -274,7 +343,7 @@ class Builder:
         pads = self._pads(k, x.h, x.w) if dilation == 1 else None
         y = self.conv(x, self.width(), k, stride, pads=pads, bias=self.d.coin(), dilation=dilation)
         self.log.append(f"conv{k}s{stride}d{dilation}->{y.c}")
-        return self.post(y)
+        return self.after_conv(self.post(y))
 
     def block_twice(self, x: FM) -> FM:
         """One conv weight (and bias) applied twice in a row: a shared initializer with two readers."""
@@ -290,7 +359,10 @@ class Builder:
         stride = self.d.choice([1, 2]) if min(x.h, x.w) >= 4 else 1
         y = self.conv(x, x.c * mult, k, stride, group=x.c, pads=self._pads(k, x.h, x.w), bias=self.d.coin())
         self.log.append(f"dw{k}x{mult}")
-        return self.post(y)
+        return self.after_conv(self.post(y))
+
+    def after_conv(self, y: FM) -> FM:
+        return self.channels_last(y) if self.nhwc and self.d.coin() else y
 
     def block_grouped(self, x: FM) -> FM:
         groups = [g for g in range(2, x.c) if x.c % g == 0]
@@ -359,7 +431,8 @@ class Builder:
             sizes = [int(v) for v in np.diff([0, *cuts, x.c])]
         axis = self.d.choice([1, -3])
         if implicit:
-            outs = self.op("Split", [x.name], n_out=len(sizes), axis=axis)
+            outs = self.op("Split", [x.name], n_out=len(sizes), axis=axis,
+                           **({"num_outputs": len(sizes)} if self.opset >= 18 else {}))
         elif self.opset < 13:
             outs = self.op("Split", [x.name], n_out=len(sizes), axis=axis, split=sizes)
         else:
@@ -407,7 +480,8 @@ class Builder:
             w = (x.w + 1) // 2
         elif spatial == "flip":  # columns reversed
             starts, ends, axes, steps = starts + [-1], ends + [-INT64_MAX], axes + [-1], steps + [-1]
-        if spatial == "none" and self.d.int(0, 2) == 0:  # no axes input: starts/ends cover axes 0, 1
+        # (not over a -1 batch: onnx's shape inference aborts the process there, a C++ assertion)
+        if spatial == "none" and self.d.int(0, 2) == 0 and self.batch_mode != "minus1":  # no axes: axes 0, 1
             ins = [x.name, self.ints([0, begin_value]), self.ints([INT64_MAX, end_value])]
         else:
             ins = [x.name, self.ints(starts), self.ints(ends), self.ints(axes)]
@@ -419,7 +493,7 @@ class Builder:
     def block_se(self, x: FM) -> FM:
         pool = self.d.choice(["GlobalAveragePool", "ReduceMean", "GlobalMaxPool"])
         if pool == "ReduceMean":
-            pooled = self.fm(self.op("ReduceMean", [x.name], axes=[2, 3], keepdims=1), x.c, 1, 1)
+            pooled = self.fm(self.reduce_mean(x.name, [2, 3], 1), x.c, 1, 1)
         else:
             pooled = self.fm(self.op(pool, [x.name]), x.c, 1, 1)
         r = self.d.int(1, 8)
@@ -450,7 +524,7 @@ class Builder:
         if 2 * max(x.h, x.w) > MAX_SIDE:
             return self.block_pool(x)
         sy, sx = self.d.choice([(2, 2), (2, 1), (1, 2)])
-        by_sizes = self.d.coin()
+        by_sizes = self.d.coin() and self.batch_mode != "minus1"  # sizes [1, ...] contradict a -1 batch
         empty = self.const(np.zeros(0), "empty") if by_sizes or self.opset < 13 else ""
         if by_sizes:
             sizes = self.ints([1, x.c, x.h * sy, x.w * sx], "sizes")
@@ -546,7 +620,7 @@ class Builder:
         elif kind == "softmax_c":
             out = self.op("Softmax", [x.name], axis=1)  # opset 11: over C·H·W (coerced to 2-D), still mixing
         elif kind == "spatial_attention":  # x · sigmoid(conv(mean over channels))
-            m = self.fm(self.op("ReduceMean", [x.name], axes=[1], keepdims=1), 1, h, w)
+            m = self.fm(self.reduce_mean(x.name, [1], 1), 1, h, w)
             a = self.op("Sigmoid", [self.conv(m, 1, 3).name])
             out = self.op("Mul", [x.name, a])
         elif kind == "shuffle":  # ShuffleNet: [1, 2, C/2, H, W] → swap → [1, C, H, W]
@@ -590,7 +664,7 @@ class Builder:
                 flat = self.op("Squeeze", [pooled, self.ints(self.d.choice([[2, 3], [-1, -2]]), "axes")])
             k = x.c
         elif kind == "reduce_gemm":
-            flat = self.op("ReduceMean", [x.name], axes=self.d.choice([[2, 3], [-2, -1]]), keepdims=0)
+            flat = self.reduce_mean(x.name, self.d.choice([[2, 3], [-2, -1]]), 0)
             k = x.c
         elif kind == "flatten_gemm":
             flat = self.op("Flatten", [x.name], axis=1)
@@ -612,17 +686,30 @@ class Builder:
         return self.dense(flat, k, n, matmul), [1, n]
 
 
-def build(d: Draws) -> Case:
-    """One random graph, every structural decision taken from `d`."""
-    opset = d.choice(OPSETS)
-    style = d.choice(["init", "constant", "mixed"])
+def draw_conventions(d: Draws, force: dict | None = None) -> Conventions:
+    """Every convention drawn (the first option of each is the plain one), then `force` (SWITCHES values) applied."""
+    drawn = Conventions(batch=d.choice(list(BATCHES)), weights=d.choice(["init", "constant", "mixed"]),
+                        paddle_bias=d.int(0, 3) == 0, nhwc=d.int(0, 3) == 0,
+                        fp16=d.choice(["", "", "", "fp16", "fp16-io32"]), opset=d.choice(OPSETS))
+    return dataclasses.replace(drawn, **(force or {}))
+
+
+def build(d: Draws, force: dict | None = None) -> Case:
+    """One random graph, every structural decision taken from `d`; `force` fixes conventions (see SWITCHES)."""
+    conv = draw_conventions(d, force)
+    opset, style = conv.opset, conv.weights
     h, w = d.int(8, 16), d.int(8, 16)
     seed = d.int(0, 2**31 - 1)
     sharing = d.choice(["none", "dedupe", "share"])
-    batch = d.choice([1, "N"])  # a dynamic batch dim is fixed to 1 for the analysis
-    b = Builder(d, opset, style, seed, sharing)
+    if conv.fp16:  # onnxconverter-common mistypes a constant shared by a kept-float32 and a converted reader
+        sharing = "none"
+    batch = BATCHES[conv.batch]  # a dynamic batch dim is fixed to 1 for the analysis
+    b = Builder(d, opset, style, seed, sharing, conv)
     b.plain = sharing != "none" and d.int(0, 2) == 0
-    x = b.fm(INPUT, 3, h, w)
+    if conv.nhwc:  # the input is NHWC; the graph starts with the Transpose to NCHW
+        x = b.fm(b.op("Transpose", [INPUT], perm=[0, 3, 1, 2]), 3, h, w)
+    else:
+        x = b.fm(INPUT, 3, h, w)
     x = b.block_conv(x)  # the input's channels are never prunable: start with a conv
     n_blocks = d.int(0, MAX_BLOCKS - 1)
     for _ in range(n_blocks):
@@ -635,9 +722,13 @@ def build(d: Draws) -> Case:
         extra = d.choice(b.maps[1:])
         if extra.name not in [o[0] for o in outputs]:
             outputs.append((extra.name, [1, extra.c, extra.h, extra.w]))
+    if conv.nhwc:  # feature-map outputs are NHWC too
+        outputs = [(b.op("Transpose", [o], perm=[0, 2, 3, 1]), [1, sh[2], sh[3], sh[1]]) if len(sh) == 4 else (o, sh)
+                   for o, sh in outputs]
     outputs = [(name, [batch, *shape[1:]]) for name, shape in outputs]
-    inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [batch, 3, h, w])]
-    if b.inits and d.int(0, 3) == 0:  # old exports (keep_initializers_as_inputs): initializers listed as inputs
+    input_shape = (1, h, w, 3) if conv.nhwc else (1, 3, h, w)
+    inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [batch, *input_shape[1:]])]
+    if b.inits and d.int(0, 3) == 0 and not conv.fp16:  # old exports (keep_initializers_as_inputs): initializers listed as inputs
         # (not empty ones: onnxruntime's transpose optimizer gathers from a Resize's empty roi when it is an
         # overridable input and fails at run time, on the original already)
         inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in b.inits if all(t.dims)]
@@ -645,13 +736,43 @@ def build(d: Draws) -> Case:
     graph = helper.make_graph(
         b.nodes, "fuzz", inputs,
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o, shape in outputs], b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION,
-                              producer_name=f"fuzz-{style}")
-    if "inits_as_inputs" not in b.log and d.int(0, 3) == 0:  # exporters that write value_info
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name=f"fuzz-{style}",
+                              ir_version=max(IR_VERSION, helper.find_min_ir_version_for(opsets)))
+    # (not on -1 dims: onnx's shape inference aborts the process on a Slice over a -1 batch, a C++ assertion)
+    if "inits_as_inputs" not in b.log and d.int(0, 3) == 0 and not conv.fp16 and batch != -1:  # value_info
         model = onnx.shape_inference.infer_shapes(model)
         b.log.append("value_info")
-    feed_batch = 2 if batch == "N" and not b.batch_literal else 1
-    return Case(model, (1, 3, h, w), [f"style={style}", f"sharing={sharing}"] + b.log, feed_batch)
+    if conv.fp16:
+        model = to_float16(model, keep_io_types=conv.fp16 == "fp16-io32")
+    feed_batch = 2 if batch != 1 and not b.batch_literal else 1
+    tags = conv.tags() + (["pinned_in_reshape"] if b.batch_literal and batch != 1 else [])
+    return Case(model, input_shape, [f"style={style}", f"sharing={sharing}"] + b.log, feed_batch, tags)
+
+
+def to_float16(model: onnx.ModelProto, keep_io_types: bool) -> onnx.ModelProto:
+    """float16 as users convert: onnxconverter-common (the `test` extra). float32 inputs/outputs are Casts
+    added here around the converted graph (what its keep_io_types does, which mistypes some of these graphs)."""
+    import warnings
+
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():  # "the float32 number ... will be truncated": expected
+        warnings.simplefilter("ignore", UserWarning)
+        model = float16.convert_float_to_float16(model, keep_io_types=False)
+    if keep_io_types:
+        g = model.graph
+        for value, is_input in [(v, True) for v in g.input[:1]] + [(v, False) for v in g.output]:
+            inner = f"{value.name}_fp16"
+            for n in g.node:
+                n.input[:] = [inner if i == value.name else i for i in n.input]
+                n.output[:] = [inner if o == value.name else o for o in n.output]
+            if is_input:
+                g.node.insert(0, helper.make_node("Cast", [value.name], [inner], to=TensorProto.FLOAT16))
+            else:
+                g.node.append(helper.make_node("Cast", [inner], [value.name], to=TensorProto.FLOAT))
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    return model
 
 
 def graphs():
@@ -665,9 +786,10 @@ def graphs():
     return _cases()
 
 
-def random_case(seed: int) -> Case:
-    """The benchmark's generator: the same builder, decisions from a seeded numpy generator."""
-    return build(RngDraws(np.random.default_rng(seed)))
+def random_case(seed: int, force: str | dict | None = None) -> Case:
+    """The benchmark's generator: the same builder, decisions from a seeded numpy generator; `force` is a
+    SWITCHES name (e.g. "pinned", "fp16", "opset21") or a dict of Conventions fields."""
+    return build(RngDraws(np.random.default_rng(seed)), SWITCHES[force] if isinstance(force, str) else force)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -710,9 +832,18 @@ class Outcome:
         return not self.failures
 
 
-def feeds_for(input_shape, n_batches=2, seed=0) -> list[dict[str, np.ndarray]]:
+def feeds_for(input_shape, n_batches=2, seed=0, dtype=np.float32) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [{INPUT: rng.standard_normal(input_shape).astype(np.float32)} for _ in range(n_batches)]
+    return [{INPUT: rng.standard_normal(input_shape).astype(dtype)} for _ in range(n_batches)]
+
+
+def input_dtype(model: onnx.ModelProto):
+    return onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+
+
+def is_float16(model: onnx.ModelProto) -> bool:
+    return any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer) or any(
+        n.op_type == "Constant" and n.attribute[0].t.data_type == TensorProto.FLOAT16 for n in model.graph.node)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -735,7 +866,8 @@ def check_case(model: onnx.ModelProto, input_shape, plan_seeds, batch: int = 1) 
     from aofp_onnx.verify import verify
 
     out = Outcome()
-    feeds = feeds_for((batch, *input_shape[1:]))
+    feeds = feeds_for((batch, *input_shape[1:]), dtype=input_dtype(model))
+    tol = TOL_FP16 if is_float16(model) else TOL
     try:
         onnx.checker.check_model(model, full_check=True)
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds[0])
@@ -777,7 +909,7 @@ def check_case(model: onnx.ModelProto, input_shape, plan_seeds, batch: int = 1) 
         except Exception:
             out.failures.append(("error", f"verify ({where}): " + traceback.format_exc(limit=6)))
             continue
-        if not v.passed or v.max_rel_diff > TOL:
+        if not v.passed or v.max_rel_diff > tol:
             out.failures.append(("nonequivalent", f"{where}: max rel diff {v.max_rel_diff:.3g} {v.detail}"))
             continue
         predicted, counted = cm.macs(keep), reference_macs.count_macs(proto, feeds[0])

@@ -37,7 +37,7 @@ NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.flo
 
 def _error(proc) -> str:
     lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip() and not ln.startswith("warning:")]
-    return f"exit {proc.returncode}: {(lines or ['no stderr'])[-1][:300]}"
+    return f"exit {proc.returncode}: {(lines or ['no stderr'])[0][:300]}"
 
 
 def _shape_arg(spec: realmodels.CorpusModel) -> str:

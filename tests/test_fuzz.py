@@ -9,6 +9,11 @@ CI runs `AOFP_FUZZ_EXAMPLES` examples (default 200, a fixed derandomized sequenc
 reproducible); setting the variable also makes the run random, e.g. `AOFP_FUZZ_EXAMPLES=2000 pytest
 tests/test_fuzz.py`. `benchmarks/fuzz.py` runs the same builder on a thousand seeded graphs.
 Graphs that once failed are kept below as explicit regression tests.
+
+Exporter conventions (fuzzgraphs.Conventions: pinned / -1 batch, Constant-node weights, Paddle bias
+reshapes, NHWC with Transposes, float16, opsets 11-21) are drawn for every graph; each is also forced on a
+few seeded graphs that go through the CLI (tests/fuzzcli.py: `prune` and `apply` with `--calib random:8`,
+then a run of the written model), so a failure names the convention.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fuzzcli
 import fuzzgraphs as fg
 
 EXAMPLES = int(os.environ.get("AOFP_FUZZ_EXAMPLES", "200"))
@@ -52,19 +58,23 @@ def test_generator_covers_every_block_opset_and_weight_style():
     for seed in range(200):
         case = fg.random_case(seed)
         onnx.checker.check_model(case.model, full_check=True)
-        assert case.model.ir_version == fg.IR_VERSION
-        assert case.input_shape[:2] == (1, 3) and all(8 <= d <= 16 for d in case.input_shape[2:])
+        assert case.model.ir_version == max(fg.IR_VERSION, onnx.helper.find_min_ir_version_for(case.model.opset_import))
+        spatial = case.input_shape[1:3] if "nhwc" in case.conventions else case.input_shape[2:]
+        assert case.input_shape[0] == 1 and 3 in case.input_shape and all(8 <= d <= 16 for d in spatial)
         layers = sum(n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") for n in case.model.graph.node)
         assert 1 <= layers <= fg.MAX_LAYERS
         seen[f"opset{case.model.opset_import[0].version}"] += 1
         seen.update(case.description)
+        seen.update(case.conventions)
         ops.update(n.op_type for n in case.model.graph.node)
         if any(n.op_type == "Constant" for n in case.model.graph.node):
             seen["constant-node weights"] += 1
     for key in ("opset11", "opset13", "opset17", "style=init", "style=constant", "style=mixed", "sharing=share",
                 "sharing=dedupe", "twice", "residual", "add_earlier", "concat_earlier", "concat_h", "se1",
                 "constant-node weights", "reshape_spatial", "shuffle", "LRN", "softmax_c", "spatial_attention",
-                "depth_to_space", "inits_as_inputs", "value_info", "Sum", "Max"):
+                "depth_to_space", "inits_as_inputs", "value_info", "Sum", "Max", "batch=dynamic", "batch=pinned",
+                "batch=minus1", "pinned_in_reshape", "paddle_bias", "nhwc", "fp16", "fp16-io32", "nhwc_bias",
+                *(f"opset{v}" for v in fg.OPSETS)):
         assert seen[key] > 0, key
     for prefix in ("gap_gemmx", "flatten_gemmx", "reshape_matmulx", "slice[", "split[", "dw", "grouped", "convT",
                    "resizesizes", "resizescales", "pad", "nhwc_linear", "squeeze_gemmx", "reduce_gemmx"):
@@ -75,6 +85,47 @@ def test_generator_covers_every_block_opset_and_weight_style():
                "Constant", "Pad", "ReduceMean", "Squeeze", "Transpose", "LRN", "DepthToSpace", "Softmax", "Sum"):
         assert ops[op] > 0, op
     assert 0 < sum(fg.random_case(s).batch == 2 for s in range(40)) < 40  # dynamic batch, fed 2 samples
+
+
+def _declared_batch(case):
+    return case.model.graph.input[0].type.tensor_type.shape.dim[0]
+
+
+def test_each_switch_forces_its_convention():
+    """`random_case(seed, NAME)` has convention NAME on, and the graph is valid and runs (on `case.batch` samples)."""
+    import onnxruntime as ort
+
+    for name in ("pinned", "minus1", "constant", "paddle_bias", "nhwc", "fp16", "fp16-io32", "opset11", "opset21"):
+        for seed in range(3):
+            case = fg.random_case(seed, name)
+            onnx.checker.check_model(case.model, full_check=name != "minus1")  # (onnx aborts on some -1 graphs)
+            feeds = fg.feeds_for((case.batch, *case.input_shape[1:]), n_batches=1, dtype=fg.input_dtype(case.model))
+            ort.InferenceSession(case.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds[0])
+            tags, graph = case.conventions, case.model.graph
+            assert {"pinned": "batch=pinned" in tags and _declared_batch(case).dim_value == 1 and case.batch == 1,
+                    "minus1": "batch=minus1" in tags and _declared_batch(case).dim_value == -1,
+                    "constant": "weights=constant" in tags and not graph.initializer,
+                    "paddle_bias": "paddle_bias" in tags,
+                    "nhwc": "nhwc" in tags and case.input_shape[3] == 3 and graph.node[0].op_type == "Transpose",
+                    "fp16": "fp16" in tags and fg.input_dtype(case.model) == np.float16 and fg.is_float16(case.model),
+                    "fp16-io32": "fp16-io32" in tags and fg.input_dtype(case.model) == np.float32
+                    and fg.is_float16(case.model),
+                    "opset11": case.model.opset_import[0].version == 11,
+                    "opset21": case.model.opset_import[0].version == 21}[name], (name, seed, tags)
+
+
+@pytest.mark.parametrize("convention", ["dynamic", "pinned", "minus1", "constant", "paddle_bias", "nhwc", "fp16",
+                                        "fp16-io32", "opset11", "opset21"])
+def test_convention_through_the_cli(convention, tmp_path):
+    """Two seeded graphs with the convention on: the API check and the CLI check (multi-sample calibration) pass."""
+    for seed in (0, 1):
+        case = fg.random_case(seed, convention)
+        failures = fg.check_case(case.model, case.input_shape, [seed], case.batch).failures
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        failures += fuzzcli.check_case_cli(case, seed, folder)
+        assert not failures, f"{convention} seed {seed} {case.conventions}: " + "\n".join(
+            f"[{kind}] {msg.strip().splitlines()[-1][:400]}" for kind, msg in failures)
 
 
 def test_random_keep_keeps_a_nonempty_subset_of_every_group():
