@@ -13,7 +13,8 @@ invalid (a generator bug), 'errors' exceptions raised inside aofp_onnx (analyze,
 Each graph is written with exporter conventions drawn at random (tests/fuzzgraphs.py `Conventions`: batch
 dynamic / pinned (also in Reshape constants) / -1, Constant-node weights, Paddle bias reshapes, NHWC with
 Transposes, float16 with float16 or float32 inputs, opsets 11-21); `--convention NAME` forces one on every
-graph (a `fuzzgraphs.SWITCHES` name: pinned, minus1, constant, paddle_bias, nhwc, fp16, fp16-io32, opset21...).
+graph, the others plain (a `fuzzgraphs.SWITCHES` name: pinned, minus1, constant, paddle_bias, nhwc, fp16,
+fp16-io32, opset11 ... opset21).
 Besides the API check at the analysis batch, the first plan of every graph also goes through the CLI
 (tests/fuzzcli.py: `prune --criterion l1` and `apply` of a random plan, `--calib random:8`, then a run of
 the written model on several samples); `--no-cli` skips that. The report ends with a table per convention:

@@ -787,9 +787,12 @@ def graphs():
 
 
 def random_case(seed: int, force: str | dict | None = None) -> Case:
-    """The benchmark's generator: the same builder, decisions from a seeded numpy generator; `force` is a
-    SWITCHES name (e.g. "pinned", "fp16", "opset21") or a dict of Conventions fields."""
-    return build(RngDraws(np.random.default_rng(seed)), SWITCHES[force] if isinstance(force, str) else force)
+    """The benchmark's generator: the same builder, decisions from a seeded numpy generator. `force`: a
+    SWITCHES name (e.g. "pinned", "fp16", "opset21": that convention alone, the others plain) or a dict of
+    Conventions fields (set on top of the drawn ones)."""
+    if isinstance(force, str):
+        force = {**dataclasses.asdict(Conventions()), **SWITCHES[force]}
+    return build(RngDraws(np.random.default_rng(seed)), force)
 
 
 # ---------------------------------------------------------------------------------------------------
