@@ -689,7 +689,7 @@ class Builder:
 def draw_conventions(d: Draws, force: dict | None = None) -> Conventions:
     """Every convention drawn (the first option of each is the plain one), then `force` (SWITCHES values) applied."""
     drawn = Conventions(batch=d.choice(list(BATCHES)), weights=d.choice(["init", "constant", "mixed"]),
-                        paddle_bias=d.int(0, 3) == 0, nhwc=d.int(0, 3) == 0,
+                        paddle_bias=d.int(0, 3) == 3, nhwc=d.int(0, 3) == 3,
                         fp16=d.choice(["", "", "", "fp16", "fp16-io32"]), opset=d.choice(OPSETS))
     return dataclasses.replace(drawn, **(force or {}))
 
