@@ -3,7 +3,7 @@
 `check_case_cli(case, plan_seed, folder)` writes the case's model and runs, in this process
 (`aofp_onnx.cli.main`: exit codes and stderr as a user sees them):
 1. `aofp-onnx prune MODEL --criterion l1 --flops-target F --calib random:8 --batch-size 4 --input-shape ...`
-   (calibration, verification and latency on batches of several samples);
+   (calibration and verification on batches of several samples; no latency timing: a test, not a benchmark);
 2. `aofp-onnx apply MODEL --plan PLAN --calib random:8 ...` with a plan drawn the way `check_case` draws
    them (every prunable group keeps a random non-empty subset), on the analysis the CLI makes (`Pruner.load`).
 Failures, by kind:
@@ -71,7 +71,7 @@ def check_case_cli(case: fg.Case, plan_seed: int, folder: pathlib.Path) -> list[
     target = f"{np.random.default_rng(plan_seed).uniform(0.3, 0.9):.2f}"
     failures = _cli(["prune", str(model_path), "-o", str(out_path), "--criterion", "l1", "--flops-target", target,
                      "--calib", CALIB, "--batch-size", "4", "--input-shape", shape, "--report", str(rep_path),
-                     "--no-progress"], case, model_path, out_path, rep_path, f"prune l1 @ {target}")
+                     "--no-progress", "--no-latency"], case, model_path, out_path, rep_path, f"prune l1 @ {target}")
     if failures:
         return failures
     try:

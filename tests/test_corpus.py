@@ -65,7 +65,7 @@ def _cut(spec, path: pathlib.Path, work: pathlib.Path, target: float, macs_key: 
     out, rep_path = work / f"{spec.id}_{target}.onnx", work / f"{spec.id}_{target}.json"
     proc = run_cli("prune", path, "-o", out, "--criterion", "l1", "--flops-target", target, "--calib", CALIB,
                    "--batch-size", BATCH, "--input-shape", _shape_arg(spec), "--report", rep_path,
-                   "--no-progress", timeout=600)
+                   "--no-progress", "--no-latency", timeout=600)
     if proc.returncode != 0:
         row[f"{macs_key}_error"] = _error(proc)
         return None
