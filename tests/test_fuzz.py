@@ -209,9 +209,9 @@ def test_regression_blocked_conv_and_gemm_still_count_their_macs(variant):
         inits.append(numpy_helper.from_array(_w(5, 8, 1, 1, seed=2), "w2"))
         nodes.append(helper.make_node("Conv", ["t1", "w2"], ["y"], kernel_shape=[1, 1]))
         out_shape, blocked_macs = [1, 5, 6, 8], 5 * 6 * 8 * 8
-    elif variant == "computed_weight":  # weight standardization style: W' = W · s computed in the graph
-        inits += [numpy_helper.from_array(_w(5, 6, 3, 3, seed=2), "w2"),
-                  numpy_helper.from_array(np.array(0.5, np.float32), "s")]
+    elif variant == "computed_weight":  # W' = W · s with s read from the input: a weight only known at run time
+        inits.append(numpy_helper.from_array(_w(5, 6, 3, 3, seed=2), "w2"))  # (W · constant is folded at load)
+        nodes.append(helper.make_node("ReduceMax", [fg.INPUT], ["s"], keepdims=0))
         nodes.append(helper.make_node("Mul", ["w2", "s"], ["w2s"]))
         nodes.append(helper.make_node("Conv", ["r1", "w2s"], ["y"], kernel_shape=[3, 3], pads=[1] * 4))
         out_shape, blocked_macs = [1, 5, 8, 8], 5 * 64 * 6 * 9
