@@ -323,12 +323,11 @@ class LatencyTable:
 
     def rewarded_multiple(self) -> int:
         """The smallest width multiple k ∈ {1, 8, 16, 32} whose widths run as fast as the 32-aligned ones
-        (every class from k up to 16 within TOLERANCE of its aligned interpolation)."""
+        (class k within TOLERANCE of its aligned interpolation). Multiples of k are multiples of every
+        divisor of k, so a kernel that rewards k also rewards its multiples: a coarser class measured slower
+        than a finer one is timing noise, and does not veto the finer class."""
         pen = self.class_penalty()
-        for k in (1, 8, 16):
-            if all(pen[j] <= 1 + TOLERANCE for j in (1, 8, 16) if j >= k):
-                return k
-        return 32
+        return next((k for k in (1, 8, 16) if pen[k] <= 1 + TOLERANCE), 32)
 
     def summary(self) -> dict:
         return {"provider": self.data["provider"], "batch": self.data["batch"], "threads": self.data["threads"],
