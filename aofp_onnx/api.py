@@ -65,6 +65,11 @@ class Pruner:
         """`model` (the working graph's, cut or not) with the file's batch declarations."""
         return repin(model, self.unpinning)
 
+    def file_pins(self, written: ModelData) -> dict[str, int]:
+        """Inputs whose batch the written file pins: in its declarations, or in its graph alone."""
+        in_graph = self.unpinning.inputs if self.unpinning is not None and self.unpinning.declared else {}
+        return {**pinned_batches(written.proto), **in_graph}
+
     def batch_size(self, wanted: int) -> int:
         """Samples per run: `wanted`, or the batch the working graph pins."""
         return min(self.pinned.values()) if self.pinned else wanted
@@ -95,8 +100,8 @@ class Pruner:
         graph = Graph.from_model(model, shapes)
         del model  # the weights now live in graph.weights; give the parsed file's memory back
         release_memory()
-        probe(graph.data, graph.input_shapes, open_axes(graph.model))
-        graph, unpinning = working_graph(graph, loaded.inputs if loaded is not None else None)
+        graph_pinned = probe(graph.data, graph.input_shapes, open_axes(graph.model))
+        graph, unpinning = working_graph(graph, loaded.inputs if loaded is not None else None, graph_pinned)
         return cls(os.fspath(path), graph, analyze(graph), loaded, shapes, external, held, unpinning,
                    pinned_batches(graph.model), notes)
 
@@ -253,7 +258,7 @@ def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: 
     lat = None
     written = pruner.written(pruned)
     if latency:  # the models as the user runs them: at the file's batch where it pins one
-        size = min(pinned_batches(written.proto).values(), default=batch_size)
+        size = min(pruner.file_pins(written).values(), default=batch_size)
         with phases("latency", f"timing the original and the pruned model, interleaved, batch {size}"):
             feeds = pruner.feeds(size, size)[0]
             lat = measure_latency(pruner.written(pruner.graph.data), written, feeds, provider, threads=threads)

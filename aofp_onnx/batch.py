@@ -43,20 +43,52 @@ class Unpinning:
     outputs: dict[str, int] = field(default_factory=dict)  # graph output → its declared dim 0
     targets: dict[str, int] = field(default_factory=dict)  # Reshape node output → its target's element 0
     value_info: bool = False  # the file had value_info (re-inferred on the repinned model)
+    declared: dict[str, int | str | None] = field(default_factory=dict)  # input → the file's dynamic dim 0,
+    #   for inputs the graph pins though the file declares them dynamic (`probe._graph_pinned`)
+    unpinned: bool = True  # False: the working graph declares the pinned batch and runs b samples at a time
 
     def to_json(self) -> dict:
-        return {"pinned": dict(self.inputs), "working_copy": "unpinned (checked on data)",
-                "reshapes_unpinned": len(self.targets)}
+        out = {"pinned": dict(self.inputs), "reshapes_unpinned": len(self.targets),
+               "working_copy": "unpinned (checked on data)" if self.unpinned
+               else "none (the batch is pinned beyond Reshape targets): one pinned batch per run"}
+        if self.declared:
+            out["pinned_in_graph"] = sorted(self.declared)  # declared dynamic in the file, pinned by its graph
+        return out
 
 
-def working_graph(graph: Graph, feeds: dict | None = None) -> tuple[Graph, Unpinning | None]:
-    """The graph the pipeline works on: `graph` unpinned where that is proven (else `graph` itself)."""
-    found = unpin(graph.data, feeds, graph.input_shapes)
-    if found is None:
+def working_graph(graph: Graph, feeds: dict | None = None,
+                  graph_pinned: dict[str, int] | None = None) -> tuple[Graph, Unpinning | None]:
+    """The graph the pipeline works on: `graph` unpinned where that is proven (else `graph` itself).
+
+    `graph_pinned` (inputs declared dynamic whose batch the graph pins): the working graph first declares
+    that batch, then is unpinned like a pinned export; where that cannot be proven it stays pinned, so
+    every run takes b samples. Either way the file's own declarations are written back (`repin`)."""
+    data, declared = graph.data, {}
+    if graph_pinned:
+        data, declared = _declare_pinned(data, graph_pinned)
+    found = unpin(data, feeds, graph.input_shapes)
+    if found is None and not declared:
         return graph, None
-    data, record = found
-    view = with_input_shapes(data.proto, graph.input_shapes)
-    return Graph(data.proto, dict(graph.input_shapes), dict(graph.shapes), view, graph.weights), record
+    if found is None:
+        model, record = data.proto, Unpinning(dict(graph_pinned), unpinned=False)
+    else:
+        model, record = found[0].proto, found[1]
+    record.declared = declared
+    view = with_input_shapes(model, graph.input_shapes)
+    return Graph(model, dict(graph.input_shapes), dict(graph.shapes), view, graph.weights), record
+
+
+def _declare_pinned(data: ModelData, pins: dict[str, int]) -> tuple[ModelData, dict[str, int | str | None]]:
+    """A copy of `data` whose inputs `pins` declare their batch, and the file's declarations of them."""
+    proto = data.copy_proto()
+    declared = {}
+    for vi in proto.graph.input:
+        if vi.name in pins:
+            dim = vi.type.tensor_type.shape.dim[0]
+            declared[vi.name] = dim.dim_param if dim.HasField("dim_param") else (
+                dim.dim_value if dim.HasField("dim_value") else None)
+            _set_dim0(vi, pins[vi.name])
+    return ModelData(proto, data.weights), declared
 
 
 def working_model(data: ModelData, feeds: dict | None = None) -> tuple[ModelData, dict[str, int]]:
@@ -102,7 +134,7 @@ def repin(model: ModelData, record: Unpinning | None) -> ModelData:
     graph = proto.graph
     for vi in graph.input:
         if vi.name in record.inputs:
-            _set_dim0(vi, record.inputs[vi.name])
+            _set_dim0(vi, record.declared.get(vi.name, record.inputs[vi.name]))
     for vi in graph.output:
         if vi.name in record.outputs:
             _set_dim0(vi, record.outputs[vi.name])
@@ -130,12 +162,13 @@ def repin(model: ModelData, record: Unpinning | None) -> ModelData:
     return ModelData(proto, model.weights)
 
 
-def _set_dim0(vi: onnx.ValueInfoProto, value: int | str) -> None:
+def _set_dim0(vi: onnx.ValueInfoProto, value: int | str | None) -> None:
+    """Declare dim 0 of `vi` as `value`: a symbol, a number (Paddle's -1 too), or unknown (None)."""
     dim = vi.type.tensor_type.shape.dim[0]
     dim.Clear()
     if isinstance(value, str):
         dim.dim_param = value
-    else:
+    elif value is not None:
         dim.dim_value = value
 
 

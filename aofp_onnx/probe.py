@@ -13,13 +13,14 @@ import onnx
 
 from .errors import InputError
 from .modeldata import ModelData
-from .runtime import Runner
+from .runtime import Runner, pinned_batches
 
 MULTIPLES = (2, 4, 8, 16, 32, 64, 128)
 
 
-def probe(data: ModelData, shapes: dict[str, tuple[int, ...]], dynamic: dict[str, list[int]]) -> None:
+def probe(data: ModelData, shapes: dict[str, tuple[int, ...]], dynamic: dict[str, list[int]]) -> dict[str, int]:
     """Run `data` once at `shapes`; InputError naming the input (and constraint) when it cannot.
+    Returns the inputs whose batch the file declares dynamic but the graph pins (see `_graph_pinned`).
 
     `dynamic`: per input, the axes past the batch that the file leaves open (those the user chose)."""
     feeds = _noise(data.proto, shapes)
@@ -27,7 +28,7 @@ def probe(data: ModelData, shapes: dict[str, tuple[int, ...]], dynamic: dict[str
     try:
         runner = Runner(data, "cpu", optimization="disable", prepack=False, arena=False)
         runner.run(feeds)
-        return
+        return _graph_pinned(runner, data.proto, shapes)
     except InputError:
         raise
     except Exception as exc:
@@ -50,6 +51,22 @@ def probe(data: ModelData, shapes: dict[str, tuple[int, ...]], dynamic: dict[str
                              f"{dims} multiples of {m} (e.g. --input-shape {name}:{','.join(map(str, rounded))})")
     names = ", ".join(f"'{n}' at shape {_fmt(s)}" for n, s in shapes.items())
     raise InputError(f"input {names}: the model cannot run it (onnxruntime: {error})")
+
+
+def _graph_pinned(runner: Runner, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """{input: b} for the inputs declared with a dynamic batch that run at their analysis batch b but
+    not at 2·b: the graph pins the batch itself (a `Reshape(x, [1, -1])` or Resize sizes [1, ..] under a
+    `dim_param`). One run at 2·b; {} when it runs (or no input's batch is declared dynamic)."""
+    fixed = pinned_batches(model)
+    loose = [name for name, shape in shapes.items() if name not in fixed and shape]
+    if not loose:
+        return {}
+    doubled = {n: ((2 * s[0],) + tuple(s[1:]) if n in loose else s) for n, s in shapes.items()}
+    try:
+        runner.run(_noise(model, doubled))
+    except Exception:  # the batch is pinned inside the graph: it runs at b only
+        return {name: int(shapes[name][0]) for name in loose}
+    return {}
 
 
 def open_axes(model: onnx.ModelProto) -> dict[str, list[int]]:

@@ -228,6 +228,35 @@ def test_pinned_outside_reshapes_runs_one_sample_per_trial(exports):
         _same_declarations(paths["pinned_concat"], out)
 
 
+def _dynamic_declared_pinned_reshape(src, path) -> str:
+    """The pinned export with its batch declared `N` (dim_param) while its Reshape target keeps [1, -1]:
+    a graph that runs at batch 1 only under a dynamic declaration (found by the fuzz)."""
+    proto = onnx.load(src)
+    for vi in [*proto.graph.input, *proto.graph.output]:
+        dim = vi.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_param = "N"
+    onnx.save(proto, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "aofp"])
+def test_a_batch_declared_dynamic_but_pinned_by_a_reshape(exports, criterion):
+    folder, paths, calib = exports
+    src = _dynamic_declared_pinned_reshape(paths["pinned"], folder / f"declared_{criterion}.onnx")
+    with pytest.raises(Exception, match="Gemm"):  # the file cannot run two samples at once: [1, -1] feeds 768
+        Runner(src, "cpu").run({"x": np.zeros((2, *SHAPE), np.float32)})
+    out, rep = folder / f"declared_{criterion}_cut.onnx", folder / f"declared_{criterion}_cut.json"
+    ok(run_cli("prune", src, "-o", out, "--calib", calib, "--criterion", criterion, "--flops-target", "0.6",
+               "--batch-size", "4", "--report", rep, "--no-progress", "--provider", "cpu"))
+    report = json.loads(rep.read_text())
+    assert report["verification"]["passed"] and report["verification"]["max_abs_diff"] < 1e-4
+    assert report["batch"]["pinned_in_graph"] == ["x"] and report["batch"]["reshapes_unpinned"] == 1
+    assert report["macs_after"] <= 0.6 * report["macs_before"] * 1.001
+    _same_declarations(src, out)  # still `N` in the file, and [1, -1] in its Reshape
+    assert _declarations(out)["inputs"] == [["N", *SHAPE]] and _declarations(out)["reshapes"][0] == [1, -1]
+
+
 def test_pinned_batch_of_two_with_an_odd_sample_count(exports):
     folder, paths, calib = exports
     out, rep = folder / "pinned2_cut.onnx", folder / "pinned2_cut.json"
