@@ -148,7 +148,7 @@ def test_mnist_cnn_real_digits():
 
 
 def test_cli_prune_and_apply_reconstruct_report(tmp_path):
-    common = ("--calib", CALIB, "--criterion", "l1", "--flops-target", "0.5")
+    common = ("--calib", CALIB, "--criterion", "l1", "--flops-target", "0.5", "--round-to", "1")  # every group cut
     proc = run_cli("prune", MNIST, "-o", tmp_path / "p.onnx", *common, "--reconstruct", "--report",
                    tmp_path / "r.json", "--plan-out", tmp_path / "plan.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -157,7 +157,12 @@ def test_cli_prune_and_apply_reconstruct_report(tmp_path):
     assert set(rec) >= {"consumers", "seconds", "output_error", "verification"}
     assert len(rec["consumers"]) == 5
     for c in rec["consumers"]:
-        assert set(c) >= {"node", "error_before", "error_after"} and c["error_after"] < c["error_before"]
+        assert set(c) >= {"node", "error_before", "error_after"}
+        if c["error_before"] < 1e-6:  # only dead channels went (the error is float noise): nothing to recover
+            assert c["error_after"] == c["error_before"] and "did not lower" in c["note"]
+        else:
+            assert c["error_after"] < c["error_before"]
+    assert sum(c["error_before"] >= 1e-6 for c in rec["consumers"]) >= 4
     assert rep["verification"]["passed"] and rep["verification"]["model"] == "cut (before reconstruction)"
     assert rec["output_error"]["reconstructed"] < 0.01 < rec["output_error"]["cut"]
     assert "refit" in proc.stdout
