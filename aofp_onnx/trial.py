@@ -197,10 +197,17 @@ def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None, damage_
     for k, g in enumerate(chosen):
         # a group without sinks is free to remove: zero damage
         damages.append(b.node("Sum", terms[g.id], f"aofp_g{k}_t") if terms[g.id] else _zeros_per_trial(b, f"aofp_g{k}"))
+    return finish_trial_model(model, cmap, nodes, b, keep, damages)
+
+
+def finish_trial_model(model: onnx.ModelProto, cmap: ChannelMap, nodes: list, b: _Builder, keep: MaskInserter,
+                       damages: list[str]) -> ModelData:
+    """`model` rewired as a trial graph: `nodes` then the builder's, the mask inputs, and one output
+    `DAMAGE_OUTPUT` [T, G] concatenating the per-group damages; nodes no output needs are dropped."""
+    graph = model.graph
     b.node("Concat", damages, DAMAGE_OUTPUT, axis=1)
-    nodes.extend(b.nodes)
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(list(nodes) + b.nodes)
     graph.initializer.extend(keep.inits + b.inits)
     graph.input.extend([mask_input(KEEP_INPUT, cmap.n_slots), mask_input(TRIAL_INPUT, cmap.n_slots)])
     del graph.output[:]

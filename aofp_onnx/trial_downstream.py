@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .groups import ChannelMap
-from .masking import KEEP_INPUT, MaskInserter, mask_input
+from .masking import KEEP_INPUT, MaskInserter
 from .modeldata import ModelData
-from .trial import DAMAGE_OUTPUT, TRIAL_INPUT, _Builder, _chain, _drop_dead_nodes, _zeros_per_trial
+from .trial import TRIAL_INPUT, _Builder, _chain, _zeros_per_trial, finish_trial_model
 
 MIXING_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 NO_BATCH_OPS = {"Shape", "Size"}  # their outputs do not carry the batch axis
@@ -68,16 +67,7 @@ def build_downstream_trial_model(cmap: ChannelMap, chosen: list, damage_at: str)
         base.append((ni, node))
     walk = _Walk(cmap, b, base, masked_tensor, {o.name for o in graph.output})
     damages = [walk.group(k, g, damage_at) for k, g in enumerate(chosen)]
-    b.node("Concat", damages, DAMAGE_OUTPUT, axis=1)
-    del graph.node[:]
-    graph.node.extend([n for _, n in base] + b.nodes)
-    graph.initializer.extend(keep.inits + b.inits)
-    graph.input.extend([mask_input(KEEP_INPUT, cmap.n_slots), mask_input(TRIAL_INPUT, cmap.n_slots)])
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(DAMAGE_OUTPUT, onnx.TensorProto.FLOAT, ["trials", len(damages)]))
-    del graph.value_info[:]
-    _drop_dead_nodes(graph)
-    return ModelData(model, cmap.graph.weights)
+    return finish_trial_model(model, cmap, [n for _, n in base], b, keep, damages)
 
 
 class _Walk:

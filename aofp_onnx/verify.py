@@ -76,7 +76,6 @@ def verify(cmap: ChannelMap, keep: np.ndarray, pruned: onnx.ModelProto | ModelDa
                        arena=False)
     mask = keep_feed(keep)
     worst_abs = worst_rel = 0.0
-    passed = True
     samples = 0
     detail = ""
     for k, feeds in enumerate(batches):
