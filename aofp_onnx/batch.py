@@ -75,7 +75,7 @@ def working_graph(graph: Graph, feeds: dict | None = None,
         model, record = found[0].proto, found[1]
     record.declared = declared
     view = with_input_shapes(model, graph.input_shapes)
-    return Graph(model, dict(graph.input_shapes), dict(graph.shapes), view, graph.weights), record
+    return Graph(model, dict(graph.input_shapes), dict(graph.shapes), view, graph.weights, dict(graph.dtypes)), record
 
 
 def _declare_pinned(data: ModelData, pins: dict[str, int]) -> tuple[ModelData, dict[str, int | str | None]]:
