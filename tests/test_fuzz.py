@@ -128,6 +128,16 @@ def test_convention_through_the_cli(convention, tmp_path):
             f"[{kind}] {msg.strip().splitlines()[-1][:400]}" for kind, msg in failures)
 
 
+@pytest.mark.parametrize("seed", [24, 48])
+def test_conventions_combined_through_the_cli(seed, tmp_path):
+    """Benchmark seeds where conventions meet (24: float16 with a pinned batch; 48: float16 under a dynamic
+    batch that a Reshape pins): once exit 1 — the working copy of a pinned batch lost the float16 types."""
+    case = fg.random_case(seed)
+    assert {"fp16", "batch=pinned" if seed == 24 else "pinned_in_reshape"} <= set(case.conventions)
+    failures = fuzzcli.check_case_cli(case, seed, tmp_path)
+    assert not failures, "\n".join(f"[{kind}] {msg.strip().splitlines()[-1][:400]}" for kind, msg in failures)
+
+
 def test_random_keep_keeps_a_nonempty_subset_of_every_group():
     case = fg.random_case(11)
     from aofp_onnx.graph import Graph
