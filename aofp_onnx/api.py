@@ -2,7 +2,8 @@
 
     load → analyze → (criterion → keep) → cut → verify → save + report
 
-`Pruner` holds one loaded model and its channel map so several plans can be tried without reloading.
+`Pruner` (module `pruner`) holds one loaded model and its channel map so several plans can be tried
+without reloading.
 Every function that writes refuses an output path equal to the input and writes atomically.
 """
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -19,147 +19,26 @@ from . import criteria
 from . import fidelity as fid
 from .calib import Data, ImageOptions, apply_input_shapes, input_specs, load_data
 from .count import count_params
-from .batch import Unpinning, repin, working_graph, working_model
+from .batch import working_model
 from .errors import InputError, VerificationError
-from .graph import Graph, load_model, read_model
+from .graph import load_model, read_model
 from .modeldata import ModelData, split_weights
-from .groups import ChannelMap, analyze
+from .groups import analyze  # noqa: F401 (API name)
 from .io import release_memory
 from .plan import Plan, keep_from_plan, plan_from_keep
-from .probe import open_axes, probe
 from .progress import QUIET, Phases
 from .latency import measure_latency
-from .runtime import Runner, pinned_batches
+from .runtime import Runner
 from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
 from .select import round_widths, select_by_score
-from .surgery import cut
 from .targets import (SLOWER_HINT, check_targets, meet_measured, parse_round_to, resolve_round_to,
                       stderr_line, targets_reached)
+from .pruner import VERIFY_SAMPLES, Pruner
 from .verify import Verification, verify
 
 CRITERIA = ("aofp", "l1", "random", "oracle")
-VERIFY_SAMPLES = 4  # compared layer by layer, a few samples expose any wrong channel; each costs 2 runs
-GROUP_MACS_NOTE = ("a group's MACs are those of every layer whose cost shrinks with it: its producers (output "
-                   "channels) and its consumers (input channels). A conv between two groups counts in both, so the "
-                   "column sums to about twice the model's MACs.")
 AUTO_BATCH = 8  # batch of the whole-model alignment probes behind --round-to auto (without a latency target)
 RECONSTRUCT_SAMPLES = 256  # calibration samples `apply --reconstruct` loads (reconstruct.SAMPLES)
-
-
-@dataclass
-class Pruner:
-    """A loaded model: its working graph, channel map and (optionally) calibration data."""
-
-    path: str
-    graph: Graph
-    cmap: ChannelMap
-    data: Data | None = None
-    input_shapes: dict = field(default_factory=dict)
-    external_data: bool = False  # the file kept its weights in external data: so will the output
-    held: Data | None = None  # calibration samples held out of everything but the fidelity check
-    unpinning: Unpinning | None = None  # the working graph is the file with its pinned batch made dynamic
-    pinned: dict = field(default_factory=dict)  # inputs whose batch stays pinned in the working graph
-    notes: list = field(default_factory=list)  # what loading changed (e.g. "opset 9 upgraded to 11")
-
-    def written(self, model: ModelData) -> ModelData:
-        """`model` (the working graph's, cut or not) with the file's batch declarations."""
-        return repin(model, self.unpinning)
-
-    def file_pins(self, written: ModelData) -> dict[str, int]:
-        """Inputs whose batch the written file pins: in its declarations, or in its graph alone."""
-        in_graph = self.unpinning.inputs if self.unpinning is not None and self.unpinning.declared else {}
-        return {**pinned_batches(written.proto), **in_graph}
-
-    def batch_size(self, wanted: int) -> int:
-        """Samples per run: `wanted`, or the batch the working graph pins."""
-        return min(self.pinned.values()) if self.pinned else wanted
-
-    @classmethod
-    def load(cls, path, *, input_shapes: dict | None = None, data: str | None = None, limit: int | None = None,
-             image_options: ImageOptions | None = None, seed: int = 0, labels: bool = False,
-             hold_out: bool = False) -> "Pruner":
-        """With `hold_out`, up to `fidelity.HELD_OUT` samples past `limit` (or a quarter of all) are set aside
-        in `held` for the fidelity check; `data` keeps the rest."""
-        notes: list[str] = []
-        model, external = read_model(path, notes)
-        specs = input_specs(model)
-        if input_shapes:
-            specs = apply_input_shapes(specs, input_shapes)
-        wanted = limit + fid.HELD_OUT if hold_out and limit is not None else limit
-        loaded = load_data(data, specs, limit=wanted, image_options=image_options, seed=seed, labels=labels) \
-            if data else None
-        held = None
-        if loaded is not None and hold_out:
-            extra = len(loaded) - limit if limit is not None else 0
-            loaded, held = fid.split(loaded, extra if extra > 0 else fid.held_out_count(len(loaded)))
-        shapes = dict(input_shapes or {})
-        if loaded is not None:
-            pins = {s.name: s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
-            for name, arr in loaded.inputs.items():
-                shapes.setdefault(name, (pins.get(name, 1),) + tuple(arr.shape[1:]))
-        graph = Graph.from_model(model, shapes)
-        del model  # the weights now live in graph.weights; give the parsed file's memory back
-        release_memory()
-        graph_pinned = probe(graph.data, graph.input_shapes, open_axes(graph.model))
-        graph, unpinning = working_graph(graph, loaded.inputs if loaded is not None else None, graph_pinned)
-        return cls(os.fspath(path), graph, analyze(graph), loaded, shapes, external, held, unpinning,
-                   pinned_batches(graph.model), notes)
-
-    # -- data ----------------------------------------------------------------------------------
-    def feeds(self, n: int = VERIFY_SAMPLES, batch_size: int = 1) -> list[dict[str, np.ndarray]]:
-        """Batches for verification: the calibration data, or seeded normal noise at the analysis shapes."""
-        if self.data is not None:
-            return list(self.data.take(min(n, len(self.data))).batches(batch_size))
-        return list(self.noise(n, seed=0).batches(batch_size))
-
-    def noise(self, n: int, seed: int) -> Data:
-        """`n` samples of seeded standard normal noise at the analysis shapes."""
-        rng = np.random.default_rng(seed)
-        inputs = {}
-        for name in self.graph.inputs:
-            shape = self.graph.input_shapes[name]
-            vi = next(v for v in self.graph.model.graph.input if v.name == name)
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-            inputs[name] = rng.standard_normal((n,) + tuple(shape[1:])).astype(dtype)
-        return Data(inputs, None, "noise", True)
-
-    def fidelity_data(self) -> tuple[Data, bool]:
-        """(samples, held out?): the held-out calibration samples; else the calibration data itself; else
-        noise that verification did not use."""
-        if self.held is not None:
-            return self.held, True
-        if self.data is not None:
-            return self.data, False
-        return self.noise(16, seed=1), True
-
-    def verify_count(self, n: int) -> int:
-        return min(n, len(self.data)) if self.data is not None else n
-
-    # -- steps ---------------------------------------------------------------------------------
-    def inspect(self) -> dict:
-        cm = self.cmap
-        return {
-            "model": self.path,
-            "fingerprint": self.graph.fingerprint(),
-            "opset": self.graph.opset,
-            "notes": self.notes,
-            "input_shapes": {k: list(v) for k, v in self.graph.input_shapes.items()},
-            "macs": cm.total_macs,
-            "params": count_params(self.graph.model),
-            "prunable_macs_fraction": cm.prunable_macs_fraction(),
-            "group_macs": GROUP_MACS_NOTE,
-            "groups": [{"id": g.id, "width": g.width, "macs": g.macs, "prunable": g.prunable,
-                        "reason": None if g.prunable else "; ".join(g.reasons),
-                        **dict(zip(("producers", "consumers"), cm.layers(g)))} for g in cm.groups],
-        }
-
-    def cut_and_verify(self, keep: np.ndarray, provider: str = "auto",
-                       samples: int = VERIFY_SAMPLES) -> tuple[ModelData, Verification]:
-        pruned = cut(self.cmap, keep)
-        # onnx.checker runs on the written file (save_model), where it costs no second copy in memory
-        verification = verify(self.cmap, keep, pruned, self.feeds(samples), provider, checker=False)
-        release_memory()
-        return pruned, verification
 
 
 def inspect(path, input_shapes: dict | None = None) -> dict:
