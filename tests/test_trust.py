@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from aofp_onnx import api, cli, search
+from aofp_onnx import api, cli, pruner, search
 from aofp_onnx import fidelity as fid
 from aofp_onnx.calib import Data
 from aofp_onnx.modeldata import split_weights
@@ -180,7 +180,7 @@ def test_a_failed_verification_exits_3_and_writes_nothing(tmp_path, monkeypatch,
     plan = tmp_path / "plan.json"
     api.prune(CNN, tmp_path / "first.onnx", calib="random:8", criterion="l1", flops_target=0.5, latency=False,
               provider="cpu", plan_out=plan)
-    monkeypatch.setattr(api, "verify", lambda *a, **k: Verification(0.5, 0.5, False, "cpu", 4, "worst output 'x'"))
+    monkeypatch.setattr(pruner, "verify", lambda *a, **k: Verification(0.5, 0.5, False, "cpu", 4, "worst output 'x'"))
     out = tmp_path / "out.onnx"
     args = (["prune", str(CNN), "-o", str(out), "--calib", "random:8", "--criterion", "l1", "--flops-target", "0.5"]
             if command == "prune" else ["apply", str(CNN), "--plan", str(plan), "-o", str(out)])
