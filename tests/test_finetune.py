@@ -16,13 +16,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
 
 from aofp_onnx import api
 from aofp_onnx import finetune as ft
 from aofp_onnx.errors import InputError
 from aofp_onnx.modeldata import ModelData, split_weights
-from cliutil import ok, run_cli
+from cliutil import initializers, ok, run_cli
 
 pytest.importorskip("torch")
 
@@ -32,10 +31,6 @@ CNN, CALIB, TEST = MODELS / "mnist_cnn.onnx", MODELS / "mnist_calib.npz", MODELS
 
 def run(path, x):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-
-
-def initializers(path) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
 @pytest.fixture(scope="module")
