@@ -31,7 +31,7 @@ from .latency import measure_latency
 from .runtime import Runner
 from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
 from .select import round_widths, select_by_score
-from .targets import (SLOWER_HINT, check_targets, meet_measured, parse_round_to, resolve_round_to,
+from .targets import (SLOWER_HINT, check_targets, latency_weights, meet_measured, parse_round_to, resolve_round_to,
                       stderr_line, targets_reached)
 from .pruner import VERIFY_SAMPLES, Pruner
 from .verify import Verification, verify
@@ -178,10 +178,13 @@ def check_criterion(criterion: str, flops_target: float | None, latency_target: 
 
 
 def choose_keep(pruner: Pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1,
-                seed: int = 0, table=None, latency_target: float | None = None,
+                seed: int = 0, table=None, latency_target: float | None = None, weights=None,
                 **search_options) -> tuple[np.ndarray, np.ndarray, dict]:
     """(keep, scores, search stats) for a criterion; l1/random/oracle need a target. With `latency_target`,
-    the target counts the latency `table` estimates (without alignment penalties) instead of MACs."""
+    the target counts the latency `table` estimates (without alignment penalties) instead of MACs.
+    `weights` (per slot, `targets.latency_weights`) divide the scores the selection and the rounding use.
+    AOFP's and the oracle's searches read damage alone (divided damage let AOFP cut PP-OCRv4 det until its
+    output collapsed at 0.6 of the MACs, with α = 2 and with α = 1); their widths are then fitted with it."""
     check_criterion(criterion, flops_target, latency_target)
     if search_options.get("devices") and criterion != "aofp":
         raise InputError("--devices shares the AOFP trials between sessions; use it with --criterion aofp")
@@ -190,12 +193,14 @@ def choose_keep(pruner: Pruner, criterion: str, *, flops_target: float | None, m
     cost = table.aligned_ratio if latency_target is not None else None  # rounding then meets the real one
     if criterion in ("l1", "random"):
         scores = criteria.l1_scores(pruner.cmap) if criterion == "l1" else criteria.random_scores(pruner.cmap, seed)
+        scores = scores / weights if weights is not None else scores
         keep = select_by_score(pruner.cmap, scores, target, min_channels, cost=cost)
         return keep, scores, {"trials": 0, "seconds": time.perf_counter() - start}
     from . import search
 
-    return search.run(pruner, criterion, flops_target=target, min_channels=min_channels, seed=seed, cost=cost,
-                      **search_options)
+    keep, scores, info = search.run(pruner, criterion, flops_target=target, min_channels=min_channels, seed=seed,
+                                    cost=cost, **search_options)
+    return keep, (scores / weights if weights is not None and len(scores) else scores), info
 
 
 def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_target: float | None = None,
@@ -252,15 +257,18 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     if latency_target is not None or (round_to == "auto" and pruner.cmap.prunable):
         from .latency import build_table
 
-        full = latency_target is not None  # else only the rewarded multiple is needed: at most AUTO_BATCH samples
-        feeds = lat_feeds if full else {k: v[:AUTO_BATCH] for k, v in lat_feeds.items()}
+        full = latency_target is not None or flops_target is not None
+        # without a latency target, at most AUTO_BATCH samples: the rewarded multiple and the MACs weighting
+        feeds = lat_feeds if latency_target is not None else {k: v[:AUTO_BATCH] for k, v in lat_feeds.items()}
         with phases("latency table", "timing the model and its layers at a few widths" if full else
                     "timing the model at aligned and off-grid widths (--round-to auto)"):
             table = build_table(pruner.cmap, feeds, provider, threads=threads, full=full)
+    # with a table (a latency target, or --round-to auto): the budget goes where the kernels turn MACs into time
+    weights = latency_weights(pruner.cmap, table) if table is not None and (flops_target or latency_target) else None
     step = resolve_round_to(round_to, table)
     keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
                                        seed=seed, provider=provider, batch_size=batch_size, table=table,
-                                       latency_target=latency_target, **search_options)
+                                       latency_target=latency_target, weights=weights, **search_options)
     if labelled is not None:  # after the search, so that refused options never wait for it
         with phases("accuracy", f"the original on {len(labelled)} labelled samples"):
             before = accuracy(original, labelled, provider)
@@ -276,7 +284,7 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     rep, pruned = finish(pruner, keep, output, criterion=criterion, search=search, provider=provider,
                          latency=latency, batch_size=lat_batch, reconstruct=reconstruct,
                          verify_samples=verify_samples, phases=phases, original=original, threads=threads)
-    rep["round_to"] = {"given": round_to, "used": step}
+    rep["round_to"] = {"given": round_to, "used": step, "latency_weighted": weights is not None}
     rep["targets"] = targets_reached(pruner, keep, flops_target, latency_target, table, rep.get("latency_ms"))
     if measured_rounds is not None:
         rep["targets"]["latency"]["rounds"] = measured_rounds

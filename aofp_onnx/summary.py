@@ -59,6 +59,10 @@ def target_lines(rep: dict) -> list[str]:
         what = f"table of {table['node_configs']} layer configurations" if table["node_configs"] else "probes"
         out.append(f"round   --round-to {rep['round_to']['given']} -> {rep['round_to']['used']} (measured off-grid "
                    f"penalties {table['class_penalty']}; {what} {built})")
+        if rep["round_to"].get("latency_weighted"):
+            searched = rep.get("criterion") in ("aofp", "oracle")
+            where = " (in the rounding; the search chose by damage)" if searched else ""
+            out.append(f"widths  hardware-aware: scores weighted by each group's measured latency per MAC{where}")
     return out
 
 

@@ -9,8 +9,9 @@ orientation classifier from occular-deskew==0.5.0; read from the corpus cache, e
   B  `--latency-target 0.6` (its latency table built from an empty cache: the table's time and share of
      the run are printed);
   C  `--flops-target F`, F found on the latency table so that C estimates B's latency (fidelity at equal
-     latency).
-Then the original, A, B and C are timed in one interleaved run (wall: medians, p10-p90) and, with one
+     latency);
+  D  (with `--aofp`) `--flops-target 0.6` with the default criterion, AOFP (its search takes minutes).
+Then the original, A, B, C (and D) are timed in one interleaved run (wall: medians, p10-p90) and, with one
 thread, in a second interleaved run by the calling thread's CPU clock (onnxruntime runs there with one
 thread: the wall time an idle machine would show, which a machine shared with other work cannot give).
 Fidelity: relative L2 error and cosine of all outputs against the original's on 8 held-out synthetic
@@ -100,10 +101,12 @@ def macs_target_at_latency(path: Path, name: str, latency: float, step: int, arg
     from aofp_onnx.criteria import l1_scores, random_scores
     from aofp_onnx.latency import build_table
     from aofp_onnx.select import round_widths, select_by_score
+    from aofp_onnx.targets import latency_weights
 
     pruner = api.Pruner.load(path, input_shapes={name: (1, 3, SIZE, SIZE)})
     table = build_table(pruner.cmap, pruner.feeds(1, 1)[0], "cpu", threads=args.threads)
     scores = l1_scores(pruner.cmap) if args.criterion == "l1" else random_scores(pruner.cmap, 0)
+    scores = scores / latency_weights(pruner.cmap, table)  # as a --flops-target run with --round-to auto weighs them
     lo, hi = 0.05, 1.0
     for _ in range(10):
         mid = (lo + hi) / 2
@@ -116,15 +119,18 @@ def run_model(model_id: str, path: Path, tmp: Path, args) -> dict:
     _, _, name, (mean, std) = MODELS[model_id]
     np.savez(tmp / f"{model_id}_calib.npz", **{name: images(8, 0, mean, std)})
     held = images(8, 1, mean, std)
-    common = dict(calib=str(tmp / f"{model_id}_calib.npz"), criterion=args.criterion, input_shapes={name: (1, 3, SIZE, SIZE)},
+    common = dict(calib=str(tmp / f"{model_id}_calib.npz"), input_shapes={name: (1, 3, SIZE, SIZE)},
                   batch_size=8, latency_batch=1, threads=args.threads, latency=False)
-    out = {k: tmp / f"{model_id}_{k}.onnx" for k in "ABC"}
-    rep_b = api.prune(path, out["B"], latency_target=0.6, **common)
-    rep_a = api.prune(path, out["A"], flops_target=0.6, **common)
+    runs = "ABCD" if args.aofp else "ABC"
+    out = {k: tmp / f"{model_id}_{k}.onnx" for k in runs}
+    rep_b = api.prune(path, out["B"], latency_target=0.6, criterion=args.criterion, **common)
+    rep_a = api.prune(path, out["A"], flops_target=0.6, criterion=args.criterion, **common)
     f_c = macs_target_at_latency(path, name, rep_b["targets"]["latency"]["estimated"], rep_a["round_to"]["used"],
                                  args)
-    rep_c = api.prune(path, out["C"], flops_target=f_c, **common)
-    paths = [str(path)] + [str(out[k]) for k in "ABC"]
+    reps = [rep_a, rep_b, api.prune(path, out["C"], flops_target=f_c, criterion=args.criterion, **common)]
+    if args.aofp:
+        reps.append(api.prune(path, out["D"], flops_target=0.6, **common))
+    paths = [str(path)] + [str(out[k]) for k in runs]
     rows = bench_models(paths, provider="cpu", batch_size=1, repeats=args.repeats, warmup=2, threads=args.threads,
                         input_shapes={name: (1, 3, SIZE, SIZE)})
     cpu = None
@@ -134,10 +140,10 @@ def run_model(model_id: str, path: Path, tmp: Path, args) -> dict:
         cpu = latency_ms(runners, [feeds] * len(runners), warmup=2, repeats=args.repeats, cpu=True)
     result = {"model": model_id, "base_ms": rows[0]["median_ms"], "table_s": rep_b["latency_table"]["seconds"],
               "run_s": rep_b["seconds"], "table": rep_b["latency_table"]}
-    for k, rep, row in zip("ABC", (rep_a, rep_b, rep_c), rows[1:]):
+    for k, rep, row in zip(runs, reps, rows[1:]):
         rel, cos = fidelity(path, out[k], name, held)
         result[k] = {"macs": rep["targets"]["macs"]["reached"], "latency": row["ratio"],
-                     "cpu": cpu["ABC".index(k) + 1]["median"] / cpu[0]["median"] if cpu else float("nan"),
+                     "cpu": cpu[runs.index(k) + 1]["median"] / cpu[0]["median"] if cpu else float("nan"),
                      "spread": (row["p10_ms"] / rows[0]["median_ms"], row["p90_ms"] / rows[0]["median_ms"]),
                      "rel_err": rel, "cos": cos, "round_to": rep["round_to"]["used"],
                      "target": rep["targets"]["latency"]["target"] if k == "B" else rep["targets"]["macs"]["target"]}
@@ -149,7 +155,8 @@ def main():
     parser.add_argument("--models", default="nudenet,ppocr_det,orinet")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: stable on a shared machine)")
-    parser.add_argument("--criterion", default="l1")
+    parser.add_argument("--criterion", default="l1", choices=["l1", "random"], help="criterion of A, B and C")
+    parser.add_argument("--aofp", action="store_true", help="also D: the default criterion (AOFP) at 0.6 of the MACs")
     args = parser.parse_args()
     cache = Path(os.environ.get("AOFP_ONNX_CACHE") or Path.home() / ".cache" / "aofp-onnx")
     paths = {m: fetch(m, cache) for m in args.models.split(",")}
@@ -165,7 +172,10 @@ def main():
     print(f"{'model':<10} {'run':<22} {'MACs x':>7} {'latency x':>10} {'p10-p90':>12} {'lat/MACs':>9} "
           f"{'cpu x':>6} {'cpu/MACs':>8} {'round':>6} {'rel.err':>8} {'cosine':>7}")
     for r in results:
-        for k, label in (("A", "flops-target 0.6"), ("B", "latency-target 0.6"), ("C", "flops-target (=B lat)")):
+        for k, label in (("A", "flops-target 0.6"), ("B", "latency-target 0.6"), ("C", "flops-target (=B lat)"),
+                         ("D", "aofp, flops-target 0.6")):
+            if k not in r:
+                continue
             x = r[k]
             if k == "C":
                 label = f"flops-target {x['target']:.3f}"
@@ -178,6 +188,10 @@ def main():
               f"{r['table']['node_configs']} layer configurations, class penalties {r['table']['class_penalty']}")
     print("checks (wall / cpu): A latency <= 1.10 x MACs: " + ", ".join(
         f"{r['model']} {r['A']['latency'] / r['A']['macs']:.2f} / {r['A']['cpu'] / r['A']['macs']:.2f}" for r in results))
+    if args.aofp:
+        print("        D (aofp) latency / MACs: " + ", ".join(
+            f"{r['model']} {r['D']['latency'] / r['D']['macs']:.2f} / {r['D']['cpu'] / r['D']['macs']:.2f}"
+            for r in results))
     print("        B latency <= 0.66: " + ", ".join(f"{r['model']} {r['B']['latency']:.3f} / {r['B']['cpu']:.3f}"
                                                   for r in results))
     print("        B fidelity >= C (rel.err B <= C): " + ", ".join(

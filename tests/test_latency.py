@@ -170,6 +170,25 @@ def test_latency_target_selection_lands_on_aligned_widths_below_the_target(chain
     assert 0.6 - 0.15 < table.ratio(keep) <= 0.6  # within one 16-channel step of the biggest group
 
 
+def test_latency_weights_spend_a_macs_budget_where_it_buys_the_most_latency(chain):
+    """conv2/conv3 (g2's consumers, 1x1) carry few MACs but, in this table, most of the time: g2 buys the
+    most latency per MAC, gets the largest divisor, and a MACs target cut with the weighted scores
+    measures less latency at the same MACs."""
+    pruner = api.Pruner.load(chain)
+    table = fake_table(pruner, node_ms={0: 1.0, 1: 1.0, 2: 20.0, 3: 20.0}, fixed_ms=1.0)
+    cmap, scores = pruner.cmap, l1_scores(pruner.cmap)
+    weights = targets.latency_weights(cmap, table)
+    g0, g1, g2 = cmap.prunable
+    assert weights[g2.slots[0]] > 1.0 > weights[g0.slots[0]] and np.ptp(weights[g2.slots]) == 0
+    assert weights.min() >= 0.25 ** targets.LATENCY_WEIGHT and weights.max() <= 4.0 ** targets.LATENCY_WEIGHT
+    plain = select.select_by_score(cmap, scores, 0.7)
+    weighted = select.select_by_score(cmap, scores / weights, 0.7)
+    macs = select.macs_cost(cmap)
+    assert macs(plain) <= 0.7 and macs(weighted) <= 0.7
+    assert (~weighted[g2.slots]).sum() > (~plain[g2.slots]).sum()
+    assert table.ratio(weighted) < table.ratio(plain) - 0.05
+
+
 @pytest.mark.parametrize("criterion", ["l1", "aofp"])
 def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp_path, monkeypatch, criterion):
     pruner = api.Pruner.load(chain, data="random:8")
@@ -192,7 +211,8 @@ def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp
     rounds = lat["rounds"]
     assert [r["measured"] for r in rounds] == [0.7, 0.6] and rounds[1]["internal_target"] == pytest.approx(0.6 * 0.6 / 0.7)
     assert lat["target"] == 0.6 and lat["measured"] == 0.6 and lat["estimated"] <= 0.6 * 0.6 / 0.7
-    assert rep["round_to"] == {"given": 8, "used": 8} and rep["targets"]["macs"]["target"] is None
+    assert rep["round_to"] == {"given": 8, "used": 8, "latency_weighted": True}
+    assert rep["targets"]["macs"]["target"] is None
     assert all(g["width_after"] % 8 == 0 for g in rep["groups"] if g["width_after"] != g["width_before"])
 
 
