@@ -4,7 +4,9 @@ Each round removes every candidate channel c alone on top of the kept set K (the
 with K minus c) and measures the relative squared error of the model outputs over all calibration
 batches, Σ_o Σ‖y_o − y_o,c‖² / Σ_o Σ‖y_o‖²; the `oracle_step` least damaging channels go and the
 ranking is repeated until the MACs target holds. It is the reference AOFP approximates (it costs one
-forward per channel per round) and the measure `benchmarks/` compares rankings with.
+forward per channel per round) and the measure `benchmarks/` compares rankings with. Since the oracle is
+greedy, the run to a target passes through the runs to every milder one: `passing` records the keep
+vector (and the seconds) at which each milder target was first met, identical to a run to that target.
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ def _tile(feeds: dict[str, np.ndarray], times: int) -> dict[str, np.ndarray]:
 
 def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]], *, flops_target: float,
            oracle_step: int | None = None, min_channels: int = 1, stack: int = 8,
-           progress=None, cost=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+           progress=None, cost=None, passing: dict | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Exact oracle pruning: rank single-channel ablations at the outputs over all `batches` of the
-    calibration data, remove the least damaging, repeat."""
+    calibration data, remove the least damaging, repeat. `passing` {target: None} (targets above
+    `flops_target`) is filled with {target: (keep, seconds)} as the run passes them."""
     cost = cost or _macs_ratio(cmap)
     goal = flops_target
     keep = cmap.full_keep()
@@ -58,10 +61,18 @@ def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]
             if keep[slots].sum() > floor:
                 keep[slot] = False
                 removed += 1
+                if passing:
+                    _record_passing(passing, cost(keep), keep, time.perf_counter() - start)
         if progress:
             progress(stats, cmap.macs(keep) / max(cmap.total_macs, 1), len(removable), cmap.n_slots)
     stats.seconds = time.perf_counter() - start
     return keep, scores, stats
+
+
+def _record_passing(passing: dict | None, now: float, keep: np.ndarray, seconds: float) -> None:
+    for target, seen in (passing or {}).items():
+        if seen is None and now <= target:
+            passing[target] = (keep.copy(), seconds)
 
 
 def output_damage(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,

@@ -10,7 +10,8 @@ lines (benchmarks/textlines.py). All in this one run, on the same calibration sa
    width through each trial graph, and per estimator (mean; ridge at each `--ridges` λ) the Spearman
    rank correlation of its per-channel estimate with the oracle's first-round damage (single-channel
    ablation at the outputs), pooled over all channels and averaged within groups (groups wider than 2);
-2. per MACs target: search wall time of the oracle and of every AOFP variant (median over seeds);
+2. per MACs target: search wall time of the oracle (one greedy run to the deepest target, timed as it
+   passes the milder ones: the same as a run to each) and of every AOFP variant (median over seeds);
 3. per MACs target, test accuracy of the cut without recovery and after least-squares reconstruction
    (`--reconstruct`, on `--recon-samples` calibration samples): oracle, every AOFP variant (mean and
    min over seeds), L1, random (mean over seeds); then the issue's checks for the default variant.
@@ -90,12 +91,14 @@ def run_task(name: str, args) -> list[str]:
 
     masked = Runner(masked_model(cmap), args.provider)
     lines = []
-    oracle_first = output_damage(masked, batches, cmap.full_keep(), np.arange(cmap.n_slots), 8)  # its first round
-    print(f"\n{name}: Spearman with the oracle's single-channel output damage, {args.spearman_trials} random-half "
-          f"trials at full width per damage point (pooled / mean within groups; trial time)")
+    spearman_points = [] if args.no_spearman else args.damage_at
+    if spearman_points:
+        oracle_first = output_damage(masked, batches, cmap.full_keep(), np.arange(cmap.n_slots), 8)  # 1st round
+        print(f"\n{name}: Spearman with the oracle's single-channel output damage, {args.spearman_trials} random-half "
+              f"trials at full width per damage point (pooled / mean within groups; trial time)")
     estimators = [("mean", mean_scores)] + [(f"ridge λ={r:g}", lambda m, y, r=r: ridge_scores(m, y, r))
                                             for r in args.ridges]
-    for at in args.damage_at:
+    for at in spearman_points:
         start = time.perf_counter()
         masks, damage = full_width_trials(cmap, engines[at], batches, args.spearman_trials, args.seeds[0])
         seconds = time.perf_counter() - start
@@ -106,11 +109,21 @@ def run_task(name: str, args) -> list[str]:
             within = [spearman(est[g.slots], oracle_first[g.slots]) for g in cmap.prunable if g.width > 2]
             print(f"   {at:<7} {label:<14} {spearman(est, oracle_first):6.3f} / {np.mean(within):6.3f}   "
                   f"({seconds:.1f} s)", flush=True)
-    for target in [] if args.spearman_only else args.keeps:
+    targets = [] if args.spearman_only else sorted(args.keeps, reverse=True)
+    oracle_runs = {}
+    if targets:  # one greedy run to the deepest target passes through the runs to the milder ones
+        passing = {t: None for t in targets[:-1]}
         start = time.perf_counter()
-        keep_o, _, stats_o = oracle(cmap, masked, batches, flops_target=target, stack=8)
-        oracle_s = time.perf_counter() - start
-        print(f"   [{name} x{target}] oracle: {stats_o.rounds} rankings, {oracle_s:.1f} s", flush=True)
+        keep_o, _, stats_o = oracle(cmap, masked, batches, flops_target=targets[-1], stack=8,
+                                    oracle_step=args.oracle_step, passing=passing,
+                                    progress=lambda st, macs, n, _: print(f"   [{name}] oracle ranking {st.rounds}: "
+                                                                           f"{n} candidates, MACs x{macs:.3f}, "
+                                                                           f"{time.perf_counter() - start:.0f} s",
+                                                                           flush=True))
+        oracle_runs = {**passing, targets[-1]: (keep_o, time.perf_counter() - start)}
+    for target in targets:
+        keep_o, oracle_s = oracle_runs[target]
+        print(f"   [{name} x{target}] oracle: {oracle_s:.1f} s", flush=True)
         rows = {"oracle": ([scores_of(keep_o)], [oracle_s])}
         for variant in variants:
             accs, secs = [], []
@@ -181,6 +194,9 @@ def main():
     parser.add_argument("--spearman-trials", type=int, default=64)
     parser.add_argument("--ridges", type=float, nargs="+", default=sorted({RIDGE, 0.1, 1.0}),
                         help="ridge λ values (relative) the Spearman table compares")
+    parser.add_argument("--oracle-step", type=int, default=None,
+                        help="channels the oracle removes per ranking (default: 1/16 of the candidates)")
+    parser.add_argument("--no-spearman", action="store_true", help="only the accuracy tables")
     parser.add_argument("--spearman-only", action="store_true", help="only the Spearman table (and one oracle run)")
     parser.add_argument("--provider", default="cpu")
     args = parser.parse_args()

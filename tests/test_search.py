@@ -301,6 +301,18 @@ def test_oracle_meets_the_target(vgg_oracle):
         assert keep[g.slots].sum() >= 1
 
 
+def test_oracle_run_to_a_deeper_target_passes_through_the_milder_run(vgg_oracle, vgg_path):
+    """The oracle is greedy: `passing` records, on the way to 0.6, exactly the keep of the run to 0.8."""
+    p, feeds, keep_08, _, _ = vgg_oracle
+    runner = Runner(masked_model(p.cmap), "cpu")
+    passing = {0.8: None, 0.7: None}
+    keep_06, _, _ = oracle.oracle(p.cmap, runner, [feeds], flops_target=0.6, oracle_step=24, stack=32,
+                                  passing=passing)
+    assert np.array_equal(passing[0.8][0], keep_08) and passing[0.8][1] >= 0
+    assert p.cmap.macs(passing[0.7][0]) <= 0.7 * p.cmap.total_macs < p.cmap.macs(keep_08)
+    assert p.cmap.macs(keep_06) <= 0.6 * p.cmap.total_macs
+
+
 def test_oracle_single_channel_damage_equals_direct_computation(vgg_oracle):
     """first_half_damage[c] = Σ(y − y_c)² / Σ y² over the outputs of the masked model, c alone removed."""
     p, feeds, _, _, stats = vgg_oracle
