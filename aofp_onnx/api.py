@@ -30,9 +30,9 @@ from .progress import QUIET, Phases
 from .latency import measure_latency
 from .runtime import Runner
 from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
-from .select import round_widths, select_by_score
-from .targets import (SLOWER_HINT, check_targets, latency_weights, meet_measured, parse_round_to, resolve_round_to,
-                      stderr_line, targets_reached)
+from .select import macs_cost, round_widths, select_by_score
+from .targets import (SLOWER_HINT, TOLERANCE, check_targets, latency_weights, meet_measured, parse_round_to,
+                      resolve_round_to, stderr_line, targets_reached)
 from .pruner import VERIFY_SAMPLES, Pruner
 from .verify import Verification, verify
 
@@ -273,8 +273,14 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
         with phases("accuracy", f"the original on {len(labelled)} labelled samples"):
             before = accuracy(original, labelled, provider)
     target = latency_target if latency_target is not None else flops_target
-    keep = round_widths(pruner.cmap, keep, scores, step, min_channels, target,
-                        table.ratio if latency_target is not None else None)
+    cost = table.ratio if latency_target is not None else None
+    rounded = round_widths(pruner.cmap, keep, scores, step, min_channels, target, cost)
+    unreachable = None
+    if round_to == "auto" and step > 1 and target is not None and \
+            (cost or macs_cost(pruner.cmap))(rounded) > target * (1 + TOLERANCE):
+        unreachable, step = step, 1  # the rewarded multiple cannot reach the target (narrow groups)
+        rounded = round_widths(pruner.cmap, keep, scores, step, min_channels, target, cost)
+    keep = rounded
     measured_rounds = None
     if latency_target is not None:
         with phases("latency target", "checking the estimate on the cut model"):
@@ -285,6 +291,8 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
                          latency=latency, batch_size=lat_batch, reconstruct=reconstruct,
                          verify_samples=verify_samples, phases=phases, original=original, threads=threads)
     rep["round_to"] = {"given": round_to, "used": step, "latency_weighted": weights is not None}
+    if unreachable:
+        rep["round_to"]["unreachable"] = unreachable
     rep["targets"] = targets_reached(pruner, keep, flops_target, latency_target, table, rep.get("latency_ms"))
     if measured_rounds is not None:
         rep["targets"]["latency"]["rounds"] = measured_rounds

@@ -58,7 +58,9 @@ def target_lines(rep: dict) -> list[str]:
         built = "cached" if table["cached"] else f"built in {table['seconds']:.1f} s ({share:.0f}% of the run)"
         what = f"table of {table['node_configs']} layer configurations" if table["node_configs"] else "probes"
         out.append(f"round   --round-to {rep['round_to']['given']} -> {rep['round_to']['used']} (measured off-grid "
-                   f"penalties {table['class_penalty']}; {what} {built})")
+                   f"penalties {table['class_penalty']}; {what} {built})"
+                   + (f"; multiples of {rep['round_to']['unreachable']} could not reach the target"
+                      if rep["round_to"].get("unreachable") else ""))
         if rep["round_to"].get("latency_weighted"):
             searched = rep.get("criterion") in ("aofp", "oracle")
             where = " (in the rounding; the search chose by damage)" if searched else ""

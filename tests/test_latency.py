@@ -170,6 +170,23 @@ def test_latency_target_selection_lands_on_aligned_widths_below_the_target(chain
     assert 0.6 - 0.15 < table.ratio(keep) <= 0.6  # within one 16-channel step of the biggest group
 
 
+def test_round_to_auto_falls_back_to_1_when_its_multiple_cannot_reach_the_target(tmp_path, monkeypatch):
+    """Groups of 24, 16 and 12 channels cannot go below 8 at a multiple of 8: a deep MACs target is then
+    landed on with widths of any size instead of missed."""
+    monkeypatch.setenv("AOFP_ONNX_CACHE", str(tmp_path / "cache"))
+    path = conv_chain(tmp_path / "narrow.onnx", widths=(24, 16, 12))
+    table = fake_table(api.Pruner.load(path), penalty={16: 1.0, 8: 1.0, 1: 1.6})
+    assert table.rewarded_multiple() == 8
+    monkeypatch.setattr(latency, "build_table", lambda *a, **k: table)
+    rep = api.prune(path, tmp_path / "out.onnx", calib="random:8", criterion="l1", flops_target=0.05, batch_size=4,
+                    latency=False)
+    assert rep["round_to"] == {"given": "auto", "used": 1, "latency_weighted": True, "unreachable": 8}
+    assert rep["targets"]["macs"]["reached"] <= 0.05
+    rep = api.prune(path, tmp_path / "out.onnx", calib="random:8", criterion="l1", flops_target=0.9, batch_size=4,
+                    latency=False)
+    assert rep["round_to"]["used"] == 8 and rep["targets"]["macs"]["reached"] <= 0.9
+
+
 def test_latency_weights_spend_a_macs_budget_where_it_buys_the_most_latency(chain):
     """conv2/conv3 (g2's consumers, 1x1) carry few MACs but, in this table, most of the time: g2 buys the
     most latency per MAC, gets the largest divisor, and a MACs target cut with the weighted scores
