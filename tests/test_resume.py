@@ -33,7 +33,10 @@ def test_sigint_leaves_no_output_and_resume_gives_the_same_plan(tmp_path):
     assert done.returncode == 0, done.stderr
 
     out, plan, state = tmp_path / "cut.onnx", tmp_path / "cut.json", tmp_path / "state.npz"
-    proc = subprocess.Popen(prune_cmd(out, plan, "--checkpoint", str(state)), stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a suite started in the background inherits it ignored, and Python
+    # then never raises KeyboardInterrupt
+    proc = subprocess.Popen(prune_cmd(out, plan, "--checkpoint", str(state)), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
