@@ -316,9 +316,8 @@ class LatencyTable:
             return {k: float(model.get(str(k), 1.0)) for k in CLASSES[1:]}
         out = {}
         for k in CLASSES[1:]:
-            pairs = sorted((pen[k], ms) for ms, pen in self._penalties if k in pen)
-            weights = np.cumsum([ms for _, ms in pairs])
-            out[k] = pairs[int(np.searchsorted(weights, weights[-1] / 2))][0] if pairs and weights[-1] > 0 else 1.0
+            pairs = [(pen[k], ms) for ms, pen in self._penalties if k in pen]
+            out[k] = weighted_median([v for v, _ in pairs], [ms for _, ms in pairs], default=1.0)
         return out
 
     def rewarded_multiple(self) -> int:
@@ -336,6 +335,15 @@ class LatencyTable:
                 "class_penalty": {str(k): round(v, 3) for k, v in self.class_penalty().items()},
                 "round_to": self.rewarded_multiple(), "seconds": self.build_seconds,
                 "cached": bool(self.data.get("cached"))}
+
+
+def weighted_median(values, weights, default: float) -> float:
+    """The value at half of the total weight (values sorted), or `default` when the weights sum to 0."""
+    order = np.argsort(np.asarray(values, dtype=np.float64), kind="stable")
+    values, cum = np.asarray(values, dtype=np.float64)[order], np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    if len(cum) == 0 or cum[-1] <= 0:
+        return default
+    return float(values[int(np.searchsorted(cum, cum[-1] / 2))])
 
 
 def build_table(cmap: ChannelMap, feeds: dict[str, np.ndarray], provider: str = "auto", *,

@@ -69,8 +69,8 @@ def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]
     return keep, scores, stats
 
 
-def _record_passing(passing: dict | None, now: float, keep: np.ndarray, seconds: float) -> None:
-    for target, seen in (passing or {}).items():
+def _record_passing(passing: dict, now: float, keep: np.ndarray, seconds: float) -> None:
+    for target, seen in passing.items():
         if seen is None and now <= target:
             passing[target] = (keep.copy(), seconds)
 

@@ -29,7 +29,7 @@ import sys
 import numpy as np
 
 from .errors import InputError
-from .latency import LatencyTable, measure_latency
+from .latency import LatencyTable, measure_latency, weighted_median
 from .runtime import CPU, resolve_provider
 from .select import macs_cost, round_widths, select_by_score
 from .surgery import cut
@@ -105,12 +105,8 @@ def latency_weights(cmap, table: LatencyTable) -> np.ndarray:
         weight[k] = max(saved_macs, 0.0)
     out = np.ones(cmap.n_slots)
     finite = np.isfinite(eff)
-    if not finite.any() or weight[finite].sum() <= 0 or base <= 0:
-        return out
-    order = np.argsort(eff[finite])
-    cum = np.cumsum(weight[finite][order])
-    median = eff[finite][order][int(np.searchsorted(cum, cum[-1] / 2))]
-    if median <= 0:
+    median = weighted_median(eff[finite], weight[finite], default=0.0)
+    if base <= 0 or median <= 0:
         return out
     for k, g in enumerate(cmap.prunable):
         out[g.slots] = float(np.clip(eff[k] / median, 0.25, 4.0)) ** LATENCY_WEIGHT
