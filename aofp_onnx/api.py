@@ -30,9 +30,9 @@ from .progress import QUIET, Phases
 from .latency import measure_latency
 from .runtime import Runner
 from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
-from .select import macs_cost, round_widths, select_by_score
-from .targets import (SLOWER_HINT, TOLERANCE, check_targets, latency_weights, meet_measured, parse_round_to,
-                      resolve_round_to, stderr_line, targets_reached)
+from .select import select_by_score
+from .targets import (SLOWER_HINT, check_targets, latency_weights, meet_measured, parse_round_to, resolve_round_to,
+                      round_to_target, stderr_line, targets_reached)
 from .pruner import VERIFY_SAMPLES, Pruner
 from .verify import Verification, verify
 
@@ -254,17 +254,17 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     lat_batch = latency_batch or batch_size
     lat_feeds = pruner.feeds(lat_batch, lat_batch)[0]
     table = None
+    targeted = latency_target is not None or flops_target is not None  # layer timings then weigh the scores
     if latency_target is not None or (round_to == "auto" and pruner.cmap.prunable):
         from .latency import build_table
 
-        full = latency_target is not None or flops_target is not None
         # without a latency target, at most AUTO_BATCH samples: the rewarded multiple and the MACs weighting
         feeds = lat_feeds if latency_target is not None else {k: v[:AUTO_BATCH] for k, v in lat_feeds.items()}
-        with phases("latency table", "timing the model and its layers at a few widths" if full else
+        with phases("latency table", "timing the model and its layers at a few widths" if targeted else
                     "timing the model at aligned and off-grid widths (--round-to auto)"):
-            table = build_table(pruner.cmap, feeds, provider, threads=threads, full=full)
+            table = build_table(pruner.cmap, feeds, provider, threads=threads, full=targeted)
     # with a table (a latency target, or --round-to auto): the budget goes where the kernels turn MACs into time
-    weights = latency_weights(pruner.cmap, table) if table is not None and (flops_target or latency_target) else None
+    weights = latency_weights(pruner.cmap, table) if table is not None and targeted else None
     step = resolve_round_to(round_to, table)
     keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
                                        seed=seed, provider=provider, batch_size=batch_size, table=table,
@@ -273,14 +273,8 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
         with phases("accuracy", f"the original on {len(labelled)} labelled samples"):
             before = accuracy(original, labelled, provider)
     target = latency_target if latency_target is not None else flops_target
-    cost = table.ratio if latency_target is not None else None
-    rounded = round_widths(pruner.cmap, keep, scores, step, min_channels, target, cost)
-    unreachable = None
-    if round_to == "auto" and step > 1 and target is not None and \
-            (cost or macs_cost(pruner.cmap))(rounded) > target * (1 + TOLERANCE):
-        unreachable, step = step, 1  # the rewarded multiple cannot reach the target (narrow groups)
-        rounded = round_widths(pruner.cmap, keep, scores, step, min_channels, target, cost)
-    keep = rounded
+    keep, step, unreachable = round_to_target(pruner.cmap, keep, scores, step, round_to == "auto", min_channels,
+                                              target, table.ratio if latency_target is not None else None)
     measured_rounds = None
     if latency_target is not None:
         with phases("latency target", "checking the estimate on the cut model"):

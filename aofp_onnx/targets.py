@@ -68,6 +68,17 @@ def resolve_round_to(round_to, table: LatencyTable | None) -> int:
     return table.rewarded_multiple() if table is not None else 1
 
 
+def round_to_target(cmap, keep: np.ndarray, scores: np.ndarray, step: int, auto: bool, min_channels: int,
+                    target: float | None, cost=None) -> tuple[np.ndarray, int, int | None]:
+    """(keep, step used, multiple given up) with the widths rounded to `step` and fitted to `target`
+    (`select.round_widths`; cost: MACs unless given). A multiple that `auto` chose and that cannot land
+    within TOLERANCE of the target (groups only a few multiples wide) gives way to 1."""
+    rounded = round_widths(cmap, keep, scores, step, min_channels, target, cost)
+    if not auto or step <= 1 or target is None or (cost or macs_cost(cmap))(rounded) <= target * (1 + TOLERANCE):
+        return rounded, step, None
+    return round_widths(cmap, keep, scores, 1, min_channels, target, cost), 1, step
+
+
 def meet_measured(pruner, keep: np.ndarray, scores: np.ndarray, table: LatencyTable, target: float, step: int,
                   min_channels: int, feeds: dict, provider: str, threads: int | None, progress=None):
     """(keep, rounds of measurement) with the measured latency ratio brought within TOLERANCE of `target`:
