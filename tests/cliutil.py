@@ -21,6 +21,14 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def l1_cut(model, calib, out, target: float):
+    """`out`: `model` cut by L1 to `target` of its MACs through the CLI, at --round-to 1 (widths not left to
+    the machine's measured --round-to auto)."""
+    ok(run_cli("prune", model, "-o", out, "--calib", calib, "--criterion", "l1", "--flops-target", target,
+               "--round-to", "1", "--no-progress"))
+    return out
+
+
 def initializers(path) -> dict[str, np.ndarray]:
     """The initializer values of the model the CLI wrote at `path`, by name."""
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}

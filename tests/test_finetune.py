@@ -21,7 +21,7 @@ from aofp_onnx import api
 from aofp_onnx import finetune as ft
 from aofp_onnx.errors import InputError
 from aofp_onnx.modeldata import ModelData, split_weights
-from cliutil import initializers, ok, run_cli
+from cliutil import initializers, l1_cut, ok, run_cli
 
 pytest.importorskip("torch")
 
@@ -35,10 +35,7 @@ def run(path, x):
 
 @pytest.fixture(scope="module")
 def cut_cnn(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("ft") / "cut.onnx"
-    ok(run_cli("prune", CNN, "-o", out, "--calib", CALIB, "--criterion", "l1", "--flops-target", "0.3",
-               "--round-to", "1", "--no-progress"))  # widths not left to the machine's measured --round-to auto
-    return out
+    return l1_cut(CNN, CALIB, tmp_path_factory.mktemp("ft") / "cut.onnx", 0.3)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 
 from aofp_onnx import finetune as ft
-from cliutil import initializers, ok, run_cli
+from cliutil import initializers, l1_cut, ok, run_cli
 
 pytest.importorskip("torch")
 
@@ -41,10 +41,7 @@ def torchrun(*args, extra_path=None, timeout=300) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def cut(tmp_path_factory) -> pathlib.Path:
     """The MNIST CNN cut by L1 to half its MACs (accuracy falls to chance)."""
-    out = tmp_path_factory.mktemp("ddp") / "cut.onnx"
-    ok(run_cli("prune", CNN, "-o", out, "--calib", CALIB, "--criterion", "l1", "--flops-target", "0.5",
-               "--round-to", "1", "--no-progress"))  # widths not left to the machine's measured --round-to auto
-    return out
+    return l1_cut(CNN, CALIB, tmp_path_factory.mktemp("ddp") / "cut.onnx", 0.5)
 
 
 @pytest.mark.slow  # two fine-tunings (one of them two processes): about 35 s of CPU, 2 minutes on busy cores
