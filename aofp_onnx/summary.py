@@ -43,7 +43,10 @@ def target_lines(rep: dict) -> list[str]:
             reached = t["reached"] if what == "macs" else t["measured"] if t.get("measured") is not None \
                 else t["estimated"]
             out.append(f"target  {what} x{t['target']:.3f}, reached x{reached:.3f}"
-                       + (f" (estimated x{t['estimated']:.3f})" if what == "latency" else ""))
+                       + (f" (estimated x{t['estimated']:.3f})" if what == "latency" else "")
+                       + (f", latency/MACs {t['latency_per_macs']:.2f}" if "latency_per_macs" in t else ""))
+            if t.get("note"):
+                out.append(f"note    {t['note']}")
     lat = rep.get("latency_ms")
     if lat:
         shapes = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in lat.get("input_shapes", {}).items())

@@ -38,6 +38,9 @@ LATENCY_WEIGHT = 2  # the exponent α of e_g (see the module docstring)
 TOLERANCE = 0.03
 ROUNDS = 2
 REPEATS = 15  # interleaved runs per check
+SLACK = 1.10  # a MACs cut measured slower than SLACK x its MACs ratio gets a note (below)
+TIME_NOTE = ("the cut bought less time than MACs: the channels the criterion could spare sit in layers that cost "
+             "little time; --latency-target aims at time itself (deeper in the layers that cost it)")
 SLOWER_HINT = ("the pruned model measures slower than the original: its widths are off the multiples the "
                "kernels reward; try --round-to auto (or 8/16), or --latency-target to aim at latency itself")
 
@@ -134,8 +137,13 @@ def stderr_line(text: str) -> None:
 
 
 def targets_reached(pruner, keep: np.ndarray, flops_target, latency_target, table, lat: dict | None) -> dict:
-    """Each target beside what was reached (MACs counted; latency estimated and measured)."""
+    """Each target beside what was reached (MACs counted; latency estimated and measured); a MACs target
+    with a measured latency also gives latency/MACs, and TIME_NOTE when that exceeds SLACK."""
     out = {"macs": {"target": flops_target, "reached": pruner.cmap.macs(keep) / max(pruner.cmap.total_macs, 1)}}
+    if flops_target is not None and lat:
+        per_macs = out["macs"]["latency_per_macs"] = lat["ratio"] / max(out["macs"]["reached"], 1e-9)
+        if per_macs > SLACK:
+            out["macs"]["note"] = TIME_NOTE
     if latency_target is not None:
         out["latency"] = {"target": latency_target, "estimated": table.ratio(keep),
                           "measured": lat["ratio"] if lat else None}

@@ -14,6 +14,7 @@ from aofp_onnx import api, latency, select, targets
 from aofp_onnx.bench import bench_models, shape_settings
 from aofp_onnx.criteria import l1_scores
 from aofp_onnx.latency import Curve, LatencyTable, alignment, build_table, sample_widths
+from aofp_onnx.summary import target_lines
 
 
 def conv_chain(path, widths=(64, 48, 40), size: int | str = 12, seed=0):
@@ -260,6 +261,23 @@ def test_a_slower_pruned_model_is_flagged_with_a_hint(chain, tmp_path, monkeypat
     assert (lat["before_p10"], lat["before_p90"], lat["after_p10"], lat["after_p90"]) == (9.0, 11.0, 11.0, 13.0)
     assert lat["batch_size"] == 2 and lat["input_shapes"] == {"x": [2, 3, 12, 12]}
     assert "warning" in capsys.readouterr().err and (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("after, noted", [(12.0, True), (5.2, False)])
+def test_a_macs_cut_that_buys_less_time_than_macs_says_so(chain, tmp_path, monkeypatch, after, noted):
+    def timed(runners, feeds, warmup=3, repeats=20, cpu=False):
+        return [{"median": 10.0, "p10": 9.0, "p90": 11.0, "repeats": repeats},
+                {"median": after, "p10": after, "p90": after, "repeats": repeats}][:len(runners)]
+
+    monkeypatch.setattr(latency, "latency_ms", timed)
+    rep = api.prune(chain, tmp_path / "out.onnx", calib="random:4", criterion="l1", flops_target=0.5, round_to=1,
+                    batch_size=2)
+    macs = rep["targets"]["macs"]
+    assert macs["latency_per_macs"] == pytest.approx(after / 10.0 / macs["reached"])
+    assert ("note" in macs) == noted == (macs["latency_per_macs"] > targets.SLACK)
+    lines = target_lines(rep)
+    assert f"latency/MACs {macs['latency_per_macs']:.2f}" in lines[0]
+    assert any(line.startswith("note") and "--latency-target" in line for line in lines) == noted
 
 
 def test_bench_times_several_models_batches_and_shapes(chain, tmp_path):
