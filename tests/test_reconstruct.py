@@ -21,7 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 import zoo
 from aofp_onnx.api import Pruner, choose_keep
 from aofp_onnx.calib import Data
-from aofp_onnx.reconstruct import ConvGeometry, im2col, reconstruct
+from aofp_onnx.lstsq import ConvGeometry, im2col
+from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.surgery import cut
 from cliutil import run_cli
 
