@@ -6,19 +6,20 @@ of the MACs count, with measured curves instead of w_t / W_t):
 
     L(keep) = L_fixed + s · Σ_c t_c · Π_t ρ_{c,t}(w_t),
 
-Measurement (on the chosen provider, at the real input shape and batch, with the given threads). t_c
-and ρ come from one-node models (the node's op and attributes, random weights, its input at the real
-shape), all samples of a node timed interleaved; a sample's time is the 10th percentile of its runs,
-which a machine shared with other work disturbs least. With one thread the time is the thread's CPU time
-(onnxruntime then runs on the calling thread), which preemption by other processes does not inflate.
-A curve is sampled at W, m ≈ W/2 and m − 32 on a 32-grid (an 8-grid below 64 channels) and interpolated
-linearly (through 0 below the smallest sample). Kernels that block channels make off-grid widths slower,
-so between m − 32 and m the widths m−16 (a multiple of 16, not 32), m−8 (of 8, not 16) and m−1 (odd) are
-timed too, and a width of alignment class k ∈ {32, 16, 8, 1} (the largest dividing it) gets that class's
-measured penalty; in a whole model an off-grid width also costs layout changes around its layers, so
-the penalties applied are those measured on the whole model with every group at m − k, against the
-model at m and m − grid (`probe_keeps`), when available. Nodes with the same configuration are measured once. Grouped (non-depthwise) convs and
-dense layers are not measured: their t_c is the measured ms per MAC times their MACs, and ρ = w/W.
+Measurement (on the chosen provider, at the real input shape and batch, with the given threads;
+`layertimes`). t_c and ρ come from one-node models (the node's op and attributes, random weights, its input
+at the real shape), all samples of a node timed interleaved; a sample's time is the 10th percentile of its
+runs, which a machine shared with other work disturbs least. With one thread the time is the thread's CPU
+time (onnxruntime then runs on the calling thread), which preemption by other processes does not inflate. A
+curve is sampled at W, m ≈ W/2 and m − 32 on a 32-grid (an 8-grid below 64 channels) and interpolated
+linearly (through 0 below the smallest sample). Kernels that block channels make off-grid widths slower, so
+between m − 32 and m the widths m−16 (a multiple of 16, not 32), m−8 (of 8, not 16) and m−1 (odd) are timed
+too, and a width of alignment class k ∈ {32, 16, 8, 1} (the largest dividing it) gets that class's measured
+penalty; in a whole model an off-grid width also costs layout changes around its layers, so the penalties
+applied are those measured on the whole model with every group at m − k, against the model at m and m − grid
+(`probe_keeps`), when available. Nodes with the same configuration are measured once. Grouped
+(non-depthwise) convs and dense layers are not measured: their t_c is the measured ms per MAC times their
+MACs, and ρ = w/W.
 One-node models carry their own overheads, and the ops between counted nodes narrow too, so the scale s
 and the part no group changes, L_fixed, are fitted to the whole model measured (interleaved) at full
 width and with every group cut to its middle sample m (`half_keep`).
@@ -36,76 +37,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
 
 from .cost import TensorWidths
 from .groups import ChannelMap
 from .io import write_atomic
+from .layertimes import CLASSES, Curve, NodeKind, alignment, measure_node, sample_widths, timings
 from .modeldata import ModelData
 from .runtime import Runner, latency_ms
 from .surgery import cut
 
-CLASSES = (32, 16, 8, 1)
 TOLERANCE = 0.10  # a class whose measured penalty stays within 10 % is as good as aligned to 32 (noise: ±5 %)
-REPEATS = 7
 
 
 def cache_dir() -> Path:
     env = os.environ.get("AOFP_ONNX_CACHE")
     return (Path(env) if env else Path.home() / ".cache" / "aofp-onnx") / "latency"
-
-
-def alignment(width: int) -> int:
-    return next(k for k in CLASSES if width % k == 0)
-
-
-def sample_widths(full: int) -> tuple[list[int], dict[int, int]]:
-    """(aligned widths to time, including `full`; {class: probe width}) for a curve of width `full`.
-
-    The probes lie between the aligned samples m − grid and m, so a penalty compares like with like."""
-    grid = 32 if full >= 64 else 8
-    if full < 16:
-        return [full], {}
-    mid = max(2 * grid, int(round(full / 2 / grid)) * grid) if full >= 2 * grid else grid
-    aligned = sorted({full, mid, mid - grid} - {0})
-    probes = {k: mid - k for k in (16, 8, 1) if k < grid and mid - k > 0 and alignment(mid - k) == k}
-    return aligned, probes
-
-
-class Curve:
-    """ρ(w) = time at width w / time at full width, from aligned samples and per-class penalties."""
-
-    def __init__(self, full: int, widths: list[int], times: list[float], penalty: dict[int, float]):
-        self.full = int(full)
-        self.widths, self.times = list(map(int, widths)), list(map(float, times))
-        self.penalty = {int(k): float(v) for k, v in penalty.items()}
-
-    def _pen(self, w: int) -> float:
-        return self.penalty.get(alignment(w), 1.0)
-
-    def smooth(self, w: float) -> float:
-        """Aligned-kernel time at width w (linear between samples, through 0 below the smallest)."""
-        xs = [0] + self.widths
-        ys = [0.0] + [t / (self._pen(x) if x == self.full else 1.0) for x, t in zip(self.widths, self.times)]
-        return float(np.interp(w, xs, ys))
-
-    def ratios(self, aligned: bool = False) -> np.ndarray:
-        """ρ(w) for w = 0..full; `aligned`: as if every width ran at the aligned kernels' speed."""
-        base = self.times[self.widths.index(self.full)]
-        if base <= 0:
-            return np.arange(self.full + 1) / max(self.full, 1)
-        if aligned:
-            return np.array([self.smooth(w) for w in range(self.full + 1)]) / max(self.smooth(self.full), 1e-12)
-        return np.array([self.smooth(w) * self._pen(w) / base if w else 0.0 for w in range(self.full + 1)])
-
-    def to_json(self) -> dict:
-        return {"full": self.full, "widths": self.widths, "times": self.times, "penalty": self.penalty}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Curve":
-        return cls(d["full"], d["widths"], d["times"], d["penalty"])
 
 
 def machine() -> str:
@@ -116,103 +63,6 @@ def machine() -> str:
     except OSError:
         pass
     return f"{platform.machine()}|{cpu}|{os.cpu_count()}|onnxruntime {ort.__version__}"
-
-
-class _NodeKind:
-    """How a counted node's one-node model is built for widths (cin, cout), or None when not measured."""
-
-    def __init__(self, cmap: ChannelMap, counted):
-        self.node = cmap.graph.nodes[counted.node_index]
-        self.roles: list[str] = []
-        g = cmap.graph
-        x, w = g.shape(self.node.input[0]), g.array(self.node.input[1]) if len(self.node.input) > 1 else None
-        self.x_shape, self.w = x, w
-        self.measured = False
-        if self.node.op_type not in ("Conv", "ConvTranspose") or x is None or w is None:
-            return
-        group = next((a.i for a in self.node.attribute if a.name == "group"), 1)
-        out = self.node.output[0]
-        if group == 1:
-            self.depthwise = False
-            self.roles = ["in" if t == self.node.input[0] else "out" for t in counted.scale_with]
-        elif group == x[1] and w.shape[0] == group and self.node.op_type == "Conv":
-            self.depthwise = True
-            self.roles = ["out" for _ in counted.scale_with]
-        else:
-            return
-        self.measured = all(t in (self.node.input[0], out) for t in counted.scale_with)
-        self.transposed = self.node.op_type == "ConvTranspose"
-        self.has_bias = len(self.node.input) > 2 and bool(self.node.input[2])
-        self.cin, self.cout = x[1], (w.shape[1] if self.transposed else w.shape[0])
-
-    def key(self, batch: int) -> str:
-        attrs = sorted(a.SerializeToString().hex() for a in self.node.attribute)
-        text = f"{self.node.op_type}|{list(self.x_shape[1:])}|{list(self.w.shape)}|{self.w.dtype}|{self.has_bias}|" \
-               f"{self.depthwise}|{batch}|{attrs}"
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-    def model(self, cin: int, cout: int, batch: int, opset: int) -> tuple[onnx.ModelProto, dict]:
-        rng = np.random.default_rng(0)
-        dtype = self.w.dtype
-        elem = helper.np_dtype_to_tensor_dtype(dtype)
-        kernel = list(self.w.shape[2:])
-        if self.depthwise:
-            cout = cin
-            w_shape, group = [cin, 1] + kernel, cin
-        else:
-            w_shape, group = ([cin, cout] if self.transposed else [cout, cin]) + kernel, 1
-        inits = [numpy_helper.from_array((rng.standard_normal(w_shape) * 0.1).astype(dtype), "W")]
-        inputs = ["X", "W"]
-        if self.has_bias:
-            inits.append(numpy_helper.from_array(np.zeros(cout, dtype), "B"))
-            inputs.append("B")
-        attrs = [a for a in self.node.attribute if a.name != "group"]
-        node = helper.make_node(self.node.op_type, inputs, ["Y"])
-        node.attribute.extend(attrs)
-        node.attribute.append(helper.make_attribute("group", group))
-        x_shape = [batch, cin] + list(self.x_shape[2:])
-        graph = helper.make_graph([node], "one_node", [helper.make_tensor_value_info("X", elem, x_shape)],
-                                  [helper.make_tensor_value_info("Y", elem, None)], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 11))], ir_version=8)
-        return model, {"X": rng.standard_normal(x_shape).astype(dtype)}
-
-
-def _timings(runners: list[Runner], feeds: list[dict], threads: int | None) -> list[float]:
-    """10th percentile ms per runner over REPEATS interleaved runs (after one warm-up run each); the
-    thread's CPU time with one thread, wall time otherwise."""
-    return [st["p10"] for st in latency_ms(runners, feeds, warmup=1, repeats=REPEATS, cpu=threads == 1)]
-
-
-def _measure_node(kind: _NodeKind, batch: int, opset: int, provider: str, threads: int | None) -> dict:
-    """{"full": ms, "curves": {role: Curve json}} for one node configuration, all samples interleaved."""
-    settings = [(kind.cin, kind.cout)]
-    plan = {}
-    for role in dict.fromkeys(kind.roles):
-        full = kind.cout if role == "out" else kind.cin
-        aligned, probes = sample_widths(full)
-        plan[role] = (full, aligned, probes)
-        for w in aligned + list(probes.values()):
-            setting = (w, kind.cout) if role == "in" else (kind.cin, w)
-            if kind.depthwise:
-                setting = (w, w)
-            if setting not in settings:
-                settings.append(setting)
-    runners, feeds = [], []
-    for cin, cout in settings:
-        model, feed = kind.model(cin, cout, batch, opset)
-        runners.append(Runner(model, provider, threads=threads))
-        feeds.append(feed)
-    times = dict(zip(settings, _timings(runners, feeds, threads)))
-
-    def at(role, w):
-        return times[(w, w) if kind.depthwise else ((w, kind.cout) if role == "in" else (kind.cin, w))]
-
-    curves = {}
-    for role, (full, aligned, probes) in plan.items():
-        curve = Curve(full, aligned, [at(role, w) for w in aligned], {})
-        curve.penalty = {k: at(role, w) / max(curve.smooth(w), 1e-9) for k, w in probes.items()}
-        curves[role] = curve.to_json()
-    return {"full": times[settings[0]], "curves": curves}
 
 
 def measure_latency(before: ModelData, after: ModelData, feeds: dict, provider: str,
@@ -240,7 +90,7 @@ class LatencyTable:
         self.widths = TensorWidths(cmap)
         self.full_ms = float(data["full_ms"])
         counted = cmap.counted
-        kinds = [_NodeKind(cmap, c) for c in counted]
+        kinds = [NodeKind(cmap, c) for c in counted]
         keys = data["node_keys"]
         node_ms = np.zeros(len(counted))
         measured = np.zeros(len(counted), dtype=bool)
@@ -360,7 +210,7 @@ def build_table(cmap: ChannelMap, feeds: dict[str, np.ndarray], provider: str = 
            "batch": batch, "threads": threads, "machine": machine()}
     path = cache_dir() / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
     data = _load(path, key)
-    kinds = [_NodeKind(cmap, c) for c in cmap.counted]
+    kinds = [NodeKind(cmap, c) for c in cmap.counted]
     wanted = {k.key(batch): k for k in kinds if k.measured} if full else {}
     todo = [k for key_, k in wanted.items() if key_ not in data["nodes"]]
     if todo or data.get("full_ms") is None:
@@ -369,7 +219,7 @@ def build_table(cmap: ChannelMap, feeds: dict[str, np.ndarray], provider: str = 
                      f"({runner.provider}, {threads or 'default'} threads)")
         _measure_model(cmap, runner, feeds, provider, threads, data)
         for kind in todo:
-            data["nodes"][kind.key(batch)] = _measure_node(kind, batch, cmap.graph.opset, provider, threads)
+            data["nodes"][kind.key(batch)] = measure_node(kind, batch, cmap.graph.opset, provider, threads)
         data["seconds"] = data.get("seconds", 0.0) + time.perf_counter() - start
         _save(path, data)
     else:
@@ -422,7 +272,7 @@ def _measure_model(cmap: ChannelMap, runner: Runner, feeds: dict, provider: str,
         keeps.update(probe_keeps(cmap))
     runners = [runner] + [Runner(cut(cmap, keep), provider, threads=threads) for name, keep in keeps.items()
                           if name != "full"]
-    times = dict(zip(keeps, _timings(runners, [feeds] * len(runners), threads)))
+    times = dict(zip(keeps, timings(runners, [feeds] * len(runners), threads)))
     data["full_ms"], data["half_ms"] = times["full"], times.get("half")
     data["model_penalty"] = {}
     if "lower" not in times:
@@ -435,7 +285,7 @@ def _measure_model(cmap: ChannelMap, runner: Runner, feeds: dict, provider: str,
             data["model_penalty"][str(k)] = times[k] / max(expected, 1e-9)
 
 
-def _macs_of(cmap: ChannelMap, kind: _NodeKind) -> int:
+def _macs_of(cmap: ChannelMap, kind: NodeKind) -> int:
     return next(c.macs for c in cmap.counted if cmap.graph.nodes[c.node_index] is kind.node)
 
 

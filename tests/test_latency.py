@@ -10,10 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from aofp_onnx import api, latency, select, targets
+from aofp_onnx import api, latency, layertimes, select, targets
 from aofp_onnx.bench import bench_models, shape_settings
 from aofp_onnx.criteria import l1_scores
-from aofp_onnx.latency import Curve, LatencyTable, alignment, build_table, sample_widths
+from aofp_onnx.latency import LatencyTable, build_table
+from aofp_onnx.layertimes import Curve, alignment, sample_widths
 from aofp_onnx.summary import target_lines
 
 
@@ -48,7 +49,7 @@ def chain(tmp_path, monkeypatch):
 def fake_table(pruner, penalty=None, node_ms=None, fixed_ms=1.0):
     """A LatencyTable with hand-made measurements: every conv measured, curves linear with `penalty`."""
     cmap = pruner.cmap
-    kinds = [latency._NodeKind(cmap, c) for c in cmap.counted]
+    kinds = [layertimes.NodeKind(cmap, c) for c in cmap.counted]
     nodes, keys = {}, []  # ms of node k: 1 + k unless given
     for k, kind in enumerate(kinds):
         ms = (node_ms or {}).get(k, 1.0 + k)
@@ -121,13 +122,13 @@ def test_table_is_measured_once_then_read_from_the_cache(chain, monkeypatch):
     def no_timing(*args, **kwargs):
         raise AssertionError("a cached table was measured again")
 
-    measure, timings = latency._measure_node, latency._timings
-    monkeypatch.setattr(latency, "_measure_node", no_timing)
-    monkeypatch.setattr(latency, "_timings", no_timing)
+    measure, timings = latency.measure_node, latency.timings
+    monkeypatch.setattr(latency, "measure_node", no_timing)
+    monkeypatch.setattr(latency, "timings", no_timing)
     again = build_table(pruner.cmap, feeds, "cpu", threads=1)
     assert again.summary()["cached"] and again.full_ms == table.full_ms
-    monkeypatch.setattr(latency, "_measure_node", measure)
-    monkeypatch.setattr(latency, "_timings", timings)
+    monkeypatch.setattr(latency, "measure_node", measure)
+    monkeypatch.setattr(latency, "timings", timings)
     build_table(pruner.cmap, pruner.feeds(1, 1)[0], "cpu", threads=1, full=False)  # another batch: another table
     assert len(list(latency.cache_dir().glob("*.json"))) == 2
 
