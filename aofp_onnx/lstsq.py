@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .channels.attrs import attr
+
 RIDGE = 1e-3  # λ = RIDGE · mean diagonal of the Gram matrix (weights only, never the intercept)
 POSITIONS = 64  # sampled output positions per calibration sample
 ROWS = 4096  # patch rows per chunk when accumulating the normal equations
@@ -117,13 +119,6 @@ class Layer:
         if self.kind == "gemm":
             value = attr(self.node, "beta", 1.0) * value
         return np.broadcast_to(value.reshape(-1), (n_out,)) if value.size == 1 else value.reshape(-1)
-
-
-def attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 # --------------------------------------------------------------------------------------------------

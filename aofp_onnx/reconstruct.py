@@ -36,10 +36,11 @@ import onnx
 from onnx import numpy_helper
 
 from .calib import Data
+from .channels.attrs import attr
 from .errors import VerificationError
 from .modeldata import ModelData, is_placeholder
 from .groups import ChannelMap, subgraph_reads
-from .lstsq import POSITIONS, RIDGE, Layer, attr, fit
+from .lstsq import POSITIONS, RIDGE, Layer, fit
 from .runtime import Runner
 
 SAMPLES = 256  # calibration samples used
