@@ -7,12 +7,14 @@ uploaded once. An input whose batch the file pins to b takes any number n of sam
 splits the feeds into ceil(n / b) runs of b (the last one padded by repeating its last sample) and
 concatenates the outputs along axis 0 (trimmed to n); every feed with n rows is split alike, the
 others (e.g. a [1, S] mask) go whole to every run. `latency_ms` times several runners round-robin so
-machine noise hits them alike.
+machine noise hits them alike. CUDA sessions run in full FP32 (no TF32) except the timing ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import shutil
 import tempfile
@@ -59,9 +61,24 @@ def resolve_provider(provider: str) -> str:
 
 @functools.cache
 def _cuda_runs() -> bool:
-    """Whether a 1-node Relu session runs on CUDAExecutionProvider (probed once per process)."""
+    """Whether a 1-node Relu session runs on CUDAExecutionProvider (probed once per process). When the
+    CUDA/cuDNN libraries are not on the loader's path, onnxruntime's own `preload_dlls` loads them from the
+    nvidia pip packages (onnxruntime-gpu[cuda,cudnn], or a CUDA torch's) first, its messages silenced."""
     if CUDA not in ort.get_available_providers():
         return False
+    if _cuda_probe():
+        return True
+    if not hasattr(ort, "preload_dlls"):
+        return False
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            ort.preload_dlls()
+        except Exception:  # a library it cannot load: CUDA stays unusable
+            return False
+    return _cuda_probe()
+
+
+def _cuda_probe() -> bool:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
@@ -108,16 +125,21 @@ class Runner:
 
     def __init__(self, model: onnx.ModelProto | ModelData | str | os.PathLike, provider: str = "auto", *,
                  threads: int | None = None, optimization: str = "all", outputs: list[str] | None = None,
-                 prepack: bool = True, arena: bool = True, device_id: int = 0):
+                 prepack: bool = True, arena: bool = True, device_id: int = 0, exact: bool = True):
+        """`exact` (CUDA): full FP32 arithmetic. With the provider's default, TF32 tensor cores round conv and
+        matmul inputs to 10 mantissa bits: outputs move by ~1e-3 relative, ten times the verification's
+        tolerance, and differently for two widths that pick different kernels. Timing runners pass False,
+        to measure what a deployment runs."""
         resolved = resolve_provider(provider)
-        providers = [(CUDA, {"device_id": device_id}), CPU] if resolved == CUDA else [CPU]
+        cuda_options = {"device_id": device_id, "use_tf32": "0" if exact else "1"}
+        providers = [(CUDA, cuda_options), CPU] if resolved == CUDA else [CPU]
         self.device_id = device_id  # the GPU of a CUDA session
         self._tempdir: str | None = None  # a large model's files, removed with the runner
         options = _session_options(threads, optimization)
         if not prepack:  # kernels would keep a re-laid-out copy of every weight
             options.add_session_config_entry("session.disable_prepacking", "1")
         options.enable_cpu_mem_arena = arena  # without it, activations are freed after each run
-        if isinstance(model, ModelData) and optimization == "disable" and model.weights:
+        if isinstance(model, ModelData) and optimization == "disable" and model.weights and resolved == CPU:
             source = self._shared_weights(model, options)
         else:
             source = self._source(model.materialize() if isinstance(model, ModelData) else model)
@@ -135,8 +157,10 @@ class Runner:
         """A model file whose large initializers are the caller's arrays, shared with the session (zero copy).
 
         The placeholders point into a sparse file of the right size (ORT wants external data to exist),
-        and every one of them is handed over with `add_initializer`, which ORT uses in place. Only for
-        sessions without graph optimization: optimizers would read the placeholder file, not the arrays.
+        and every one of them is handed over with `add_initializer`, which ORT uses in place. Only for CPU
+        sessions without graph optimization: optimizers would read the placeholder file, not the arrays, and
+        on CUDA (onnxruntime-gpu 1.31.1, an H200) the handed-over host arrays gave outputs off by 1.14
+        relative, so CUDA sessions get the materialized model.
         """
         proto = data.copy_proto()
         self._tempdir = tempfile.mkdtemp(prefix="aofp-onnx-")
