@@ -23,7 +23,7 @@ from aofp_onnx.errors import InputError
 from aofp_onnx.modeldata import ModelData, split_weights
 from cliutil import initializers, l1_cut, ok, run_cli
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"
 CNN, CALIB, TEST = MODELS / "mnist_cnn.onnx", MODELS / "mnist_calib.npz", MODELS / "mnist_test.npz"
@@ -54,7 +54,7 @@ def test_distillation_recovers_the_cut_and_keeps_the_graph(cut_cnn, tmp_path):
     proc = ok(run_cli("finetune", cut_cnn, "--teacher", CNN, "--data", CALIB, "-o", out, "--eval", TEST,
                       "--epochs", "4", "--lr", "1e-3", "--no-progress", "--report", report))
     rep = json.loads(report.read_text())
-    assert rep["mode"] == "distill" and rep["device"] == "cpu"
+    assert rep["mode"] == "distill" and rep["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert rep["accuracy"]["before"] < 0.2  # the cut alone is at chance
     assert rep["accuracy"]["after"] > 0.9, rep["accuracy"]
     assert rep["distill_error"]["after"] < 0.3 * rep["distill_error"]["before"]
