@@ -31,8 +31,8 @@ from .latency import measure_latency
 from .runtime import Runner
 from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
 from .select import select_by_score
-from .targets import (SLOWER_HINT, check_targets, latency_weights, meet_measured, parse_round_to, resolve_round_to,
-                      round_to_target, stderr_line, targets_reached)
+from .targets import (check_targets, latency_weights, meet_measured, parse_round_to, resolve_round_to,
+                      round_to_target, slower_hint, stderr_line, targets_reached, tensorrt_widths)
 from .pruner import VERIFY_SAMPLES, Pruner
 from .verify import Verification, verify
 
@@ -111,7 +111,7 @@ def _labelled(pruner: Pruner, eval_src: str | None, image_options: ImageOptions 
 def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: dict, provider: str,
            latency: bool, batch_size: int = 32, reconstruct: bool = False, verify_samples: int = VERIFY_SAMPLES,
            phases: Phases = QUIET, original: ModelData | None = None,
-           threads: int | None = None) -> tuple[dict, ModelData]:
+           threads: int | None = None, round_to=None) -> tuple[dict, ModelData]:
     """Cut, verify (refusing to write a model that fails), [reconstruct,] measure fidelity, write; the report
     and the written model.
 
@@ -142,8 +142,8 @@ def finish(pruner: Pruner, keep: np.ndarray, output, *, criterion: str, search: 
             feeds = pruner.feeds(size, size)[0]
             lat = measure_latency(pruner.written(pruner.graph.data), written, feeds, provider, threads=threads)
         if lat["slower"]:
-            lat["hint"] = SLOWER_HINT
-            stderr_line(f"aofp-onnx: warning: {SLOWER_HINT} (x{lat['ratio']:.3f}, median of {lat['repeats']})")
+            lat["hint"] = slower_hint(round_to)
+            stderr_line(f"aofp-onnx: warning: {lat['hint']} (x{lat['ratio']:.3f}, median of {lat['repeats']})")
     samples, held = pruner.fidelity_data()
     with phases("fidelity", f"comparing outputs with the original's on {len(samples)} samples"):
         fidelity = fid.fidelity(original or pruner.graph.data, pruned, samples, provider, batch_size, held)
@@ -283,8 +283,10 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     plan = plan_from_keep(pruner.cmap, keep, criterion, seed=seed, flops_target=flops_target)
     rep, pruned = finish(pruner, keep, output, criterion=criterion, search=search, provider=provider,
                          latency=latency, batch_size=lat_batch, reconstruct=reconstruct,
-                         verify_samples=verify_samples, phases=phases, original=original, threads=threads)
-    rep["round_to"] = {"given": round_to, "used": step, "latency_weighted": weights is not None}
+                         verify_samples=verify_samples, phases=phases, original=original, threads=threads,
+                         round_to=round_to)
+    rep["round_to"] = {"given": round_to, "used": step, "latency_weighted": weights is not None,
+                       "tensorrt": tensorrt_widths(pruner.cmap, keep)}
     if unreachable:
         rep["round_to"]["unreachable"] = unreachable
     rep["targets"] = targets_reached(pruner, keep, flops_target, latency_target, table, rep.get("latency_ms"))

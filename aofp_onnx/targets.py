@@ -41,8 +41,8 @@ REPEATS = 15  # interleaved runs per check
 SLACK = 1.10  # a MACs cut measured slower than SLACK x its MACs ratio gets a note (`targets_reached`)
 TIME_NOTE = ("the cut bought less time than MACs: the channels the criterion could spare sit in layers that cost "
              "little time; --latency-target aims at time itself (deeper in the layers that cost it)")
-SLOWER_HINT = ("the pruned model measures slower than the original: its widths are off the multiples the "
-               "kernels reward; try --round-to auto (or 8/16), or --latency-target to aim at latency itself")
+TENSORRT_MULTIPLES = {"fp16": 8, "int8": 32}  # the channel multiples TensorRT's tensor-core kernels run at
+SLOWER = "the pruned model measures slower than the original"
 
 
 def parse_round_to(value) -> int | str:
@@ -124,6 +124,28 @@ def latency_weights(cmap, table: LatencyTable) -> np.ndarray:
         return out
     for k, g in enumerate(cmap.prunable):
         out[g.slots] = float(np.clip(eff[k] / median, 0.25, 4.0)) ** LATENCY_WEIGHT
+    return out
+
+
+def slower_hint(round_to) -> str:
+    """The advice of the SLOWER warning: aligned widths when the cut had none, else latency itself."""
+    if round_to == "auto":
+        return (f"{SLOWER}: its widths are already on the multiple --round-to auto measured as fastest, so the "
+                "layers it narrowed cost about what they did; --latency-target aims at latency itself (it times the "
+                "cut), or try a milder target")
+    return (f"{SLOWER}: its widths are off the multiples the kernels reward; try --round-to auto (or 8/16), or "
+            "--latency-target to aim at latency itself")
+
+
+def tensorrt_widths(cmap, keep: np.ndarray) -> dict:
+    """Per TensorRT precision p with channel multiple k_p (FP16 8, INT8 32): of the groups the cut narrowed
+    (and at least k_p wide before it), those whose kept width w has w mod k_p ≠ 0. Off-multiple widths
+    make TensorRT pad the channels or fall back from its tensor-core kernels."""
+    narrowed = [(g, int(keep[g.slots].sum())) for g in cmap.prunable if int(keep[g.slots].sum()) != g.width]
+    out = {}
+    for precision, k in TENSORRT_MULTIPLES.items():
+        judged = [(g, w) for g, w in narrowed if g.width >= k]
+        out[precision] = {"multiple": k, "narrowed": len(judged), "off": [g.id for g, w in judged if w % k]}
     return out
 
 

@@ -231,6 +231,26 @@ def test_round_to_gives_multiples(model, tmp_path):
     assert rep["macs_after"] / rep["macs_before"] <= 0.5 + 0.05
 
 
+@pytest.mark.parametrize("step", [4, 8])
+def test_report_checks_the_widths_against_tensorrts_multiples(model, tmp_path, step):
+    """round_to.tensorrt names the narrowed groups off FP16's multiple of 8 and INT8's of 32; the summary
+    says how many, and nothing when the cut is aligned."""
+    args = ("--criterion", "l1", "--flops-target", "0.5", "--round-to", str(step))
+    out, rep = tmp_path / "t.onnx", tmp_path / "t.json"
+    proc = ok(run_cli("prune", model.path, "-o", out, "--calib", "random:4", "--report", rep, *args))
+    trt = json.loads(rep.read_text())["round_to"]["tensorrt"]
+    groups = json.loads(rep.read_text())["groups"]
+    for precision, k in (("fp16", 8), ("int8", 32)):
+        judged = [g for g in groups if g["width_after"] != g["width_before"] and g["width_before"] >= k]
+        assert trt[precision]["multiple"] == k and trt[precision]["narrowed"] == len(judged) > 0
+        assert trt[precision]["off"] == [g["id"] for g in judged if g["width_after"] % k]
+    assert (trt["fp16"]["off"] == []) == (step == 8)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("tensorrt ")), None)
+    assert line == ("tensorrt " + "; ".join(f"{len(trt[p]['off'])} of {trt[p]['narrowed']} narrowed groups off "
+                                            f"{p.upper()}'s multiple of {trt[p]['multiple']}" for p in trt)
+                    + " (--round-to 8 or 32 aligns them)")
+
+
 def test_min_channels_is_respected(model, tmp_path):
     _, low = _prune_plan(model, tmp_path, "low", "--criterion", "l1", "--flops-target", "0.02", "--round-to", "1")
     assert min(g["width_after"] for g in low["groups"]) < 3  # the bound matters at this target

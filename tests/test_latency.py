@@ -182,7 +182,8 @@ def test_round_to_auto_falls_back_to_1_when_its_multiple_cannot_reach_the_target
     monkeypatch.setattr(latency, "build_table", lambda *a, **k: table)
     rep = api.prune(path, tmp_path / "out.onnx", calib="random:8", criterion="l1", flops_target=0.05, batch_size=4,
                     latency=False)
-    assert rep["round_to"] == {"given": "auto", "used": 1, "latency_weighted": True, "unreachable": 8}
+    assert {k: v for k, v in rep["round_to"].items() if k != "tensorrt"} == \
+        {"given": "auto", "used": 1, "latency_weighted": True, "unreachable": 8}
     assert rep["targets"]["macs"]["reached"] <= 0.05
     rep = api.prune(path, tmp_path / "out.onnx", calib="random:8", criterion="l1", flops_target=0.9, batch_size=4,
                     latency=False)
@@ -230,7 +231,9 @@ def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp
     rounds = lat["rounds"]
     assert [r["measured"] for r in rounds] == [0.7, 0.6] and rounds[1]["internal_target"] == pytest.approx(0.6 * 0.6 / 0.7)
     assert lat["target"] == 0.6 and lat["measured"] == 0.6 and lat["estimated"] <= 0.6 * 0.6 / 0.7
-    assert rep["round_to"] == {"given": 8, "used": 8, "latency_weighted": True}
+    assert {k: v for k, v in rep["round_to"].items() if k != "tensorrt"} == \
+        {"given": 8, "used": 8, "latency_weighted": True}
+    assert rep["round_to"]["tensorrt"]["fp16"]["off"] == []
     assert rep["targets"]["macs"]["target"] is None
     assert all(g["width_after"] % 8 == 0 for g in rep["groups"] if g["width_after"] != g["width_before"])
 
@@ -246,7 +249,12 @@ def test_targets_are_checked():
 
 # --- measured, reported ----------------------------------------------------------------------------
 
-def test_a_slower_pruned_model_is_flagged_with_a_hint(chain, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("round_to, advice", [(1, "--round-to auto"), ("auto", "--latency-target aims")])
+def test_a_slower_pruned_model_is_flagged_with_a_hint(chain, tmp_path, monkeypatch, capsys, round_to, advice):
+    """The hint suggests aligned widths to a cut without them, and latency itself to one --round-to auto made."""
+    if round_to == "auto":
+        table = fake_table(api.Pruner.load(chain))
+        monkeypatch.setattr(latency, "build_table", lambda *a, **k: table)
     calls = []
 
     def slower(runners, feeds, warmup=3, repeats=20, cpu=False):
@@ -255,13 +263,14 @@ def test_a_slower_pruned_model_is_flagged_with_a_hint(chain, tmp_path, monkeypat
                 {"median": 12.0, "p10": 11.0, "p90": 13.0, "repeats": repeats}][:len(runners)]
 
     monkeypatch.setattr(latency, "latency_ms", slower)
-    rep = api.prune(chain, tmp_path / "out.onnx", calib="random:4", criterion="l1", flops_target=0.5, round_to=1,
-                    batch_size=2)
+    rep = api.prune(chain, tmp_path / "out.onnx", calib="random:4", criterion="l1", flops_target=0.5,
+                    round_to=round_to, batch_size=2)
     lat = rep["latency_ms"]
-    assert lat["slower"] and lat["ratio"] == pytest.approx(1.2) and "--round-to" in lat["hint"]
+    assert lat["slower"] and lat["ratio"] == pytest.approx(1.2) and advice in lat["hint"]
+    assert lat["hint"] == targets.slower_hint(round_to)
     assert (lat["before_p10"], lat["before_p90"], lat["after_p10"], lat["after_p90"]) == (9.0, 11.0, 11.0, 13.0)
     assert lat["batch_size"] == 2 and lat["input_shapes"] == {"x": [2, 3, 12, 12]}
-    assert "warning" in capsys.readouterr().err and (tmp_path / "out.onnx").exists()
+    assert f"warning: {lat['hint']}" in capsys.readouterr().err and (tmp_path / "out.onnx").exists()
 
 
 @pytest.mark.parametrize("after, after_p10, noted", [(12.0, 12.0, True), (5.2, 5.2, False), (6.0, 4.0, False)])
