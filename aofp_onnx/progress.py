@@ -2,7 +2,7 @@
 elapsed time at the end, and the search's status line.
 
 On a terminal a line is redrawn in place; otherwise (logs, pipes) whole lines are written, the search's
-every 10 rounds. The search's ETA extrapolates the elapsed time linearly in the progress made towards
+every 10 rounds, or after LOG_EVERY_S seconds without one (a large detector's round can take a minute). The search's ETA extrapolates the elapsed time linearly in the progress made towards
 the target: with r the current ratio (e.g. MACs kept) and t the target, done = (1 − r) / (1 − t) and
 ETA = elapsed · (1 − done) / done (or the share of `--max-trials` spent, when that is further along).
 """
@@ -12,6 +12,9 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+
+
+LOG_EVERY_S = 30.0  # in a log, the longest silence between two status lines of the search
 
 
 def _stream():
@@ -76,6 +79,7 @@ class SearchProgress:
         self.tty = _stream().isatty()
         self.drawn = False
         self.last = None  # the latest status line, shown or not
+        self.written = self.start  # when a status line was last written
 
     def __call__(self, stats, macs_ratio: float, active: int, total: int, **ratios) -> None:
         ratios = {"macs": macs_ratio, **ratios}
@@ -96,7 +100,8 @@ class SearchProgress:
         eta = self.eta(ratios, stats.trials, elapsed)
         if eta is not None:
             parts.append(f"ETA ~{eta:.0f} s")
-        self._line(", ".join(parts), self.tty or stats.rounds % 10 == 1)
+        now = time.perf_counter()
+        self._line(", ".join(parts), self.tty or stats.rounds % 10 == 1 or now - self.written >= LOG_EVERY_S)
 
     def eta(self, ratios: dict[str, float], trials: int, elapsed: float) -> float | None:
         done = [(1 - ratios[k.lower()]) / (1 - t) for k, t in self.targets.items() if k.lower() in ratios and t < 1]
@@ -111,6 +116,7 @@ class SearchProgress:
             self.last = line if not show else None
         if not show:
             return
+        self.written = time.perf_counter()
         if self.tty:
             out.write("\r" + line + (" " * 8 if not own_line else "\n"))
         else:

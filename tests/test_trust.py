@@ -14,6 +14,7 @@ import pathlib
 import stat
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from aofp_onnx import api, cli, pruner, search
+from aofp_onnx import api, cli, progress, pruner, search
 from aofp_onnx import fidelity as fid
 from aofp_onnx.calib import Data
 from aofp_onnx.modeldata import split_weights
@@ -245,6 +246,20 @@ def test_search_line_shows_target_eta_and_threshold_raises(tmp_path, capsys):
     assert show.eta({"macs": 0.75}, 10, 30.0) == pytest.approx(30.0)  # half way from x1 to x0.5 after 30 s
     assert SearchProgress("aofp", {"MACs": 0.5, "latency": 0.6}).eta({"macs": 0.75, "latency": 0.9}, 0, 30.0) \
         == pytest.approx(30.0)  # the measure furthest along decides
+
+
+def test_a_log_gets_a_status_line_at_least_every_30_s_of_slow_rounds(capsys, monkeypatch):
+    """In a log the search writes every 10th round, and also any round that ends LOG_EVERY_S after the last
+    line: rounds of a minute (a detector at 800x608 on 2 cores) are not 10 minutes of silence."""
+    clock = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    show = SearchProgress("aofp", {"MACs": 0.5})
+    for rounds, seconds in ((1, 5.0), (2, 10.0), (3, 20.0), (4, 36.0), (5, 40.0), (6, 70.0), (11, 75.0)):
+        clock[0] = seconds
+        show(SimpleNamespace(trials=8 * rounds, rounds=rounds, threshold=0.01), 0.9, 3, 3)
+    written = [line for line in capsys.readouterr().err.splitlines() if "trials" in line]
+    assert [line.split(" trials")[0] for line in written] == ["aofp: 8", "aofp: 32", "aofp: 48", "aofp: 88"]
+    assert written[1].endswith("36 s, ETA ~144 s")
 
 
 # --- 5. checks before work ---------------------------------------------------------------------------------
