@@ -163,9 +163,10 @@ def inspect(model, input_shape, json_out, show_all):
 @click.option("--estimator", type=click.Choice(["mean", "ridge"]), default=None,
               help="AOFP: per-channel damage from the trials, the paper's mean or a ridge fit to the trial masks "
                    "[default: mean, the paper's; see README].")
-@click.option("--damage-at", type=click.Choice(["next", "block", "output"]), default=None,
+@click.option("--damage-at", type=click.Choice(["auto", "next", "block", "output"]), default=None,
               help="AOFP: read a trial's damage at the next layers (the paper's), at the first channel-mixing "
-                   "layer after them, or at the model outputs [default: next, the paper's; see README].")
+                   "layer after them, or at the model outputs; auto: output where its trials cost at most 8x "
+                   "next's in MACs, else next [default: auto; see README].")
 @reconstruct_option
 @click.option("--finetune-steps", type=int, default=0, show_default=True,
               help="Training-time AOFP: fine-tune the base path this many steps after every half (needs --data).")

@@ -2,9 +2,10 @@
 
 AOFP (Ding et al. 2019), per prunable group g with kept set K_g and search space S_g (= K_g at start):
 each trial removes a random half R_g ⊂ S_g (|R_g| = ⌊|S_g|/2⌋) on top of K and records its damage t_g
-(relative squared errors downstream of g, read where `damage_at` says, see `trial`) with R_g. After
-`trials_per_half` trials, S_g is ranked by the estimated damage per channel (`estimate`: the paper's
-mean over the trials that removed the channel, or a ridge fit of the damages to the trial masks);
+(relative squared errors downstream of g, read where `damage_at` says, see `trial`; `auto`: see
+`damage_point`) with R_g. After `trials_per_half` trials, S_g is ranked by the estimated damage per
+channel (`estimate`: the paper's mean over the trials that removed the channel, or a ridge fit of the
+damages to the trial masks);
 with granu = ⌊|S_g|/2⌋, if the granu-th smallest estimate is below the threshold those granu channels
 are pruned and the search restarts on K_g; else, if granu > 1, S_g shrinks to its granu best (binary
 search); else g is saturated. All groups search at once; the run stops at the target (the last
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import estimate
+from . import damage_point, estimate
 from .errors import InputError
 from .estimate import UNMEASURED
 from .groups import ChannelMap
@@ -37,7 +38,7 @@ from .trial import DAMAGE_AT, DAMAGE_OUTPUT, TRIAL_INPUT, build_trial_model
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations one stacked run may use
 DEFAULT_ESTIMATOR = "mean"
-DEFAULT_DAMAGE_AT = "next"
+DEFAULT_DAMAGE_AT = "auto"  # see damage_point
 
 
 def _activation_bytes(cmap: ChannelMap) -> int:
@@ -61,7 +62,7 @@ class TrialEngine:
     weights. With `devices` (`pool.parse_devices`), one session per device shares the rows of each run."""
 
     def __init__(self, cmap: ChannelMap, provider: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 devices: list | None = None, damage_at: str = DEFAULT_DAMAGE_AT):
+                 devices: list | None = None, damage_at: str = "next"):
         self.cmap = cmap
         self.devices = devices
         self.damage_at = damage_at
@@ -347,14 +348,15 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         raise InputError("--trials-per-half and --batch-size must be at least 1, --threshold positive")
     if estimator not in estimate.ESTIMATORS:
         raise InputError(f"--estimator must be one of {', '.join(estimate.ESTIMATORS)}, got {estimator!r}")
-    if damage_at not in DAMAGE_AT:
-        raise InputError(f"--damage-at must be one of {', '.join(DAMAGE_AT)}, got {damage_at!r}")
+    if damage_at not in (*DAMAGE_AT, "auto"):
+        raise InputError(f"--damage-at must be one of {', '.join(DAMAGE_AT)}, auto, got {damage_at!r}")
     cmap = pruner.cmap
     if not cmap.prunable:
         return cmap.full_keep(), np.zeros(0), {"trials": 0, "seconds": 0.0, "provider": None}
     budget = memory_budget or int(os.environ.get("AOFP_ONNX_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
     # a batch the file pins in a way the working copy could not prove away: its size per run, no stacking
     pinned = bool(getattr(pruner, "pinned", None))
+    damage_at, auto = damage_point.resolve(cmap, damage_at, pinned)
     batches = list(pruner.data.batches(pruner.batch_size(batch_size) if pinned else batch_size))
     if pinned and len(batches) > 1:  # a short last batch would be padded to the pinned size: leave it out
         batches = [b for b in batches if len(next(iter(b.values()))) == len(next(iter(batches[0].values())))]
@@ -403,7 +405,8 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
                                    seed=seed, stack=stack, estimator=estimator, progress=show, checkpoint=save,
                                    resume=state, after_half=adapt if tuner is not None else None, cost=cost)
         used = engine.provider
-        stats.settings = {"estimator": estimator, "damage_at": damage_at}
+        stats.settings = {"estimator": estimator, "damage_at": damage_at,
+                          **({"damage_at_auto": auto} if auto else {})}
         if checkpoint and os.path.exists(checkpoint):
             os.unlink(checkpoint)
     if show:

@@ -6,7 +6,7 @@ Tasks: `digits`, the narrow ResNet-20 trained here (models/resnet20_digits.onnx,
 `ocr-cls`, PaddleOCR's text-orientation classifier from the rapidocr wheel on Pillow-rendered text
 lines (benchmarks/textlines.py). All in this one run, on the same calibration samples and provider:
 
-1. per damage point (next, block, output): the same `--spearman-trials` random-half trials at full
+1. per damage point (next, block, output; `auto` resolves to one of them, see aofp_onnx/damage_point.py): the same `--spearman-trials` random-half trials at full
    width through each trial graph, and per estimator (mean; ridge at each `--ridges` λ) the Spearman
    rank correlation of its per-channel estimate with the oracle's first-round damage (single-channel
    ablation at the outputs), pooled over all channels and averaged within groups (groups wider than 2);
@@ -27,6 +27,7 @@ import numpy as np
 from aofp_onnx.api import Pruner, accuracy
 from aofp_onnx.calib import input_specs, load_data
 from aofp_onnx.criteria import l1_scores, random_scores
+from aofp_onnx.damage_point import resolve
 from aofp_onnx.estimate import ESTIMATORS, RIDGE, mean_scores, ridge_scores
 from aofp_onnx.masking import masked_model
 from aofp_onnx.oracle import oracle, output_damage
@@ -72,7 +73,12 @@ def run_task(name: str, args) -> list[str]:
           f"{args.batch}, reconstruction on {len(recon_data)}; test {len(test)} samples, original "
           f"{100 * original:.2f}%", flush=True)
     variants = [f"{e}@{d}" for d in args.damage_at for e in args.estimators]
-    engines = {d: TrialEngine(cmap, args.provider, damage_at=d) for d in args.damage_at}
+    points = {d: resolve(cmap, d) for d in args.damage_at}  # auto: the point damage_point chooses
+    for d, (point, auto) in points.items():
+        if auto:
+            print(f"   damage-at auto -> {point} (MACs ratio output/next {auto['macs_ratio']:.2f}, limit "
+                  f"{auto['limit']:g})", flush=True)
+    engines = {d: TrialEngine(cmap, args.provider, damage_at=point) for d, (point, _) in points.items()}
 
     def search(variant, seed, target, trials_per_half=args.trials_per_half, max_trials=None):
         est, at = variant.split("@")
@@ -185,7 +191,7 @@ def main():
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
-    parser.add_argument("--damage-at", nargs="+", default=list(DAMAGE_AT), choices=DAMAGE_AT)
+    parser.add_argument("--damage-at", nargs="+", default=list(DAMAGE_AT), choices=[*DAMAGE_AT, "auto"])
     parser.add_argument("--samples", type=int, default=64, help="calibration samples of the searches")
     parser.add_argument("--recon-samples", type=int, default=256, help="calibration samples of the reconstruction")
     parser.add_argument("--test-samples", type=int, default=512, help="ocr-cls: rendered test lines")

@@ -22,7 +22,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import zoo
-from aofp_onnx import search
+from cliutil import run_cli
+from aofp_onnx import damage_point, search
 from aofp_onnx.api import Pruner
 from aofp_onnx.masking import KEEP_INPUT, masked_model
 from aofp_onnx.modeldata import ModelData
@@ -163,3 +164,42 @@ def test_search_run_with_ridge_and_block_is_deterministic(tmp_path):
     np.testing.assert_array_equal(s1, s2)
     assert i1["estimator"] == "ridge" and i1["damage_at"] == "block" and i1["trials"] == i2["trials"] > 0
     assert p.cmap.macs(k1) <= 0.6 * p.cmap.total_macs
+
+
+def test_auto_reads_the_outputs_where_they_cost_little_more_than_next(tmp_path, monkeypatch):
+    """R = Σ_g M(downstream of g's sinks) / Σ_g M(g's sinks), by hand on the chain (MACs per sample at 8x8):
+    conv1's group (sink conv2: 3,072; downstream conv2 + conv3 + Gemm: 16,904), conv2's (sink conv3: 13,824;
+    13,832), conv3's (sink the Gemm: 8; 8). R = 30,744 / 16,904 = 1.82 ≤ 8: auto reads the outputs, and the
+    search reports the choice; under a limit of 1.5 it reads the next layers."""
+    pruner = Pruner.load(_chain_model(tmp_path / "chain.onnx"), data="random:8")
+    ratio = 30744 / 16904
+    assert damage_point.downstream_ratio(pruner.cmap) == pytest.approx(ratio)
+    assert damage_point.resolve(pruner.cmap, "next") == ("next", None)
+    assert damage_point.resolve(pruner.cmap, "auto") == \
+        ("output", {"macs_ratio": round(ratio, 3), "limit": damage_point.AUTO_LIMIT, "chosen": "output"})
+    _, _, info = search.run(pruner, "aofp", flops_target=0.7, batch_size=8, provider="cpu")
+    assert info["damage_at"] == "output" and info["damage_at_auto"]["chosen"] == "output"
+    monkeypatch.setattr(damage_point, "AUTO_LIMIT", 1.5)
+    _, _, info = search.run(pruner, "aofp", flops_target=0.7, batch_size=8, provider="cpu")
+    assert info["damage_at"] == "next" and info["damage_at_auto"] == {"macs_ratio": round(ratio, 3), "limit": 1.5,
+                                                                     "chosen": "next"}
+
+
+def test_downstream_damage_is_refused_where_its_trial_graphs_cannot_run_and_auto_reads_next(tmp_path):
+    """float16 models and batches pinned beyond the Reshape targets: `--damage-at output|block` is refused
+    with the reason (exit 2, nothing written); `auto` reads the next layers and says why."""
+    from onnxconverter_common import float16
+
+    src = tmp_path / "half.onnx"
+    onnx.save(float16.convert_float_to_float16(onnx.load(_chain_model(tmp_path / "chain.onnx"))), src)
+    proc = run_cli("prune", src, "-o", tmp_path / "out.onnx", "--calib", "random:8", "--flops-target", "0.7",
+                   "--damage-at", "output", "--no-progress")
+    assert proc.returncode == 2 and not (tmp_path / "out.onnx").exists()
+    assert proc.stderr.strip().splitlines()[-1] == ("aofp-onnx: error: --damage-at output does not support a float16 "
+                                                    "model yet; use --damage-at next")
+    _, _, info = search.run(Pruner.load(src, data="random:8"), "aofp", flops_target=0.7, batch_size=8, provider="cpu")
+    assert info["damage_at"] == "next" and info["damage_at_auto"]["output_unsupported"] == "a float16 model"
+    cmap = Pruner.load(_chain_model(tmp_path / "chain32.onnx")).cmap
+    assert damage_point.resolve(cmap, "auto", pinned=True)[0] == "next"
+    with pytest.raises(search.InputError, match="--damage-at block does not support a batch pinned beyond"):
+        damage_point.resolve(cmap, "block", pinned=True)

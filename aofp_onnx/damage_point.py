@@ -1,0 +1,70 @@
+"""`--damage-at auto` (the default): output damage where the model can afford it, else the paper's next layers.
+
+Output damage reads what the user sees, as the oracle does, but each group's trial copy runs everything
+downstream of the group; next-layer damage runs only its consumers. Their cost ratio is estimated from
+the MACs of the analysis, with no session built:
+
+    R = Σ_g M(downstream of g's sinks) / Σ_g M(g's sinks),
+
+and `output` is used when R ≤ AUTO_LIMIT, else `next` (also for float16 models and batches pinned beyond
+the Reshape targets, which the downstream trial graphs do not handle yet). R is deterministic, so a resumed search resolves
+`auto` to the same point. Measured (2-core CPU, one stacked call of 8 random-half trials on 16 samples):
+R tracks the time ratio of the two trial sessions, MNIST CNN R 2.0 (time 1.7x), ResNet-20 on digits 6.3
+(3.6x), PP-OCRv4 det 12.4 (11.4x), PP-OCR classifier (MobileNetV3) 26 (23x). On the digits ResNet-20,
+output kept 70.8 % accuracy at 0.7 of the MACs without recovery (next 14.9 %, the oracle 55.1 %) for 1.2x
+the search time; on the classifier it cost 8x the time for less accuracy than next
+(`benchmarks/estimators.py`).
+"""
+from __future__ import annotations
+
+import onnx
+
+from .errors import InputError
+from .groups import ChannelMap
+
+FLOAT16 = onnx.TensorProto.FLOAT16
+
+AUTO_LIMIT = 8.0  # the largest MACs ratio R at which `auto` reads the damage at the outputs
+
+
+def downstream_ratio(cmap: ChannelMap) -> float:
+    """R: the MACs every group's output-damage trial runs over those its next-layer trial runs."""
+    graph = cmap.graph
+    index = {id(n): k for k, n in enumerate(graph.nodes)}
+    macs = {c.node_index: c.macs for c in cmap.counted}
+    near = far = 0
+    for g in cmap.prunable:
+        sinks = {s.node_index for s in g.sinks}
+        near += sum(macs.get(k, 0) for k in sinks)
+        seen, todo = set(), [graph.nodes[k] for k in sinks]
+        while todo:
+            node = todo.pop()
+            if index[id(node)] in seen:
+                continue
+            seen.add(index[id(node)])
+            todo.extend(c for out in node.output for c, _ in graph.consumers.get(out, []))
+        far += sum(macs.get(k, 0) for k in seen)
+    return far / near if near else float("inf")
+
+
+def unsupported(cmap: ChannelMap, pinned: bool) -> str:
+    """Why the downstream trial graphs (block, output) cannot run on this model, or ''."""
+    if FLOAT16 in cmap.graph.dtypes.values():
+        return "a float16 model"
+    if pinned:
+        return "a batch pinned beyond the Reshape targets"
+    return ""
+
+
+def resolve(cmap: ChannelMap, damage_at: str, pinned: bool = False) -> tuple[str, dict | None]:
+    """(the damage point, the `auto` choice's figures for the report or None); block and output are refused
+    (InputError) where their trial graphs cannot run yet, and `auto` then reads the next layers."""
+    why = unsupported(cmap, pinned)
+    if damage_at in ("block", "output") and why:
+        raise InputError(f"--damage-at {damage_at} does not support {why} yet; use --damage-at next")
+    if damage_at != "auto":
+        return damage_at, None
+    ratio = downstream_ratio(cmap)
+    point = "output" if ratio <= AUTO_LIMIT and not why else "next"
+    return point, {"macs_ratio": round(ratio, 3), "limit": AUTO_LIMIT, "chosen": point,
+                   **({"output_unsupported": why} if why else {})}
