@@ -165,8 +165,8 @@ def inspect(model, input_shape, json_out, show_all):
                    "[default: mean, the paper's; see README].")
 @click.option("--damage-at", type=click.Choice(["auto", "next", "block", "output"]), default=None,
               help="AOFP: read a trial's damage at the next layers (the paper's), at the first channel-mixing "
-                   "layer after them, or at the model outputs; auto: output where its trials cost at most 8x "
-                   "next's in MACs, else next [default: auto; see README].")
+                   "layer after them, or at the model outputs; auto: output on a one-output model whose output "
+                   "trials cost at most 8x next's in MACs, else next [default: auto; see README].")
 @reconstruct_option
 @click.option("--finetune-steps", type=int, default=0, show_default=True,
               help="Training-time AOFP: fine-tune the base path this many steps after every half (needs --data).")

@@ -6,8 +6,9 @@ the MACs of the analysis, with no session built:
 
     R = Σ_g M(downstream of g's sinks) / Σ_g M(g's sinks),
 
-and `output` is used when R ≤ AUTO_LIMIT, else `next` (also for float16 models and batches pinned beyond
-the Reshape targets, which the downstream trial graphs do not handle yet). R is deterministic, so a resumed search resolves
+and `output` is used when R ≤ AUTO_LIMIT, else `next`. Also `next` for batches pinned beyond the Reshape
+targets (the downstream trial graphs do not handle them yet), and for models with several outputs: output damage pools them, Σ_o ‖Δy_o‖² / Σ_o ‖y_o‖², so a large output drowns a small one
+(MTCNN ONet at 0.7 of the MACs: its landmark output collapsed, error 1.1, against 0.48 with next). R is deterministic, so a resumed search resolves
 `auto` to the same point. Measured (2-core CPU, one stacked call of 8 random-half trials on 16 samples):
 R tracks the time ratio of the two trial sessions, MNIST CNN R 2.0 (time 1.7x), ResNet-20 on digits 6.3
 (3.6x), PP-OCRv4 det 12.4 (11.4x), PP-OCR classifier (MobileNetV3) 26 (23x). On the digits ResNet-20,
@@ -17,12 +18,8 @@ the search time; on the classifier it cost 8x the time for less accuracy than ne
 """
 from __future__ import annotations
 
-import onnx
-
 from .errors import InputError
 from .groups import ChannelMap
-
-FLOAT16 = onnx.TensorProto.FLOAT16
 
 AUTO_LIMIT = 8.0  # the largest MACs ratio R at which `auto` reads the damage at the outputs
 
@@ -49,10 +46,15 @@ def downstream_ratio(cmap: ChannelMap) -> float:
 
 def unsupported(cmap: ChannelMap, pinned: bool) -> str:
     """Why the downstream trial graphs (block, output) cannot run on this model, or ''."""
-    if FLOAT16 in cmap.graph.dtypes.values():
-        return "a float16 model"
     if pinned:
         return "a batch pinned beyond the Reshape targets"
+    return ""
+
+
+def auto_excluded(cmap: ChannelMap) -> str:
+    """Why `auto` keeps to the next layers on a model output damage could cut, or ''."""
+    if len(cmap.graph.outputs) > 1:  # pooled over the outputs, a large output drowns a small one
+        return f"{len(cmap.graph.outputs)} outputs"
     return ""
 
 
@@ -64,7 +66,8 @@ def resolve(cmap: ChannelMap, damage_at: str, pinned: bool = False) -> tuple[str
         raise InputError(f"--damage-at {damage_at} does not support {why} yet; use --damage-at next")
     if damage_at != "auto":
         return damage_at, None
+    why = why or auto_excluded(cmap)
     ratio = downstream_ratio(cmap)
     point = "output" if ratio <= AUTO_LIMIT and not why else "next"
     return point, {"macs_ratio": round(ratio, 3), "limit": AUTO_LIMIT, "chosen": point,
-                   **({"output_unsupported": why} if why else {})}
+                   **({"because": why} if why else {})}

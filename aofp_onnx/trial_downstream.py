@@ -20,6 +20,7 @@ Where the damage is read:
       t_g[t] = Σ_Z ‖(Z − Z_R[t])·K‖² / ‖Z·K‖²  (summed per read point, as `trial` sums consumers);
   a model output reached without a mixing layer is a read point too.
 - `output`: at the model outputs, pooled as the oracle measures, t_g[t] = Σ_o ‖y_o − y_o,R[t]‖² / Σ_o ‖y_o‖².
+A float16 model's trial masks are cast to its type, and the damages are summed in float32 (as in `trial`).
 Cost per run: one base forward on N samples plus, per group, T forwards of its downstream part.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import onnx
 
 from .groups import ChannelMap
-from .masking import KEEP_INPUT, MaskInserter
+from .masking import KEEP_INPUT, MaskInserter, cast_to
 from .modeldata import ModelData
 from .trial import TRIAL_INPUT, _Builder, _chain, _zeros_per_trial, finish_trial_model
 
@@ -114,7 +115,7 @@ class _Walk:
                     stacked = b.node("Reshape", [masked, b.shape_with_lead(x, drop_first=False)], f"{pre}_{count}_s")
                 else:
                     stacked = b.unsqueeze0(x)
-                mask = b.trial_mask(tensor, idx, f"{pre}_{count}")
+                mask = cast_to(b.nodes, b.trial_mask(tensor, idx, f"{pre}_{count}"), cmap.graph.dtype(tensor))
                 trial = b.node("Mul", [stacked, mask], f"{pre}_{count}_x")
                 copies[x] = b.node("Reshape", [trial, b.shape_with_lead(x, drop_first=True)], f"{pre}_{count}_xf")
                 count += 1
@@ -168,13 +169,13 @@ class _Walk:
             return _zeros_per_trial(b, pre)
         nums, dens = [], []
         for j, (z, z_r) in enumerate(reads):
-            y = b.node("Reshape", [z_r, b.shape_with_lead(z, drop_first=False)], f"{pre}_r{j}_y")
-            diff = b.node("Sub", [y, b.unsqueeze0(z)], f"{pre}_r{j}_d")
-            ref = z
+            y = b.as_float(b.node("Reshape", [z_r, b.shape_with_lead(z, drop_first=False)], f"{pre}_r{j}_y"), z)
+            diff = b.node("Sub", [y, b.unsqueeze0(b.as_float(z, z))], f"{pre}_r{j}_d")
+            ref = b.as_float(z, z)
             if z in cmap.tensor_axis and z not in self.outputs:  # a read layer's own removed filters do not count
                 own = b.trial_mask(z, cmap.positions(z), f"{pre}_r{j}_own", source=KEEP_INPUT)
                 diff = b.node("Mul", [diff, own], f"{pre}_r{j}_dm")
-                ref = b.node("Mul", [b.unsqueeze0(z), own], f"{pre}_r{j}_zm")
+                ref = b.node("Mul", [b.unsqueeze0(ref), own], f"{pre}_r{j}_zm")
             nums.append(b.sq_norm(diff, f"{pre}_r{j}_num", axis=1))
             dens.append(b.sq_norm(ref, f"{pre}_r{j}_den", axis=0))
         if pooled:

@@ -14,6 +14,7 @@ For keep state K and trial row r, group g's trial keeps K_R = K with r's zeros o
 """
 from __future__ import annotations
 
+import json
 import pathlib
 
 import numpy as np
@@ -148,6 +149,24 @@ def test_output_damage_equals_masked_original_runs(name, tmp_path):
 
 
 @pytest.mark.parametrize("damage_at", ["block", "output"])
+def test_downstream_damage_of_a_float16_model_matches_its_float32_original(damage_at, tmp_path):
+    """A float16 export (onnxconverter-common, float16 inputs too): the trial masks are cast to float16 and
+    the damages summed in float32, so they match the float32 model's within float16 rounding."""
+    from onnxconverter_common import float16
+
+    src32 = _chain_model(tmp_path / "chain.onnx")
+    onnx.save(float16.convert_float_to_float16(onnx.load(src32)), tmp_path / "half.onnx")
+    x = np.random.default_rng(1).normal(size=(4, 3, 8, 8))
+    damages = []
+    for path, dtype in ((src32, np.float32), (tmp_path / "half.onnx", np.float16)):
+        cm = Pruner.load(path, input_shapes={"x": (4, 3, 8, 8)}).cmap
+        keep, rows = _keep_and_rows(cm, 2)
+        damages.append(TrialEngine(cm, "cpu", damage_at=damage_at).damage(keep, rows, {"x": x.astype(dtype)}))
+    np.testing.assert_allclose(damages[1], damages[0], rtol=2e-2, atol=1e-4)
+    assert damages[0].max() > 1e-2
+
+
+@pytest.mark.parametrize("damage_at", ["block", "output"])
 def test_downstream_trial_graphs_are_valid_onnx(damage_at):
     p = Pruner.load(MODELS / "resnet20_digits.onnx", data=str(MODELS / "mnist_calib.npz"), limit=2)
     model = build_trial_model(p.cmap, [p.cmap.prunable[1].id, p.cmap.prunable[5].id], damage_at=damage_at)
@@ -185,21 +204,33 @@ def test_auto_reads_the_outputs_where_they_cost_little_more_than_next(tmp_path, 
                                                                      "chosen": "next"}
 
 
-def test_downstream_damage_is_refused_where_its_trial_graphs_cannot_run_and_auto_reads_next(tmp_path):
-    """float16 models and batches pinned beyond the Reshape targets: `--damage-at output|block` is refused
-    with the reason (exit 2, nothing written); `auto` reads the next layers and says why."""
+def test_downstream_damage_is_refused_on_a_pinned_batch_and_auto_reads_next_there(tmp_path):
+    """A batch pinned beyond the Reshape targets: `--damage-at output|block` is refused with the reason,
+    and `auto` reads the next layers and says why; a float16 model reads its outputs (through the CLI)."""
     from onnxconverter_common import float16
 
-    src = tmp_path / "half.onnx"
-    onnx.save(float16.convert_float_to_float16(onnx.load(_chain_model(tmp_path / "chain.onnx"))), src)
-    proc = run_cli("prune", src, "-o", tmp_path / "out.onnx", "--calib", "random:8", "--flops-target", "0.7",
-                   "--damage-at", "output", "--no-progress")
-    assert proc.returncode == 2 and not (tmp_path / "out.onnx").exists()
-    assert proc.stderr.strip().splitlines()[-1] == ("aofp-onnx: error: --damage-at output does not support a float16 "
-                                                    "model yet; use --damage-at next")
-    _, _, info = search.run(Pruner.load(src, data="random:8"), "aofp", flops_target=0.7, batch_size=8, provider="cpu")
-    assert info["damage_at"] == "next" and info["damage_at_auto"]["output_unsupported"] == "a float16 model"
-    cmap = Pruner.load(_chain_model(tmp_path / "chain32.onnx")).cmap
-    assert damage_point.resolve(cmap, "auto", pinned=True)[0] == "next"
+    cmap = Pruner.load(_chain_model(tmp_path / "chain.onnx")).cmap
+    assert damage_point.resolve(cmap, "auto", pinned=True) == \
+        ("next", {"macs_ratio": round(30744 / 16904, 3), "limit": damage_point.AUTO_LIMIT, "chosen": "next",
+                  "because": "a batch pinned beyond the Reshape targets"})
     with pytest.raises(search.InputError, match="--damage-at block does not support a batch pinned beyond"):
         damage_point.resolve(cmap, "block", pinned=True)
+    src = tmp_path / "half.onnx"
+    onnx.save(float16.convert_float_to_float16(onnx.load(tmp_path / "chain.onnx")), src)
+    report = tmp_path / "r.json"
+    proc = run_cli("prune", src, "-o", tmp_path / "out.onnx", "--calib", "random:8", "--flops-target", "0.7",
+                   "--no-progress", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(report.read_text())
+    assert rep["search"]["damage_at"] == "output" and rep["verification"]["passed"]
+
+
+def test_auto_reads_next_on_a_model_with_several_outputs(tmp_path):
+    """Output damage pools the outputs (Σ_o ‖Δy_o‖² / Σ_o ‖y_o‖²): a large output would drown a small one, so
+    `auto` keeps to the next layers when the model has more than one output, and says so."""
+    model = onnx.load(_chain_model(tmp_path / "chain.onnx"))
+    model.graph.output.append(helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", 4]))
+    onnx.save(model, tmp_path / "two.onnx")
+    cmap = Pruner.load(tmp_path / "two.onnx").cmap
+    point, auto = damage_point.resolve(cmap, "auto")
+    assert point == "next" and auto["because"] == "2 outputs" and auto["macs_ratio"] <= damage_point.AUTO_LIMIT
