@@ -7,14 +7,15 @@ the MACs of the analysis, with no session built:
     R = Σ_g M(downstream of g's sinks) / Σ_g M(g's sinks),
 
 and `output` is used when R ≤ AUTO_LIMIT, else `next`. Also `next` for batches pinned beyond the Reshape
-targets (the downstream trial graphs do not handle them yet), and for models with several outputs: output damage pools them, Σ_o ‖Δy_o‖² / Σ_o ‖y_o‖², so a large output drowns a small one
-(MTCNN ONet at 0.7 of the MACs: its landmark output collapsed, error 1.1, against 0.48 with next). R is deterministic, so a resumed search resolves
-`auto` to the same point. Measured (2-core CPU, one stacked call of 8 random-half trials on 16 samples):
-R tracks the time ratio of the two trial sessions, MNIST CNN R 2.0 (time 1.7x), ResNet-20 on digits 6.3
-(3.6x), PP-OCRv4 det 12.4 (11.4x), PP-OCR classifier (MobileNetV3) 26 (23x). On the digits ResNet-20,
-output kept 70.8 % accuracy at 0.7 of the MACs without recovery (next 14.9 %, the oracle 55.1 %) for 1.2x
-the search time; on the classifier it cost 8x the time for less accuracy than next
-(`benchmarks/estimators.py`).
+targets (the downstream trial graphs do not handle them yet), and for models with several outputs:
+output damage pools them, Σ_o ‖Δy_o‖² / Σ_o ‖y_o‖², so a large output drowns a small one (MTCNN ONet at
+0.7 of the MACs: its landmark output collapsed, error 1.1, against 0.48 with next). R is deterministic,
+so a resumed search resolves `auto` to the same point. Measured (2-core CPU, one stacked call of 8
+random-half trials on 16 samples): R tracks the time ratio of the two trial sessions, MNIST CNN R 2.0
+(time 1.7x), ResNet-20 on digits 6.3 (3.6x), PP-OCRv4 det 12.4 (11.4x), PP-OCR classifier (MobileNetV3)
+26 (23x). On the digits ResNet-20, output kept 70.8 % accuracy at 0.7 of the MACs without recovery
+(next 14.9 %, the oracle 55.1 %) for 1.2x the search time; on the classifier it cost 8x the time for less
+accuracy than next (`benchmarks/estimators.py`).
 """
 from __future__ import annotations
 
@@ -44,29 +45,16 @@ def downstream_ratio(cmap: ChannelMap) -> float:
     return far / near if near else float("inf")
 
 
-def unsupported(cmap: ChannelMap, pinned: bool) -> str:
-    """Why the downstream trial graphs (block, output) cannot run on this model, or ''."""
-    if pinned:
-        return "a batch pinned beyond the Reshape targets"
-    return ""
-
-
-def auto_excluded(cmap: ChannelMap) -> str:
-    """Why `auto` keeps to the next layers on a model output damage could cut, or ''."""
-    if len(cmap.graph.outputs) > 1:  # pooled over the outputs, a large output drowns a small one
-        return f"{len(cmap.graph.outputs)} outputs"
-    return ""
-
-
 def resolve(cmap: ChannelMap, damage_at: str, pinned: bool = False) -> tuple[str, dict | None]:
     """(the damage point, the `auto` choice's figures for the report or None); block and output are refused
     (InputError) where their trial graphs cannot run yet, and `auto` then reads the next layers."""
-    why = unsupported(cmap, pinned)
+    why = "a batch pinned beyond the Reshape targets" if pinned else ""  # the downstream graphs cannot run it
     if damage_at in ("block", "output") and why:
         raise InputError(f"--damage-at {damage_at} does not support {why} yet; use --damage-at next")
     if damage_at != "auto":
         return damage_at, None
-    why = why or auto_excluded(cmap)
+    if not why and len(cmap.graph.outputs) > 1:  # pooled over the outputs, a large output drowns a small one
+        why = f"{len(cmap.graph.outputs)} outputs"
     ratio = downstream_ratio(cmap)
     point = "output" if ratio <= AUTO_LIMIT and not why else "next"
     return point, {"macs_ratio": round(ratio, 3), "limit": AUTO_LIMIT, "chosen": point,

@@ -2,8 +2,9 @@
 elapsed time at the end, and the search's status line.
 
 On a terminal a line is redrawn in place; otherwise (logs, pipes) whole lines are written, the search's
-every 10 rounds, or after LOG_EVERY_S seconds without one (a large detector's round can take a minute). The search's ETA extrapolates the elapsed time linearly in the progress made towards
-the target: with r the current ratio (e.g. MACs kept) and t the target, done = (1 − r) / (1 − t) and
+every 10 rounds, or after LOG_EVERY_S seconds without one (a large detector's round can take a minute).
+The search's ETA extrapolates the elapsed time linearly in the progress made towards the target: with
+r the current ratio (e.g. MACs kept) and t the target, done = (1 − r) / (1 − t) and
 ETA = elapsed · (1 − done) / done (or the share of `--max-trials` spent, when that is further along).
 """
 from __future__ import annotations

@@ -141,7 +141,8 @@ def tensorrt_widths(cmap, keep: np.ndarray) -> dict:
     """Per TensorRT precision p with channel multiple k_p (FP16 8, INT8 32): of the groups the cut narrowed
     (and at least k_p wide before it), those whose kept width w has w mod k_p ≠ 0. Off-multiple widths
     make TensorRT pad the channels or fall back from its tensor-core kernels."""
-    narrowed = [(g, int(keep[g.slots].sum())) for g in cmap.prunable if int(keep[g.slots].sum()) != g.width]
+    widths = [(g, int(keep[g.slots].sum())) for g in cmap.prunable]
+    narrowed = [(g, w) for g, w in widths if w != g.width]
     out = {}
     for precision, k in TENSORRT_MULTIPLES.items():
         judged = [(g, w) for g, w in narrowed if g.width >= k]

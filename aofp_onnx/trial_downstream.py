@@ -20,7 +20,7 @@ Where the damage is read:
       t_g[t] = Σ_Z ‖(Z − Z_R[t])·K‖² / ‖Z·K‖²  (summed per read point, as `trial` sums consumers);
   a model output reached without a mixing layer is a read point too.
 - `output`: at the model outputs, pooled as the oracle measures, t_g[t] = Σ_o ‖y_o − y_o,R[t]‖² / Σ_o ‖y_o‖².
-A float16 model's trial masks are cast to its type, and the damages are summed in float32 (as in `trial`).
+A float16 model's trial masks are cast to its type; its damages are summed in float32 (as in `trial`).
 Cost per run: one base forward on N samples plus, per group, T forwards of its downstream part.
 """
 from __future__ import annotations
@@ -170,8 +170,8 @@ class _Walk:
         nums, dens = [], []
         for j, (z, z_r) in enumerate(reads):
             y = b.as_float(b.node("Reshape", [z_r, b.shape_with_lead(z, drop_first=False)], f"{pre}_r{j}_y"), z)
-            diff = b.node("Sub", [y, b.unsqueeze0(b.as_float(z, z))], f"{pre}_r{j}_d")
             ref = b.as_float(z, z)
+            diff = b.node("Sub", [y, b.unsqueeze0(ref)], f"{pre}_r{j}_d")
             if z in cmap.tensor_axis and z not in self.outputs:  # a read layer's own removed filters do not count
                 own = b.trial_mask(z, cmap.positions(z), f"{pre}_r{j}_own", source=KEEP_INPUT)
                 diff = b.node("Mul", [diff, own], f"{pre}_r{j}_dm")

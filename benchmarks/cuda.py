@@ -105,8 +105,8 @@ def main():
         for model_id in args.models.split(","):
             path, shapes = corpus / f"{model_id}.onnx", SHAPES[model_id]
             diffs = equivalence(path, shapes, max(batches), args.provider)
-            print(f"{model_id}: {args.provider} vs cpu max rel. diff per output " + ", ".join(f"{d:.1e}" for d in diffs),
-                  flush=True)
+            print(f"{model_id}: {args.provider} vs cpu max rel. diff per output "
+                  + ", ".join(f"{d:.1e}" for d in diffs), flush=True)
             outs, reps = {}, {}
             for tag in CUTS:
                 try:
@@ -117,8 +117,8 @@ def main():
                     continue
                 outs[tag] = Path(tmp) / f"{model_id}_{tag}.onnx"
                 print(describe(tag, reps[tag]), flush=True)
-            rows = bench_models([str(path)] + [str(p) for p in outs.values()], provider=args.provider, batch_size=batches,
-                                repeats=args.repeats, warmup=5,
+            rows = bench_models([str(path)] + [str(p) for p in outs.values()], provider=args.provider,
+                                batch_size=batches, repeats=args.repeats, warmup=5,
                                 input_shapes={k: (batches[0], *v[1:]) for k, v in shapes.items()})
             tags = {str(p): tag for tag, p in outs.items()}
             for row in rows:

@@ -146,7 +146,8 @@ def run_model(model_id: str, path: Path, tmp: Path, args) -> dict:
         feeds = {name: np.random.default_rng(0).standard_normal((args.batch, 3, SIZE, SIZE)).astype(np.float32)}
         runners = [Runner(p, "cpu", threads=1) for p in paths]
         cpu = latency_ms(runners, [feeds] * len(runners), warmup=2, repeats=args.repeats, cpu=True)
-    result = {"model": model_id, "base_ms": rows[0]["median_ms"], "provider": rows[0]["provider"], "table_s": rep_b["latency_table"]["seconds"],
+    result = {"model": model_id, "base_ms": rows[0]["median_ms"], "provider": rows[0]["provider"],
+              "table_s": rep_b["latency_table"]["seconds"],
               "run_s": rep_b["seconds"], "table": rep_b["latency_table"]}
     for k, rep, row in zip(runs, reps, rows[1:]):
         rel, cos = fidelity(path, out[k], name, held)

@@ -226,8 +226,8 @@ def test_downstream_damage_is_refused_on_a_pinned_batch_and_auto_reads_next_ther
 
 
 def test_auto_reads_next_on_a_model_with_several_outputs(tmp_path):
-    """Output damage pools the outputs (Σ_o ‖Δy_o‖² / Σ_o ‖y_o‖²): a large output would drown a small one, so
-    `auto` keeps to the next layers when the model has more than one output, and says so."""
+    """Output damage pools the outputs (Σ_o ‖Δy_o‖² / Σ_o ‖y_o‖²): a large output would drown a small
+    one, so `auto` keeps to the next layers when the model has more than one output, and says so."""
     model = onnx.load(_chain_model(tmp_path / "chain.onnx"))
     model.graph.output.append(helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", 4]))
     onnx.save(model, tmp_path / "two.onnx")
