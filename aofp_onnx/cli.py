@@ -167,6 +167,10 @@ def inspect(model, input_shape, json_out, show_all):
               help="AOFP: read a trial's damage at the next layers (the paper's), at the first channel-mixing "
                    "layer after them, or at the model outputs; auto: output on a one-output model whose output "
                    "trials cost at most 8x next's in MACs, else next [default: auto; see README].")
+@click.option("--damage-norm", type=click.Choice(["auto", "sample", "batch"]), default=None,
+              help="AOFP: a trial's damage relative per sample, averaged over the samples, or over the whole batch "
+                   "(the paper's, where high-energy samples dominate); auto: per sample on a classifier (every "
+                   "output [N, C]), else over the batch [default: auto; see README].")
 @reconstruct_option
 @click.option("--finetune-steps", type=int, default=0, show_default=True,
               help="Training-time AOFP: fine-tune the base path this many steps after every half (needs --data).")
@@ -182,7 +186,7 @@ def inspect(model, input_shape, json_out, show_all):
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
           batch_size, calib_limit, latency_target, latency_batch, threads, round_to, min_channels, provider, seed,
           input_shape, plan_out, report_path, eval_src, plot, no_latency, verify_samples, no_progress, checkpoint,
-          resume, estimator, damage_at, reconstruct, finetune_steps,
+          resume, estimator, damage_at, damage_norm, reconstruct, finetune_steps,
           finetune_data, finetune_lr, finetune_batch_size, device, devices, **img):
     """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
     shapes = parse_input_shapes(list(input_shape))
@@ -199,7 +203,8 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
                               oracle_step=oracle_step)
     if criterion == "aofp":
         search_options.update(checkpoint=checkpoint, resume=resume)
-        search_options.update({k: v for k, v in (("estimator", estimator), ("damage_at", damage_at)) if v})
+        search_options.update({k: v for k, v in (("estimator", estimator), ("damage_at", damage_at),
+                                                 ("damage_norm", damage_norm)) if v})
     if devices:
         search_options.update(devices=devices)
     if finetune_steps:

@@ -15,7 +15,7 @@ MACs, or whatever `cost(keep)` (the remaining fraction) counts: a latency table'
 oracle is in `oracle`.
 
 The state machine takes a `damage(keep, rows) -> [T, G]` function, so it runs against onnxruntime
-(`TrialEngine`) or against a fake in tests.
+(`trial.TrialEngine`) or against a fake in tests.
 """
 from __future__ import annotations
 
@@ -29,81 +29,16 @@ from . import damage_point, estimate
 from .errors import InputError
 from .estimate import UNMEASURED
 from .groups import ChannelMap
-from .masking import KEEP_INPUT, keep_feed, masked_model
+from .masking import masked_model
 from .progress import SearchProgress
-from .runtime import CUDA, Runner
+from .runtime import Runner
 from .select import floor_for
 from .statefile import data_digest, load_state, save_state
-from .trial import DAMAGE_AT, DAMAGE_OUTPUT, TRIAL_INPUT, build_trial_model
+from .trial import (DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY_BUDGET, TrialEngine,
+                    activation_bytes)
 
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations one stacked run may use
 DEFAULT_ESTIMATOR = "mean"
 DEFAULT_DAMAGE_AT = "auto"  # see damage_point
-
-
-def _activation_bytes(cmap: ChannelMap) -> int:
-    """Bytes of all node outputs for one sample (shapes of the analysis view, per sample)."""
-    total = 0
-    for node in cmap.graph.nodes:
-        for out in node.output:
-            shape = cmap.graph.shape(out)
-            if shape:
-                total += 4 * int(np.prod(shape)) // max(cmap.graph.batch, 1)
-    return max(total, 1)
-
-
-class TrialEngine:
-    """The trial graph's session; scores stacked trials for every group in one run.
-
-    A group whose channels no row removes scores exactly 0 and is left out of the run: once a quarter of
-    the session's groups have saturated, the session is rebuilt for the groups still searching
-    (`build_trial_model(cmap, ids)`), so the others' consumer copies, which would cost as much as ever,
-    stop running (at most log₄⁄₃ G rebuilds per restart of the search). One session at a time holds the
-    weights. With `devices` (`pool.parse_devices`), one session per device shares the rows of each run."""
-
-    def __init__(self, cmap: ChannelMap, provider: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 devices: list | None = None, damage_at: str = "next"):
-        self.cmap = cmap
-        self.devices = devices
-        self.damage_at = damage_at
-        self._session = tuple(range(len(cmap.prunable))), self._runner(build_trial_model(cmap, damage_at=damage_at),
-                                                                       provider)
-        self.provider = self._session[1].provider
-        # per stacked trial and sample, the copies hold about one activation set at a time (each copy's
-        # stacked input, output and difference are freed once its damage is reduced); measured peaks
-        # stay well under this bound (benchmarks/aofp_vs_oracle.py prints the search's peak memory)
-        self.sample_bytes = _activation_bytes(cmap)
-        self.memory_budget = memory_budget
-
-    def max_stack(self, batch: int) -> int:
-        return max(1, int(self.memory_budget // (self.sample_bytes * batch)))
-
-    def _session_for(self, active: tuple[int, ...]) -> tuple[tuple[int, ...], Runner]:
-        covered = self._session[0]
-        if not set(active) <= set(covered) or 4 * len(active) <= 3 * len(covered):
-            ids = [self.cmap.prunable[k].id for k in active]
-            self._session = None  # the old session's memory goes before the new one is built
-            provider = "cuda" if self.provider == CUDA else "cpu"
-            self._session = active, self._runner(build_trial_model(self.cmap, ids, damage_at=self.damage_at), provider)
-        return self._session
-
-    def _runner(self, model, provider: str):
-        if self.devices:
-            from .pool import RunnerPool
-
-            return RunnerPool(model, self.devices, split=TRIAL_INPUT)
-        return Runner(model, provider)
-
-    def damage(self, keep: np.ndarray, rows: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """[T, G] damage of T trial rows (each [S+1], 0 = removed by the trial) on one calibration batch."""
-        out = np.zeros((len(rows), len(self.cmap.prunable)))
-        active = tuple(k for k, g in enumerate(self.cmap.prunable) if not rows[:, g.slots].all())
-        if active:
-            covered, runner = self._session_for(active)
-            (damage,) = runner.run({**feeds, KEEP_INPUT: keep_feed(keep), TRIAL_INPUT: rows.astype(np.float32)},
-                                   [DAMAGE_OUTPUT])
-            out[:, list(active)] = damage[:, [covered.index(k) for k in active]]
-        return out
 
 
 @dataclass
@@ -328,11 +263,11 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
         memory_budget: int | None = None, checkpoint: str | None = None, resume: str | None = None,
         tuner=None, cost=None, devices: str | None = None, estimator: str = DEFAULT_ESTIMATOR,
-        damage_at: str = DEFAULT_DAMAGE_AT) -> tuple[np.ndarray, np.ndarray, dict]:
+        damage_at: str = DEFAULT_DAMAGE_AT, damage_norm: str = DEFAULT_DAMAGE_NORM) -> tuple[np.ndarray, np.ndarray, dict]:
     """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data.
 
     AOFP ranks halves by `estimator` ('mean', 'ridge') of the damage read at `damage_at` ('next',
-    'block', 'output'; see `trial`).
+    'block', 'output'), relative per sample or over the batch (`damage_norm`; see `trial`).
     AOFP: with `checkpoint`, the search state is saved there after every round (and removed once the
     search ends); `resume` continues a saved state (same model, data and options, else InputError).
     With `tuner` (a `finetune.BasePathTuner`), the base path is fine-tuned after every half and the
@@ -350,6 +285,8 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         raise InputError(f"--estimator must be one of {', '.join(estimate.ESTIMATORS)}, got {estimator!r}")
     if damage_at not in (*DAMAGE_AT, "auto"):
         raise InputError(f"--damage-at must be one of {', '.join(DAMAGE_AT)}, auto, got {damage_at!r}")
+    if damage_norm not in DAMAGE_NORMS:
+        raise InputError(f"--damage-norm must be one of {', '.join(DAMAGE_NORMS)}, got {damage_norm!r}")
     cmap = pruner.cmap
     if not cmap.prunable:
         return cmap.full_keep(), np.zeros(0), {"trials": 0, "seconds": 0.0, "provider": None}
@@ -357,6 +294,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     # a batch the file pins in a way the working copy could not prove away: its size per run, no stacking
     pinned = bool(getattr(pruner, "pinned", None))
     damage_at, auto = damage_point.resolve(cmap, damage_at, pinned)
+    damage_norm = damage_point.resolve_norm(cmap, damage_norm)
     batches = list(pruner.data.batches(pruner.batch_size(batch_size) if pinned else batch_size))
     if pinned and len(batches) > 1:  # a short last batch would be padded to the pinned size: leave it out
         batches = [b for b in batches if len(next(iter(b.values()))) == len(next(iter(batches[0].values())))]
@@ -368,7 +306,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         if flops_target is None:
             raise InputError("--criterion oracle needs --flops-target")
         runner = Runner(masked_model(cmap), provider)
-        stack = 1 if pinned else max(1, int(budget // (_activation_bytes(cmap) * len(next(iter(batches[0].values()))))))
+        stack = 1 if pinned else max(1, int(budget // (activation_bytes(cmap) * len(next(iter(batches[0].values()))))))
         keep, scores, stats = oracle(cmap, runner, batches, flops_target=flops_target, oracle_step=oracle_step,
                                      min_channels=min_channels, stack=min(stack, 64), progress=show, cost=cost)
         used = runner.provider
@@ -377,12 +315,12 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
             if resume:
                 raise InputError("--resume cannot continue a search that fine-tunes (--finetune-steps)")
             checkpoint = None
-        engine = TrialEngine(cmap, provider, budget, devices, damage_at)
+        engine = TrialEngine(cmap, provider, budget, devices, damage_at, damage_norm)
         stack = min(trials_per_half, engine.max_stack(len(next(iter(batches[0].values())))))
         options = {"fingerprint": cmap.graph.fingerprint(), "data": data_digest(batches), "threshold": threshold,
                    "trials_per_half": trials_per_half, "flops_target": flops_target, "max_trials": max_trials,
                    "min_channels": min_channels, "seed": seed, "stack": stack, "estimator": estimator,
-                   "damage_at": damage_at}
+                   "damage_at": damage_at, "damage_norm": damage_norm}
         state = load_state(resume, options) if resume else None
         counter = iter(range(state["scalars"]["rounds"] if state else 0, 1 << 62))  # one damage call per round
 
@@ -397,7 +335,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         def adapt(keep):
             nonlocal engine
             tuner(keep)
-            engine = TrialEngine(cmap, provider, budget, devices, damage_at)  # the session holds its weights
+            engine = TrialEngine(cmap, provider, budget, devices, damage_at, damage_norm)  # the session holds its weights
 
         save = (lambda st: save_state(checkpoint, st, options)) if checkpoint else None
         keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,
@@ -405,7 +343,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
                                    seed=seed, stack=stack, estimator=estimator, progress=show, checkpoint=save,
                                    resume=state, after_half=adapt if tuner is not None else None, cost=cost)
         used = engine.provider
-        stats.settings = {"estimator": estimator, "damage_at": damage_at,
+        stats.settings = {"estimator": estimator, "damage_at": damage_at, "damage_norm": damage_norm,
                           **({"damage_at_auto": auto} if auto else {})}
         if checkpoint and os.path.exists(checkpoint):
             os.unlink(checkpoint)

@@ -20,6 +20,8 @@ Where the damage is read:
       t_g[t] = Σ_Z ‖(Z − Z_R[t])·K‖² / ‖Z·K‖²  (summed per read point, as `trial` sums consumers);
   a model output reached without a mixing layer is a read point too.
 - `output`: at the model outputs, pooled as the oracle measures, t_g[t] = Σ_o ‖y_o − y_o,R[t]‖² / Σ_o ‖y_o‖².
+Each ratio is relative per sample and averaged over the samples (floored as in `trial`), or over the
+whole batch with `damage_norm="batch"`.
 A float16 model's trial masks are cast to its type; its damages are summed in float32 (as in `trial`).
 Cost per run: one base forward on N samples plus, per group, T forwards of its downstream part.
 """
@@ -47,13 +49,13 @@ def _is_mixing(cmap: ChannelMap, node: onnx.NodeProto) -> bool:
     return True
 
 
-def build_downstream_trial_model(cmap: ChannelMap, chosen: list, damage_at: str) -> ModelData:
+def build_downstream_trial_model(cmap: ChannelMap, chosen: list, damage_at: str, damage_norm: str) -> ModelData:
     """The trial graph for `chosen` groups with damage read at `damage_at` ('block' or 'output')."""
     model = onnx.ModelProto()
     model.CopyFrom(cmap.graph.model)
     graph = model.graph
     keep = MaskInserter(cmap, KEEP_INPUT, "aofp_k")
-    b = _Builder(cmap, graph)
+    b = _Builder(cmap, graph, damage_norm)
     masked_tensor: dict[str, str] = {}  # K-mask output -> the tensor it masks
     by_node: dict[int, list] = {}
     for s in cmap.sinks:
@@ -170,20 +172,17 @@ class _Walk:
         nums, dens = [], []
         for j, (z, z_r) in enumerate(reads):
             y = b.as_float(b.node("Reshape", [z_r, b.shape_with_lead(z, drop_first=False)], f"{pre}_r{j}_y"), z)
-            ref = b.as_float(z, z)
-            diff = b.node("Sub", [y, b.unsqueeze0(ref)], f"{pre}_r{j}_d")
+            ref = b.as_float(b.unsqueeze0(z), z)
+            diff = b.node("Sub", [y, ref], f"{pre}_r{j}_d")
             if z in cmap.tensor_axis and z not in self.outputs:  # a read layer's own removed filters do not count
                 own = b.trial_mask(z, cmap.positions(z), f"{pre}_r{j}_own", source=KEEP_INPUT)
                 diff = b.node("Mul", [diff, own], f"{pre}_r{j}_dm")
-                ref = b.node("Mul", [b.unsqueeze0(ref), own], f"{pre}_r{j}_zm")
-            nums.append(b.sq_norm(diff, f"{pre}_r{j}_num", axis=1))
-            dens.append(b.sq_norm(ref, f"{pre}_r{j}_den", axis=0))
+                ref = b.node("Mul", [ref, own], f"{pre}_r{j}_zm")
+            nums.append(b.energies(diff, f"{pre}_r{j}_num"))
+            dens.append(b.energies(ref, f"{pre}_r{j}_den"))
         if pooled:
-            num = nums[0] if len(nums) == 1 else b.node("Sum", nums, f"{pre}_num")
-            den = dens[0] if len(dens) == 1 else b.node("Sum", dens, f"{pre}_den")
-            return b.node("Div", [num, b.node("Max", [den, "aofp_tiny"], f"{pre}_den_safe")], f"{pre}_t")
-        terms = [b.node("Div", [n, b.node("Max", [d, "aofp_tiny"], f"{pre}_r{j}_ds")], f"{pre}_r{j}_t")
-                 for j, (n, d) in enumerate(zip(nums, dens))]
+            return b.relative(nums, dens, f"{pre}_t")
+        terms = [b.relative([n], [d], f"{pre}_r{j}_t") for j, (n, d) in enumerate(zip(nums, dens))]
         return terms[0] if len(terms) == 1 else b.node("Sum", terms, f"{pre}_t")
 
 

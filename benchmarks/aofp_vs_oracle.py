@@ -29,7 +29,8 @@ from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.masking import masked_model
 from aofp_onnx.runtime import Runner
 from aofp_onnx.oracle import oracle, output_damage
-from aofp_onnx.search import TrialEngine, aofp
+from aofp_onnx.search import aofp
+from aofp_onnx.trial import TrialEngine
 from aofp_onnx.select import select_by_score
 from aofp_onnx.surgery import cut
 

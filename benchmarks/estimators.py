@@ -6,8 +6,10 @@ Tasks: `digits`, the narrow ResNet-20 trained here (models/resnet20_digits.onnx,
 `ocr-cls`, PaddleOCR's text-orientation classifier from the rapidocr wheel on Pillow-rendered text
 lines (benchmarks/textlines.py). All in this one run, on the same calibration samples and provider:
 
-1. per damage point (next, block, output; `auto` resolves to one of them, see aofp_onnx/damage_point.py): the same `--spearman-trials` random-half trials at full
-   width through each trial graph, and per estimator (mean; ridge at each `--ridges` λ) the Spearman
+1. per damage point (next, block, output; `auto` resolves to one of them, see aofp_onnx/damage_point.py)
+   and normalization (`--damage-norm`: relative per sample, the default, or over the batch, the paper's;
+   see aofp_onnx/trial.py): the same `--spearman-trials` random-half trials at full width through each
+   trial graph, and per estimator (mean; ridge at each `--ridges` λ) the Spearman
    rank correlation of its per-channel estimate with the oracle's first-round damage (single-channel
    ablation at the outputs), pooled over all channels and averaged within groups (groups wider than 2);
 2. per MACs target: search wall time of the oracle (one greedy run to the deepest target, timed as it
@@ -33,13 +35,13 @@ from aofp_onnx.masking import masked_model
 from aofp_onnx.oracle import oracle, output_damage
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.runtime import Runner
-from aofp_onnx.search import DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, TrialEngine, aofp
+from aofp_onnx.search import DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp
 from aofp_onnx.select import select_by_score
 from aofp_onnx.surgery import cut
-from aofp_onnx.trial import DAMAGE_AT
+from aofp_onnx.trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, TrialEngine
 from aofp_vs_oracle import spearman
 
-DEFAULT = f"{DEFAULT_ESTIMATOR}@{DEFAULT_DAMAGE_AT}"
+DEFAULT = f"{DEFAULT_ESTIMATOR}@{DEFAULT_DAMAGE_AT}/{DEFAULT_DAMAGE_NORM}"
 
 
 def task_data(name: str, args):
@@ -72,13 +74,14 @@ def run_task(name: str, args) -> list[str]:
           f"{len(cmap.groups)}, {cmap.n_slots} channels; search on {len(search_data)} samples in batches of "
           f"{args.batch}, reconstruction on {len(recon_data)}; test {len(test)} samples, original "
           f"{100 * original:.2f}%", flush=True)
-    variants = [f"{e}@{d}" for d in args.damage_at for e in args.estimators]
+    variants = [f"{e}@{d}/{n}" for d in args.damage_at for n in args.damage_norm for e in args.estimators]
     points = {d: resolve(cmap, d) for d in args.damage_at}  # auto: the point damage_point chooses
     for d, (point, auto) in points.items():
         if auto:
             print(f"   damage-at auto -> {point} (MACs ratio output/next {auto['macs_ratio']:.2f}, limit "
                   f"{auto['limit']:g})", flush=True)
-    engines = {d: TrialEngine(cmap, args.provider, damage_at=point) for d, (point, _) in points.items()}
+    engines = {f"{d}/{n}": TrialEngine(cmap, args.provider, damage_at=point, damage_norm=n)
+               for d, (point, _) in points.items() for n in args.damage_norm}
 
     def search(variant, seed, target, trials_per_half=args.trials_per_half, max_trials=None):
         est, at = variant.split("@")
@@ -96,7 +99,7 @@ def run_task(name: str, args) -> list[str]:
 
     masked = Runner(masked_model(cmap), args.provider)
     lines = []
-    spearman_points = [] if args.no_spearman else args.damage_at
+    spearman_points = [] if args.no_spearman else list(engines)
     if spearman_points:
         oracle_first = output_damage(masked, batches, cmap.full_keep(), np.arange(cmap.n_slots), 8)  # 1st round
         print(f"\n{name}: Spearman with the oracle's single-channel output damage, {args.spearman_trials} random-half "
@@ -112,7 +115,7 @@ def run_task(name: str, args) -> list[str]:
             for k, g in enumerate(cmap.prunable):
                 est[g.slots] = fn(masks[k], damage[:, k])
             within = [spearman(est[g.slots], oracle_first[g.slots]) for g in cmap.prunable if g.width > 2]
-            print(f"   {at:<7} {label:<14} {spearman(est, oracle_first):6.3f} / {np.mean(within):6.3f}   "
+            print(f"   {at:<14} {label:<14} {spearman(est, oracle_first):6.3f} / {np.mean(within):6.3f}   "
                   f"({seconds:.1f} s)", flush=True)
     targets = [] if args.spearman_only else sorted(args.keeps, reverse=True)
     oracle_runs = {}
@@ -192,6 +195,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     parser.add_argument("--damage-at", nargs="+", default=list(DAMAGE_AT), choices=[*DAMAGE_AT, "auto"])
+    parser.add_argument("--damage-norm", nargs="+", default=[DEFAULT_DAMAGE_NORM], choices=DAMAGE_NORMS)
     parser.add_argument("--samples", type=int, default=64, help="calibration samples of the searches")
     parser.add_argument("--recon-samples", type=int, default=256, help="calibration samples of the reconstruction")
     parser.add_argument("--test-samples", type=int, default=512, help="ocr-cls: rendered test lines")

@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 from aofp_onnx.batch import working_graph
 from aofp_onnx.graph import Graph
 from aofp_onnx.groups import analyze
-from aofp_onnx.search import TrialEngine
+from aofp_onnx.trial import TrialEngine
 
 
 def pinned_copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -26,8 +26,7 @@ import numpy as np
 from aofp_onnx.api import Pruner
 from aofp_onnx.masking import KEEP_INPUT, keep_feed
 from aofp_onnx.runtime import Runner
-from aofp_onnx.search import TrialEngine
-from aofp_onnx.trial import DAMAGE_OUTPUT, TRIAL_INPUT, build_trial_model
+from aofp_onnx.trial import DAMAGE_OUTPUT, TRIAL_INPUT, TrialEngine, build_trial_model
 
 
 class NaiveLoop:

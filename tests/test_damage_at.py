@@ -2,9 +2,11 @@
 against a direct computation with the masked original (`masking.masked_model`) on onnxruntime.
 
 For keep state K and trial row r, group g's trial keeps K_R = K with r's zeros on g's slots, and
-- output: t_g = Σ_o ‖y_o(K) − y_o(K_R)‖² / Σ_o ‖y_o(K)‖² over the model outputs (the oracle's measure);
+- output: t_g = rel(Σ_o ‖y_o(K) − y_o(K_R)‖², Σ_o ‖y_o(K)‖²) over the model outputs, rel the ratio per
+  sample averaged over the batch (`damage_ref`; over the whole batch with `damage_norm="batch"`: the
+  oracle's measure);
 - block: per read point Z (the first channel-mixing layer after g's consumers, or a model output),
-  ‖(Z(K) − Z(K_R))·K‖² / ‖Z(K)·K‖², summed; on the hand-built chain below the read points are known:
+  rel(‖(Z(K) − Z(K_R))·K‖², ‖Z(K)·K‖²), summed; on the hand-built chain below the read points are known:
 
     x → conv1 (3→8) → relu → depthwise (8) → relu → conv2 (8→6) → relu → conv3 (6→4) → GAP → Flatten → Gemm (4→2)
 
@@ -24,13 +26,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import zoo
 from cliutil import run_cli
+from damage_ref import relative
 from aofp_onnx import damage_point, search
 from aofp_onnx.api import Pruner
 from aofp_onnx.masking import KEEP_INPUT, masked_model
 from aofp_onnx.modeldata import ModelData
 from aofp_onnx.runtime import Runner
-from aofp_onnx.search import TrialEngine
-from aofp_onnx.trial import build_trial_model
+from aofp_onnx.trial import TrialEngine, build_trial_model
 
 MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"
 REL_TOL = 1e-4
@@ -97,9 +99,8 @@ def _direct(cm, keep, rows, feeds, reads):
             terms = []
             for tensor, slots in reads(k):
                 own = 1.0 if slots is None else keep[slots].astype(np.float64).reshape(1, -1, *[1] * (base[tensor].ndim - 2))
-                terms.append((np.sum(np.square((base[tensor] - got[tensor]) * own, dtype=np.float64)),
-                              np.sum(np.square(base[tensor] * own, dtype=np.float64))))
-            want[t, k] = sum(n / d for n, d in terms)
+                terms.append(relative([((base[tensor] - got[tensor]) * own, base[tensor] * own)]))
+            want[t, k] = sum(terms)
     return want
 
 
@@ -119,8 +120,9 @@ def test_block_damage_reads_the_first_mixing_layer_after_the_consumers(tmp_path)
     assert not np.allclose(nxt[:-1, 0], got[:-1, 0])  # conv1's next layer is conv2, its block ends at conv3
 
 
-@pytest.mark.parametrize("name", ["resnet20_digits", "mobilenet_v3"])
-def test_output_damage_equals_masked_original_runs(name, tmp_path):
+@pytest.mark.parametrize("name,norm", [("resnet20_digits", "sample"), ("mobilenet_v3", "sample"),
+                                       ("resnet20_digits", "batch")])
+def test_output_damage_equals_masked_original_runs(name, norm, tmp_path):
     if name == "resnet20_digits":
         p = Pruner.load(MODELS / f"{name}.onnx", data=str(MODELS / "mnist_calib.npz"), limit=4)
         feeds = next(p.data.batches(4))
@@ -130,7 +132,7 @@ def test_output_damage_equals_masked_original_runs(name, tmp_path):
     cm = p.cmap
     keep, rows = _keep_and_rows(cm, 0)
     outputs = [o.name for o in cm.graph.model.graph.output]
-    got = TrialEngine(cm, "cpu", damage_at="output").damage(keep, rows, feeds)
+    got = TrialEngine(cm, "cpu", damage_at="output", damage_norm=norm).damage(keep, rows, feeds)
     proto = masked_model(cm)
     runner = Runner(proto, "cpu")
     base = runner.run({**feeds, KEEP_INPUT: keep.astype(np.float32)[None]})
@@ -140,8 +142,7 @@ def test_output_damage_equals_masked_original_runs(name, tmp_path):
             trial = keep.copy()
             trial[g.slots] &= row[g.slots] > 0
             ys = runner.run({**feeds, KEEP_INPUT: trial.astype(np.float32)[None]})
-            want[t, k] = sum(np.sum(np.square(y - b, dtype=np.float64)) for y, b in zip(ys, base)) / \
-                sum(np.sum(np.square(b, dtype=np.float64)) for b in base)
+            want[t, k] = relative([(y - b, b) for y, b in zip(ys, base)], norm)
     assert len(outputs) >= 1
     np.testing.assert_allclose(got, want, rtol=REL_TOL, atol=1e-9)
     removes = _removes(cm, keep, rows)
@@ -234,3 +235,19 @@ def test_auto_reads_next_on_a_model_with_several_outputs(tmp_path):
     cmap = Pruner.load(tmp_path / "two.onnx").cmap
     point, auto = damage_point.resolve(cmap, "auto")
     assert point == "next" and auto["because"] == "2 outputs" and auto["macs_ratio"] <= damage_point.AUTO_LIMIT
+
+
+def test_damage_norm_is_chosen_on_the_command_line_and_reported(tmp_path):
+    """`--damage-norm batch` (the paper's ratio over the batch) reaches the trial graph and the report;
+    without it the damage is relative per sample. Both cuts verify."""
+    src = _chain_model(tmp_path / "chain.onnx")
+    norms = {}
+    for extra in ([], ["--damage-norm", "batch"]):
+        report = tmp_path / f"r{len(extra)}.json"
+        proc = run_cli("prune", src, "-o", tmp_path / f"out{len(extra)}.onnx", "--calib", "random:16",
+                       "--flops-target", "0.7", "--damage-at", "next", "--no-progress", "--report", report, *extra)
+        assert proc.returncode == 0, proc.stderr
+        rep = json.loads(report.read_text())
+        assert rep["verification"]["passed"]
+        norms[rep["search"]["damage_norm"]] = rep["search"]["trials"]
+    assert set(norms) == {"sample", "batch"} and min(norms.values()) > 0

@@ -16,7 +16,7 @@ import pytest
 from aofp_onnx import api
 from aofp_onnx.errors import InputError
 from aofp_onnx.pool import Device, parse_devices
-from aofp_onnx.search import TrialEngine
+from aofp_onnx.trial import TrialEngine
 from cliutil import run_cli
 
 MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"

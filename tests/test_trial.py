@@ -3,7 +3,10 @@
 As the module docstring of `trial` defines it: for a keep state K and a trial row r, the damage of
 group g is
 
-    t_g = Σ_n ‖(Z_n − Z_R,n)·K‖² / Σ_n ‖Z_n·K‖²   over g's sink nodes n and the whole batch,
+    t_g = Σ_n rel((Z_n − Z_R,n)·K, Z_n·K)   over g's sink nodes n,
+
+rel the squared error relative per sample, averaged over the batch (`damage_ref`; with
+`damage_norm="batch"`, the paper's: relative over the whole batch),
 
 where Y_n is sink n applied (one layer deep, bias included) to its K-masked input X (read from the
 masked original, `masking.masked_model`), Z_n is Y_n followed through the chain of single-consumer
@@ -25,12 +28,13 @@ import torch.nn.functional as F
 
 import zoo
 from aofp_onnx.api import Pruner
+from damage_ref import relative
+from aofp_onnx.damage_point import resolve_norm
 from aofp_onnx.channels.attrs import attr
 from aofp_onnx.modeldata import ModelData
 from aofp_onnx.masking import KEEP_INPUT, keep_feed, masked_model
 from aofp_onnx.runtime import Runner
-from aofp_onnx.search import TrialEngine
-from aofp_onnx.trial import CHAIN_OPS, DAMAGE_OUTPUT, TRIAL_INPUT, build_trial_model
+from aofp_onnx.trial import CHAIN_OPS, DAMAGE_OUTPUT, TRIAL_INPUT, TrialEngine, build_trial_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -64,7 +68,7 @@ def case(request, zoo_dir):
     name = request.param
     if name not in _CACHE:
         p, feeds = _load(name, zoo_dir)
-        _CACHE[name] = (p, feeds, TrialEngine(p.cmap, "cpu"))
+        _CACHE[name] = (p, feeds, TrialEngine(p.cmap, "cpu", damage_norm="sample"))
     return _CACHE[name]
 
 
@@ -207,8 +211,9 @@ def _response(cm, node, chain, x: np.ndarray) -> np.ndarray:
     return z
 
 
-def direct_damage(cm, keep: np.ndarray, rows: np.ndarray, feeds: dict) -> np.ndarray:
-    """[T, G]: per group, Σ_sinks ‖(Z − Z_R)·K‖² / ‖Z·K‖², every sink one layer deep from X_K."""
+def direct_damage(cm, keep: np.ndarray, rows: np.ndarray, feeds: dict, norm: str = "sample") -> np.ndarray:
+    """[T, G]: per group, Σ_sinks of the relative error of (Z − Z_R)·K to Z·K (`damage_ref`), every sink one
+    layer deep from X_K."""
     xs = _sink_inputs(cm, keep, feeds)
     out = np.zeros((len(rows), len(cm.prunable)))
     base = {}
@@ -234,7 +239,7 @@ def direct_damage(cm, keep: np.ndarray, rows: np.ndarray, feeds: dict) -> np.nda
                 shape[cm.tensor_axis[s.tensor]] = len(pos)
                 mask = np.where(inside, r[pos], 1.0).reshape(shape)
                 z_r = _response(cm, node, chain, x * mask)
-                out[t, k] += float(np.sum(((z - z_r) * own) ** 2)) / max(float(np.sum((z * own) ** 2)), 1e-30)
+                out[t, k] += relative([((z - z_r) * own, z * own)], norm)
     return out
 
 
@@ -258,19 +263,48 @@ def _random_rows(cm, keep, rng, n: int) -> np.ndarray:
 
 
 # --- tests ---------------------------------------------------------------------------------------------
-def test_trial_damage_equals_direct_computation(case):
+@pytest.mark.parametrize("norm", ["sample", "batch"])
+def test_trial_damage_equals_direct_computation(case, norm):
     p, feeds, engine = case
     cm = p.cmap
     assert cm.prunable and all(g.sinks for g in cm.prunable)
     rng = np.random.default_rng(0)
     keep = _random_keep(cm, rng)
     rows = _random_rows(cm, keep, rng, 3)
+    if norm == "batch":  # the paper's ratio over the whole batch
+        engine = TrialEngine(cm, "cpu", damage_norm="batch")
     got = engine.damage(keep, rows, feeds)
-    want = direct_damage(cm, keep, rows, feeds)
+    want = direct_damage(cm, keep, rows, feeds, norm)
     assert got.shape == want.shape == (3, len(cm.prunable))
     # (a trial may remove only dead channels, e.g. of an SE squeeze conv whose ReLU is 0: damage 0)
     assert np.all(want >= 0) and (want > 0).mean() > 0.8 and np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=REL_TOL, atol=0)
+
+
+def test_auto_normalizes_per_sample_on_classifiers_only(case, request):
+    """`--damage-norm auto`: per sample where every output is [N, C] (or [N, C, 1, 1]), else over the batch."""
+    p, _, _ = case
+    shapes = [p.cmap.graph.shape(o) for o in p.cmap.graph.outputs]
+    classifier = all(len(s) >= 2 and all(d == 1 for d in s[2:]) for s in shapes)
+    assert resolve_norm(p.cmap, "auto") == ("sample" if classifier else "batch")
+    assert resolve_norm(p.cmap, "batch") == "batch" and resolve_norm(p.cmap, "sample") == "sample"
+    expect = {"mnist_cnn": True, "resnet20_digits": True, "mobilenet_v3": True, "yolov8_neck": False, "unet": False,
+              "paddle_det_op11": False, "paddle_cls_op17": True, "densenet": True}
+    name = request.node.callspec.params["case"]
+    assert classifier == expect.get(name, classifier), (name, shapes)
+
+
+def test_per_sample_damage_is_the_mean_of_each_samples_damage(case):
+    """Relative per sample, a batch's damage is the mean of its samples' damages, each measured alone (no
+    sample's energy here is under the floor)."""
+    p, feeds, engine = case
+    cm = p.cmap
+    rng = np.random.default_rng(3)
+    keep = _random_keep(cm, rng)
+    rows = _random_rows(cm, keep, rng, 2)
+    n = len(next(iter(feeds.values())))
+    alone = [engine.damage(keep, rows, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
+    np.testing.assert_allclose(engine.damage(keep, rows, feeds), np.mean(alone, axis=0), rtol=REL_TOL, atol=1e-9)
 
 
 def test_one_channel_trials_equal_direct_computation(case):
