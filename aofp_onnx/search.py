@@ -263,7 +263,8 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
         memory_budget: int | None = None, checkpoint: str | None = None, resume: str | None = None,
         tuner=None, cost=None, devices: str | None = None, estimator: str = DEFAULT_ESTIMATOR,
-        damage_at: str = DEFAULT_DAMAGE_AT, damage_norm: str = DEFAULT_DAMAGE_NORM) -> tuple[np.ndarray, np.ndarray, dict]:
+        damage_at: str = DEFAULT_DAMAGE_AT,
+        damage_norm: str = DEFAULT_DAMAGE_NORM) -> tuple[np.ndarray, np.ndarray, dict]:
     """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data.
 
     AOFP ranks halves by `estimator` ('mean', 'ridge') of the damage read at `damage_at` ('next',
@@ -335,7 +336,8 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         def adapt(keep):
             nonlocal engine
             tuner(keep)
-            engine = TrialEngine(cmap, provider, budget, devices, damage_at, damage_norm)  # the session holds its weights
+            # the session holds its weights
+            engine = TrialEngine(cmap, provider, budget, devices, damage_at, damage_norm)
 
         save = (lambda st: save_state(checkpoint, st, options)) if checkpoint else None
         keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,

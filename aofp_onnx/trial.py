@@ -20,18 +20,17 @@ s and averaged over the N samples with `damage_norm="sample"` (what `auto` uses 
 or, with `damage_norm="batch"`, the paper's Σ(base − ablated)² / Σ base² over the whole batch,
 t_g[t] = Σ_n ‖(Z_n − Z_R,n[t])·K‖² / ‖Z_n·K‖². Over the batch, the samples with the largest responses
 dominate: at a classifier's logits those are the confident ones, and the samples near the decision
-boundary, the ones a cut flips, weigh least. On PP-OCR's MobileNetV3 text-orientation classifier at
-0.7 of the MACs, per sample kept 86.1 % test accuracy without recovery (5 seeds) where the batch ratio
-kept 74.0 % (a /tmp run; benchmarks/estimators.py: 86.1 vs 78.7 %); it no longer cut the last stage
-(200 channels, feeding the classifier) to 18-34 channels.
-The floor keeps a sample that barely excites a consumer from dominating the mean. Damages are summed
-in float32 (a float16 model's trial masks are cast to its type, its Z to float32) into the output
-`aofp_damage` [T, G]. With one consumer (the paper's setting) that is its relative error. A group read by several consumers (a
-residual stream, a concat, a split) adds theirs: pooling their squares into one ratio instead would
-weight each consumer by its output energy, so a large conv drowns a small head — the stage-3 stream of
-a ResNet-20 feeds two convs and the classifier, and with pooled ratios AOFP removed 38 of its 128
-channels where the oracle removes 9 (benchmarks/aofp_vs_oracle.py, slimmed network). Cost of one run:
-one base forward on N samples plus T forwards of the consumers, instead of T full forwards.
+boundary, the ones a cut flips, weigh least: on PP-OCR's MobileNetV3 text-orientation classifier the
+batch ratio cut the last stage (200 channels, feeding the classifier) to 18-34 channels (figures in
+`damage_point`). The floor keeps a sample that barely excites a consumer from dominating the mean.
+Damages are summed in float32 (a float16 model's trial masks are cast to its type, its Z to float32)
+into the output `aofp_damage` [T, G]. With one consumer (the paper's setting) that is its relative
+error. A group read by several consumers (a residual stream, a concat, a split) adds theirs: pooling
+their squares into one ratio instead would weight each consumer by its output energy, so a large conv
+drowns a small head — the stage-3 stream of a ResNet-20 feeds two convs and the classifier, and with
+pooled ratios AOFP removed 38 of its 128 channels where the oracle removes 9 (benchmarks/aofp_vs_oracle.py,
+slimmed network). Cost of one run: one base forward on N samples plus T forwards of the consumers,
+instead of T full forwards.
 """
 from __future__ import annotations
 
@@ -76,6 +75,8 @@ class _Builder:
         self.const("aofp_int_max", np.array([INT64_MAX], np.int64))
         self.const("aofp_tiny", np.array(TINY, np.float32))
         self.const("aofp_floor", np.array(SAMPLE_FLOOR, np.float32))
+        self.const("aofp_two", np.array([2], np.int64))
+        self.const("aofp_per_sample", np.array([0, 0, -1], np.int64))  # [L, N, ..] -> [L, N, rest]
 
     def const(self, name: str, value: np.ndarray) -> str:
         self.inits.append(onnx.numpy_helper.from_array(value, name))
@@ -110,16 +111,16 @@ class _Builder:
         return self._cache[key]
 
     def reduce(self, op: str, x: str, out: str, axis: int, keepdims: int = 1) -> str:
+        """`op` over axis 1 or 2 of x."""
         if self.opset >= 18:  # reductions take their axes as an input from opset 18
-            return self.node(op, [x, "aofp_one" if axis == 1 else self.const(f"{out}_axes", np.array([axis], np.int64))], out,
-                             keepdims=keepdims)
+            return self.node(op, [x, {1: "aofp_one", 2: "aofp_two"}[axis]], out, keepdims=keepdims)
         return self.node(op, [x], out, axes=[axis], keepdims=keepdims)
 
     def energies(self, x: str, out: str) -> str:
         """Σ of squares of x [L, N, ..] (trials or 1, samples, ..): per sample [L, N] when damages are
         relative per sample, else over the batch [L, 1]."""
         if self.per_sample:
-            flat = self.node("Reshape", [x, self.const(f"{out}_shape", np.array([0, 0, -1], np.int64))], f"{out}_flat")
+            flat = self.node("Reshape", [x, "aofp_per_sample"], f"{out}_flat")
             return self.reduce("ReduceSumSquare", flat, out, axis=2, keepdims=0)
         return self.reduce("ReduceSumSquare", self.node("Flatten", [x], f"{out}_flat", axis=1), out, axis=1)
 

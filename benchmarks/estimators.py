@@ -7,11 +7,12 @@ Tasks: `digits`, the narrow ResNet-20 trained here (models/resnet20_digits.onnx,
 lines (benchmarks/textlines.py). All in this one run, on the same calibration samples and provider:
 
 1. per damage point (next, block, output; `auto` resolves to one of them, see aofp_onnx/damage_point.py)
-   and normalization (`--damage-norm`: relative per sample, the default, or over the batch, the paper's;
-   see aofp_onnx/trial.py): the same `--spearman-trials` random-half trials at full width through each
-   trial graph, and per estimator (mean; ridge at each `--ridges` λ) the Spearman
-   rank correlation of its per-channel estimate with the oracle's first-round damage (single-channel
-   ablation at the outputs), pooled over all channels and averaged within groups (groups wider than 2);
+   and normalization (`--damage-norm`: relative per sample, over the batch (the paper's), or auto, the
+   default: per sample on these classifiers; see aofp_onnx/trial.py and damage_point.py): the same
+   `--spearman-trials` random-half trials at full width through each trial graph, and per estimator
+   (mean; ridge at each `--ridges` λ) the Spearman rank correlation of its per-channel estimate with
+   the oracle's first-round damage (single-channel ablation at the outputs), pooled over all channels and
+   averaged within groups (groups wider than 2);
 2. per MACs target: search wall time of the oracle (one greedy run to the deepest target, timed as it
    passes the milder ones: the same as a run to each) and of every AOFP variant (median over seeds);
 3. per MACs target, test accuracy of the cut without recovery and after least-squares reconstruction

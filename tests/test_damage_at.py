@@ -239,7 +239,7 @@ def test_auto_reads_next_on_a_model_with_several_outputs(tmp_path):
 
 def test_damage_norm_is_chosen_on_the_command_line_and_reported(tmp_path):
     """`--damage-norm batch` (the paper's ratio over the batch) reaches the trial graph and the report;
-    without it the damage is relative per sample. Both cuts verify."""
+    without it `auto` reads it relative per sample (the chain is a classifier). Both cuts verify."""
     src = _chain_model(tmp_path / "chain.onnx")
     norms = {}
     for extra in ([], ["--damage-norm", "batch"]):
