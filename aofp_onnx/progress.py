@@ -87,7 +87,8 @@ class SearchProgress:
         threshold = getattr(stats, "threshold", None)
         if self.threshold is not None and threshold and threshold != self.threshold:
             self._line(f"{self.kind}: every group saturated before the target at MACs x{macs_ratio:.3f}: "
-                       f"threshold raised {self.threshold:.3g} -> {threshold:.3g}, searching all groups again",
+                       f"threshold raised {self.threshold:.3g} -> {threshold:.3g}, "
+                       "the groups it lets through search again",
                        True, own_line=True)
         self.threshold = threshold
         elapsed = time.perf_counter() - self.start

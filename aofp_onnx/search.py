@@ -10,7 +10,8 @@ with granu = ⌊|S_g|/2⌋, if the granu-th smallest estimate is below the thres
 are pruned and the search restarts on K_g; else, if granu > 1, S_g shrinks to its granu best (binary
 search); else g is saturated. All groups search at once; the run stops at the target (the last
 prune is trimmed to land on it), when every group is saturated (with a target, the threshold then
-doubles and the search goes on), or at `max_trials`. The target counts
+grows by `THRESHOLD_GROWTH`, and the groups whose recorded trials pass it search again, see
+`_Group.retrace`), or at `max_trials`. The target counts
 MACs, or whatever `cost(keep)` (the remaining fraction) counts: a latency table's estimate. The exact
 oracle is in `oracle`.
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import damage_point, estimate
+from .cost import TensorWidths
 from .errors import InputError
 from .estimate import UNMEASURED
 from .groups import ChannelMap
@@ -33,18 +35,20 @@ from .masking import masked_model
 from .progress import SearchProgress
 from .runtime import Runner
 from .select import floor_for
-from .statefile import data_digest, load_state, save_state
+from .statefile import STATE_FORMAT, data_digest, load_state, restore, save_state, snapshot
 from .trial import (DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY_BUDGET, TrialEngine,
                     activation_bytes)
 
 DEFAULT_ESTIMATOR = "mean"
+THRESHOLD_GROWTH = 1.25  # the raise when every group saturated before the target (README: figures)
 DEFAULT_DAMAGE_AT = "auto"  # see damage_point
 
 
 @dataclass
 class _Group:
-    """One group's search: kept set and search space (local indices), and the trials in the space so far
-    (`masks` [T, width], True where trial t removed the channel; `damage` [T])."""
+    """One group's search: kept set and search space (local indices), and the trials since its last prune
+    (`masks` [T, width], True where trial t removed the channel; `damage` [T]; `levels` [T], the depth of
+    the binary search each was made at; `level`, the current depth)."""
     slots: np.ndarray
     floor: int
     estimator: str = DEFAULT_ESTIMATOR
@@ -52,10 +56,10 @@ class _Group:
     space: np.ndarray = None
     masks: np.ndarray = None
     damage: np.ndarray = None
+    levels: np.ndarray = None
+    level: int = 0
     score: np.ndarray = None
-    trials: int = 0
     saturated: bool = False
-    halvings: int = 0
 
     def __post_init__(self):
         w = len(self.slots)
@@ -64,14 +68,21 @@ class _Group:
         self.restart()
 
     def restart(self):
-        self.space = np.flatnonzero(self.kept)
-        self.forget()
-        self.saturated = len(self.space) < 2 or int(self.kept.sum()) <= self.floor
-
-    def forget(self):
+        """Search the whole kept set afresh (at the start and after a prune)."""
         self.masks = np.zeros((0, len(self.slots)), dtype=bool)
         self.damage = np.zeros(0)
-        self.trials = 0
+        self.levels = np.zeros(0, dtype=np.int64)
+        self._top()
+
+    def _top(self):
+        self.space = np.flatnonzero(self.kept)
+        self.level = 0
+        self.saturated = len(self.space) < 2 or int(self.kept.sum()) <= self.floor
+
+    @property
+    def trials(self) -> int:
+        """Trials made at the current depth."""
+        return int((self.levels == self.level).sum())
 
     def record(self, removed: np.ndarray, damage: np.ndarray):
         """Add trials: `removed` [T, h] local indices each trial removed, `damage` [T]."""
@@ -79,13 +90,41 @@ class _Group:
         np.put_along_axis(masks, removed, True, axis=1)
         self.masks = np.concatenate([self.masks, masks])
         self.damage = np.concatenate([self.damage, damage])
-        self.trials += len(removed)
+        self.levels = np.concatenate([self.levels, np.full(len(removed), self.level)])
 
     def estimates(self) -> np.ndarray:
         """Per local channel, the estimated damage (`estimate`) over the space; UNMEASURED elsewhere."""
         out = np.full(len(self.slots), UNMEASURED)
-        out[self.space] = estimate.scores(self.estimator, self.masks[:, self.space], self.damage)
+        at = self.levels == self.level
+        out[self.space] = estimate.scores(self.estimator, self.masks[at][:, self.space], self.damage[at])
         return out
+
+    def half(self, means: np.ndarray, threshold: float) -> tuple[np.ndarray, bool]:
+        """The better half of the space by `means` (⌊|S|/2⌋ channels, lowest first), and whether it passes:
+        its worst estimate under the threshold and the floor kept without it."""
+        cand = self.space[np.argsort(means[self.space], kind="stable")][:len(self.space) // 2]
+        passes = len(cand) >= 1 and means[cand[-1]] < threshold and int(self.kept.sum()) - len(cand) >= self.floor
+        return cand, passes
+
+    def descend(self, cand: np.ndarray):
+        self.space = cand
+        self.level += 1
+
+    def retrace(self, threshold: float):
+        """After the threshold rose: follow the search since the last prune again on its recorded trials. If
+        a depth's half now passes, the group searches again from its whole kept set on fresh trials (other
+        groups' widths changed since); else it stays saturated at no cost (restarting every group made
+        each raise cost a search of every group, most of them repeating what was recorded)."""
+        self._top()
+        while not self.saturated and self.trials:
+            cand, passes = self.half(self.estimates(), threshold)
+            if passes:
+                self.restart()
+                return
+            if len(cand) > 1:
+                self.descend(cand)
+            else:
+                self.saturated = True
 
 
 @dataclass
@@ -117,11 +156,12 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
     rng = np.random.default_rng(seed)
     groups = [_Group(g.slots, floor_for(g.width, min_channels), estimator) for g in cmap.prunable]
     keep = cmap.full_keep()
-    cost = cost or _macs_ratio(cmap)
+    macs_ratio = _macs_ratio(cmap)
+    cost = cost or macs_ratio
     goal = flops_target
     stats = SearchStats(threshold=threshold)
     if resume is not None:
-        threshold = _restore(resume, groups, keep, rng, stats)
+        threshold = restore(resume, groups, keep, rng, stats)
     start = time.perf_counter() - stats.seconds
     while True:
         if goal is not None and cost(keep) <= goal:
@@ -132,10 +172,10 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
         if not active:
             if goal is None or threshold > 1e6:
                 break
-            threshold *= 2  # a target the threshold cannot reach: loosen it and search again
+            threshold *= THRESHOLD_GROWTH  # a target the threshold cannot reach
             stats.threshold = threshold  # the progress line says so
             for g in groups:
-                g.restart()
+                g.retrace(threshold)
             continue
         t = min(stack, min(trials_per_half - groups[k].trials for k in active))
         if max_trials is not None:
@@ -165,14 +205,14 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
             if goal is not None and cost(keep) <= goal:
                 break
             _decide(groups[k], keep, cost, threshold, goal)
-        stats.history.append((stats.trials, cmap.macs(keep) / max(cmap.total_macs, 1)))
+        stats.history.append((stats.trials, macs_ratio(keep)))
         if after_half is not None and decided:
             after_half(keep)
         if checkpoint is not None:
             stats.seconds = time.perf_counter() - start
-            checkpoint(_snapshot(groups, keep, rng, stats, threshold))
+            checkpoint(snapshot(groups, keep, rng, stats, threshold))
         if progress:
-            progress(stats, cmap.macs(keep) / max(cmap.total_macs, 1), sum(not g.saturated for g in groups), len(groups))
+            progress(stats, macs_ratio(keep), sum(not g.saturated for g in groups), len(groups))
     stats.seconds = time.perf_counter() - start
     stats.threshold = threshold
     scores = np.zeros(cmap.n_slots)
@@ -181,60 +221,25 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: 
     return keep, scores, stats
 
 
-_GROUP_FIELDS = ("kept", "space", "masks", "damage", "score")
-
-
-def _snapshot(groups: list[_Group], keep: np.ndarray, rng, stats: SearchStats, threshold: float) -> dict:
-    """The search state after a round: arrays per group plus the scalars, the RNG state and the counters."""
-    state = {"keep": keep.copy(), "first_half_damage": stats.first_half_damage,
-             "scalars": {"threshold": threshold, "trials": stats.trials, "rounds": stats.rounds,
-                         "seconds": stats.seconds, "rng": rng.bit_generator.state,
-                         "groups": [{"trials": g.trials, "saturated": g.saturated, "halvings": g.halvings}
-                                    for g in groups]}}
-    for k, g in enumerate(groups):
-        for name in _GROUP_FIELDS:
-            state[f"g{k}_{name}"] = getattr(g, name).copy()
-    return state
-
-
-def _restore(state: dict, groups: list[_Group], keep: np.ndarray, rng, stats: SearchStats) -> float:
-    scalars = state["scalars"]
-    if len(scalars["groups"]) != len(groups):
-        raise InputError("the search state does not match this model's channel groups")
-    for k, (g, extra) in enumerate(zip(groups, scalars["groups"])):
-        for name in _GROUP_FIELDS:
-            setattr(g, name, np.array(state[f"g{k}_{name}"]))
-        g.trials, g.saturated, g.halvings = extra["trials"], extra["saturated"], extra["halvings"]
-    keep[:] = state["keep"]
-    rng.bit_generator.state = scalars["rng"]
-    stats.trials, stats.rounds, stats.seconds = scalars["trials"], scalars["rounds"], scalars["seconds"]
-    if state.get("first_half_damage") is not None:
-        stats.first_half_damage = np.array(state["first_half_damage"])
-    return scalars["threshold"]
-
-
 def _decide(g: _Group, keep: np.ndarray, cost, threshold: float, goal: float | None) -> None:
     means = g.estimates()
     g.score[g.space] = means[g.space]
-    order = g.space[np.argsort(means[g.space], kind="stable")]
-    granu = len(order) // 2
-    cand = order[:granu]
-    g.halvings += 1
-    if granu >= 1 and means[cand[-1]] < threshold and int(g.kept.sum()) - granu >= g.floor:
+    cand, passes = g.half(means, threshold)
+    if passes:
         if goal is not None:
             cand = _trim_to_goal(cand, g, keep, cost, goal)
         g.kept[cand] = False
         keep[g.slots[cand]] = False
         g.restart()
-    elif granu > 1:
-        g.space = cand
-        g.forget()
+    elif len(cand) > 1:
+        g.descend(cand)
     else:
         g.saturated = True
 
 
 def _macs_ratio(cmap: ChannelMap):
-    return lambda keep: cmap.macs(keep) / max(cmap.total_macs, 1)
+    """keep -> MACs(keep) / MACs(full), vectorized (`cost.TensorWidths`): the search asks it every round."""
+    return TensorWidths(cmap).macs_ratio
 
 
 def _trim_to_goal(cand: np.ndarray, g: _Group, keep: np.ndarray, cost, goal: float) -> np.ndarray:
@@ -254,8 +259,6 @@ def _trim_to_goal(cand: np.ndarray, g: _Group, keep: np.ndarray, cost, goal: flo
         else:
             lo = mid + 1
     return cand[:lo]
-
-
 
 
 def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1, seed: int = 0,
@@ -318,7 +321,8 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
             checkpoint = None
         engine = TrialEngine(cmap, provider, budget, devices, damage_at, damage_norm)
         stack = min(trials_per_half, engine.max_stack(len(next(iter(batches[0].values())))))
-        options = {"fingerprint": cmap.graph.fingerprint(), "data": data_digest(batches), "threshold": threshold,
+        options = {"state_format": STATE_FORMAT, "fingerprint": cmap.graph.fingerprint(),
+                   "data": data_digest(batches), "threshold": threshold,
                    "trials_per_half": trials_per_half, "flops_target": flops_target, "max_trials": max_trials,
                    "min_channels": min_channels, "seed": seed, "stack": stack, "estimator": estimator,
                    "damage_at": damage_at, "damage_norm": damage_norm}

@@ -11,6 +11,39 @@ import numpy as np
 from .errors import InputError
 from .io import write_atomic
 
+STATE_FORMAT = 2  # 2: each group's trials of every depth since its last prune (the search's retrace)
+_GROUP_FIELDS = ("kept", "space", "masks", "damage", "levels", "score")
+
+
+def snapshot(groups: list, keep: np.ndarray, rng, stats, threshold: float) -> dict:
+    """The search state after a round (`search._Group`s, `search.SearchStats`): arrays per group plus the
+    scalars, the RNG state and the counters."""
+    state = {"keep": keep.copy(), "first_half_damage": stats.first_half_damage,
+             "scalars": {"threshold": threshold, "trials": stats.trials, "rounds": stats.rounds,
+                         "seconds": stats.seconds, "rng": rng.bit_generator.state,
+                         "groups": [{"level": g.level, "saturated": g.saturated} for g in groups]}}
+    for k, g in enumerate(groups):
+        for name in _GROUP_FIELDS:
+            state[f"g{k}_{name}"] = getattr(g, name).copy()
+    return state
+
+
+def restore(state: dict, groups: list, keep: np.ndarray, rng, stats) -> float:
+    """Put a snapshot back into the search's groups, keep vector, RNG and stats; the threshold it had."""
+    scalars = state["scalars"]
+    if len(scalars["groups"]) != len(groups):
+        raise InputError("the search state does not match this model's channel groups")
+    for k, (g, extra) in enumerate(zip(groups, scalars["groups"])):
+        for name in _GROUP_FIELDS:
+            setattr(g, name, np.array(state[f"g{k}_{name}"]))
+        g.level, g.saturated = extra["level"], extra["saturated"]
+    keep[:] = state["keep"]
+    rng.bit_generator.state = scalars["rng"]
+    stats.trials, stats.rounds, stats.seconds = scalars["trials"], scalars["rounds"], scalars["seconds"]
+    if state.get("first_half_damage") is not None:
+        stats.first_half_damage = np.array(state["first_half_damage"])
+    return scalars["threshold"]
+
 
 def save_state(path, state: dict, options: dict) -> None:
     """Write a search state (and the options it belongs to) atomically as .npz."""

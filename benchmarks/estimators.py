@@ -30,7 +30,7 @@ import numpy as np
 from aofp_onnx.api import Pruner, accuracy
 from aofp_onnx.calib import input_specs, load_data
 from aofp_onnx.criteria import l1_scores, random_scores
-from aofp_onnx.damage_point import resolve
+from aofp_onnx.damage_point import resolve, resolve_norm
 from aofp_onnx.estimate import ESTIMATORS, RIDGE, mean_scores, ridge_scores
 from aofp_onnx.masking import masked_model
 from aofp_onnx.oracle import oracle, output_damage
@@ -155,16 +155,19 @@ def run_task(name: str, args) -> list[str]:
             ratio = f"x{oracle_s / sec:.1f}" if sec > 0 and label != "oracle" else ""
             print(f"   {label:<22} {a[:, 0].mean():7.2f}% ({a[:, 0].min():6.2f}%) {a[:, 1].mean():7.2f}% "
                   f"({a[:, 1].min():6.2f}%) {sec:9.1f} {ratio:>9}")
-        if f"aofp {DEFAULT}" not in rows:  # the default variant was not run: no checks
+        # the default variant, also when run under the names auto resolves to (e.g. --damage-norm sample batch)
+        default = next((key for key in (f"aofp {DEFAULT}", f"aofp {DEFAULT_ESTIMATOR}@{DEFAULT_DAMAGE_AT}/"
+                                        f"{resolve_norm(cmap, DEFAULT_DAMAGE_NORM)}") if key in rows), None)
+        if default is None:  # the default variant was not run: no checks
             continue
-        d = rows[f"aofp {DEFAULT}"]
+        d = rows[default]
         mean = lambda key, k: float(np.mean(np.array(rows[key][0])[:, k]))  # noqa: E731
         for k, kind in ((0, "no recovery"), (1, "reconstructed")):
-            aofp_acc = mean(f"aofp {DEFAULT}", k)
+            aofp_acc = mean(default, k)
             lines.append(f"{name} x{target} {kind}: AOFP {100 * aofp_acc:.2f}% >= L1 {100 * mean('l1', k):.2f}%: "
                          f"{aofp_acc >= mean('l1', k)}; >= random {100 * mean('random', k):.2f}%: "
                          f"{aofp_acc >= mean('random', k)}")
-        gap = 100 * (mean("oracle", 0) - mean(f"aofp {DEFAULT}", 0))
+        gap = 100 * (mean("oracle", 0) - mean(default, 0))
         speed = oracle_s / statistics.median(d[1])
         lines.append(f"{name} x{target}: oracle - AOFP (no recovery) {gap:.2f} points (<= 2: {gap <= 2}); "
                      f"search x{speed:.1f} faster (>= 10: {speed >= 10})")

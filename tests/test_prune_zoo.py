@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 import reference_macs
 import zoo
+from aofp_onnx.cost import TensorWidths
 from aofp_onnx.graph import Graph, fold_constants, load_model
 from aofp_onnx.groups import analyze
 from aofp_onnx.masking import KEEP_INPUT, masked_model
@@ -235,6 +236,8 @@ def test_random_plan_cut(cases, name, seed):
     # MACs: predicted == independently counted on the pruned file; strictly fewer than before
     assert cm.macs(keep) == reference_macs.count_macs(pruned, case.feeds)
     assert cm.macs(keep) < cm.total_macs
+    # the searches' vectorized MACs ratio is the same count
+    assert TensorWidths(cm).macs_ratio(keep) == pytest.approx(cm.macs(keep) / cm.total_macs, rel=1e-9)
     # params: strictly fewer (something was removed)
     assert reference_macs.count_params(pruned) < reference_macs.count_params(case.original)
     # widths: every channel tensor and every filter bank has the planned width

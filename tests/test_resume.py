@@ -70,11 +70,13 @@ def fake_damage(cmap, seed=5):
     return damage
 
 
-@pytest.mark.parametrize("stop_at", [1, 5, 23])
-def test_resume_from_any_round_matches_the_uninterrupted_search(stop_at):
+# at 0.1 the threshold is first raised after round 455, seven times in all (0.01 -> 0.0477)
+@pytest.mark.parametrize("target, stop_at", [(0.5, 1), (0.5, 5), (0.5, 23), (0.1, 456), (0.1, 650)])
+def test_resume_from_any_round_matches_the_uninterrupted_search(target, stop_at):
     cmap = Pruner.load(ROOT / "models" / "mnist_cnn.onnx").cmap
     damage = fake_damage(cmap)
-    full_keep, full_scores, full = search.aofp(cmap, damage, flops_target=0.5, seed=3, stack=4)
+    full_keep, full_scores, full = search.aofp(cmap, damage, flops_target=target, seed=3, stack=4)
+    assert full.threshold == (0.01 if target == 0.5 else pytest.approx(0.01 * 1.25 ** 7))
     calls = {"n": 0}
 
     def interrupted(keep, rows):
@@ -86,11 +88,11 @@ def test_resume_from_any_round_matches_the_uninterrupted_search(stop_at):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "state.npz"
         with pytest.raises(KeyboardInterrupt):
-            search.aofp(cmap, interrupted, flops_target=0.5, seed=3, stack=4,
+            search.aofp(cmap, interrupted, flops_target=target, seed=3, stack=4,
                         checkpoint=lambda s: statefile.save_state(path, s, {"seed": 3}))
         state = statefile.load_state(path, {"seed": 3})
     assert state["scalars"]["rounds"] == stop_at
-    keep, scores, resumed = search.aofp(cmap, damage, flops_target=0.5, seed=3, stack=4, resume=state)
+    keep, scores, resumed = search.aofp(cmap, damage, flops_target=target, seed=3, stack=4, resume=state)
     assert np.array_equal(keep, full_keep)
     assert np.array_equal(scores, full_scores)
     assert (resumed.trials, resumed.rounds) == (full.trials, full.rounds)

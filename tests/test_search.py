@@ -221,8 +221,27 @@ def test_unreachable_threshold_loosens_until_the_target_holds(cmap):
     keep, _, stats = search.aofp(cmap, fake, threshold=0.01, trials_per_half=8, flops_target=0.3, seed=0, stack=8)
     goal = 0.3 * cmap.total_macs
     assert cmap.macs(keep) <= goal and _one_channel_back_exceeds(cmap, keep, goal)
-    assert stats.threshold > 0.01  # doubled at least once
+    assert stats.threshold > 0.01  # raised at least once
     assert 3 not in np.flatnonzero(keep)
+
+
+def test_a_raised_threshold_retraces_the_recorded_search(cmap):
+    """All channels equal: a half of |S| removed from K costs |S|/2 / |K| in every trial, so the first search
+    saturates both groups (8: |S| = 8, 4, 2; 16: 16, 8, 4, 2; 4 rounds, 32 trials) with the 16-wide group's
+    last depth at 1/16. Raised by 1.25 each time, the threshold first passes a recorded depth at
+    0.01·1.25⁹ ≈ 0.075 > 1/16: the 8 raises before cost no trial, and the next round searches the 16-wide
+    group again from its whole kept set; the 8-wide group (its last depth at 1/8) waits for 1.25¹²."""
+    assert search.THRESHOLD_GROWTH == 1.25
+    fake = FakeDamage(cmap, _importance(cmap, []))
+    seen = []
+    keep, _, stats = search.aofp(cmap, fake, threshold=0.01, trials_per_half=8, flops_target=0.8, seed=0, stack=8,
+                                 progress=lambda st, *_: seen.append((st.trials, st.threshold)))
+    assert seen[:4] == [(8, 0.01), (16, 0.01), (24, 0.01), (32, 0.01)]
+    assert seen[4] == (40, pytest.approx(0.01 * 1.25 ** 9))
+    rows = fake.calls[4][1]
+    assert len(rows) == 8 and rows[:, :8].all()  # the 8-wide group stays saturated
+    assert (rows[:, 8:24] == 0).sum(axis=1).tolist() == [8] * 8  # fresh halves of the 16 kept channels
+    assert cmap.macs(keep) <= 0.8 * cmap.total_macs
 
 
 def test_max_trials_stops_the_search(cmap):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import stat
 import subprocess
 import sys
@@ -223,7 +224,8 @@ def _tiny_cmap(tmp_path):
 
 def test_search_line_shows_target_eta_and_threshold_raises(tmp_path, capsys):
     """Every channel equally important (a trial's damage = the share of the group it removes): nothing is
-    under the threshold 0.01, every group saturates, and the threshold doubles until a half goes."""
+    under the threshold 0.01, every group saturates, and the threshold grows until a half goes (raises
+    between two rounds are said once)."""
     cm = _tiny_cmap(tmp_path)
 
     def damage(keep, rows):
@@ -236,9 +238,12 @@ def test_search_line_shows_target_eta_and_threshold_raises(tmp_path, capsys):
     show.close()  # in a log, the final status is written even when the 10-round rhythm skipped it
     err = capsys.readouterr().err.splitlines()
     raises = [line for line in err if "threshold raised" in line]
-    assert len(raises) == round(np.log2(stats.threshold / 0.01)) >= 3  # 0.01 → 0.08 or more, each one said
     assert raises[0].startswith("aofp: every group saturated before the target at MACs x1.000: threshold raised "
-                                "0.01 -> 0.02")
+                                "0.01 -> ")
+    raised = [float(re.search(r"-> (\S+),", line).group(1)) for line in raises]
+    assert raised == sorted(raised) and raised[-1] == pytest.approx(stats.threshold, rel=1e-2)
+    steps = np.log(np.array(raised) / 0.01) / np.log(search.THRESHOLD_GROWTH)  # whole raises of 1.25 each
+    assert np.allclose(steps, np.round(steps), atol=0.05) and steps[-1] >= 3
     status = [line for line in err if "trials" in line]
     assert status[0].startswith("aofp: 4 trials, MACs x1.000 (target x0.500), 2/2 groups searching, ")
     assert status[-1].startswith(f"aofp: {stats.trials} trials, MACs x{cm.macs(keep) / cm.total_macs:.3f} ")
