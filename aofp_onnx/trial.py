@@ -124,6 +124,19 @@ class _Builder:
             return self.reduce("ReduceSumSquare", flat, out, axis=2, keepdims=0)
         return self.reduce("ReduceSumSquare", self.node("Flatten", [x], f"{out}_flat", axis=1), out, axis=1)
 
+    def read(self, z: str, z_r: str, pre: str, own: bool = True) -> tuple[str, str]:
+        """`energies` of a read point's trial difference and of its base, in float32: z_r is the stacked
+        copy of z ([T·N, ..]); with `own`, both are masked by K where z carries channels (a read layer's own
+        removed filters do not count)."""
+        y = self.as_float(self.node("Reshape", [z_r, self.shape_with_lead(z, drop_first=False)], f"{pre}_y"), z)
+        ref = self.as_float(self.unsqueeze0(z), z)
+        diff = self.node("Sub", [y, ref], f"{pre}_d")
+        if own and z in self.cmap.tensor_axis:
+            mask = self.trial_mask(z, self.cmap.positions(z), f"{pre}_own", source=KEEP_INPUT)
+            diff = self.node("Mul", [diff, mask], f"{pre}_dm")
+            ref = self.node("Mul", [ref, mask], f"{pre}_zm")
+        return self.energies(diff, f"{pre}_num"), self.energies(ref, f"{pre}_den")
+
     def relative(self, nums: list[str], dens: list[str], out: str) -> str:
         """[T, 1] damage from `energies` of the differences [T, ·] and of the base [1, ·]: Σnums / Σdens, or
         per sample the mean over n of Σnums[:, n] / max(Σdens[n], SAMPLE_FLOOR · mean_m Σdens[m])."""
@@ -220,15 +233,8 @@ def build_trial_model(cmap: ChannelMap, groups: list[str] | None = None, damage_
                     follow.output.append(f"{base}_chain{step}_out")
                     b.nodes.append(follow)
                     z, z_r = follower.output[0], f"{base}_chain{step}_out"
-                z_r = b.node("Reshape", [z_r, b.shape_with_lead(z, drop_first=False)], f"{base}_y")
-                ref = b.as_float(b.unsqueeze0(z), z)
-                diff = b.node("Sub", [b.as_float(z_r, z), ref], f"{base}_d")
-                if z in cmap.tensor_axis:  # the consumer's own removed filters do not count
-                    own = b.trial_mask(z, cmap.positions(z), f"{base}_own", source=KEEP_INPUT)
-                    diff = b.node("Mul", [diff, own], f"{base}_dm")
-                    ref = b.node("Mul", [ref, own], f"{base}_zm")
-                terms[g.id].append(b.relative([b.energies(diff, f"{base}_num")], [b.energies(ref, f"{base}_den")],
-                                              f"{base}_t"))
+                num, den = b.read(z, z_r, base)  # the consumer's own removed filters do not count
+                terms[g.id].append(b.relative([num], [den], f"{base}_t"))
                 pending.setdefault(z, []).extend(b.nodes)
                 b.nodes = []
         nodes.extend(pending.pop(node.output[0], []))

@@ -166,20 +166,12 @@ class _Walk:
         return z, local[z]
 
     def _damage(self, reads: list[tuple[str, str]], pre: str, pooled: bool) -> str:
-        b, cmap = self.b, self.cmap
+        b = self.b
         if not reads:  # nothing downstream reads g: free to remove
             return _zeros_per_trial(b, pre)
-        nums, dens = [], []
-        for j, (z, z_r) in enumerate(reads):
-            y = b.as_float(b.node("Reshape", [z_r, b.shape_with_lead(z, drop_first=False)], f"{pre}_r{j}_y"), z)
-            ref = b.as_float(b.unsqueeze0(z), z)
-            diff = b.node("Sub", [y, ref], f"{pre}_r{j}_d")
-            if z in cmap.tensor_axis and z not in self.outputs:  # a read layer's own removed filters do not count
-                own = b.trial_mask(z, cmap.positions(z), f"{pre}_r{j}_own", source=KEEP_INPUT)
-                diff = b.node("Mul", [diff, own], f"{pre}_r{j}_dm")
-                ref = b.node("Mul", [ref, own], f"{pre}_r{j}_zm")
-            nums.append(b.energies(diff, f"{pre}_r{j}_num"))
-            dens.append(b.energies(ref, f"{pre}_r{j}_den"))
+        # a read layer's own removed filters do not count; a model output counts whole
+        nums, dens = zip(*(b.read(z, z_r, f"{pre}_r{j}", own=z not in self.outputs)
+                           for j, (z, z_r) in enumerate(reads)))
         if pooled:
             return b.relative(nums, dens, f"{pre}_t")
         terms = [b.relative([n], [d], f"{pre}_r{j}_t") for j, (n, d) in enumerate(zip(nums, dens))]
