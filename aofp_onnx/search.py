@@ -40,6 +40,7 @@ from .trial import (DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY
                     activation_bytes)
 
 DEFAULT_ESTIMATOR = "mean"
+DEFAULT_THRESHOLD = 0.01  # relative damage a half may do (the paper's ε; --threshold)
 THRESHOLD_GROWTH = 1.25  # the raise when every group saturated before the target (README: figures)
 DEFAULT_DAMAGE_AT = "auto"  # see damage_point
 
@@ -142,7 +143,7 @@ class SearchStats:
         return {**out, "threshold": self.threshold} if self.threshold else out
 
 
-def aofp(cmap: ChannelMap, damage, *, threshold: float = 0.01, trials_per_half: int = 8,
+def aofp(cmap: ChannelMap, damage, *, threshold: float = DEFAULT_THRESHOLD, trials_per_half: int = 8,
          flops_target: float | None = None, max_trials: int | None = None, min_channels: int = 1,
          seed: int = 0, stack: int = 8, estimator: str = DEFAULT_ESTIMATOR, progress=None, checkpoint=None,
          resume: dict | None = None, after_half=None, cost=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
@@ -262,7 +263,7 @@ def _trim_to_goal(cand: np.ndarray, g: _Group, keep: np.ndarray, cost, goal: flo
 
 
 def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1, seed: int = 0,
-        provider: str = "auto", batch_size: int = 32, threshold: float = 0.01, trials_per_half: int = 8,
+        provider: str = "auto", batch_size: int = 32, threshold: float = DEFAULT_THRESHOLD, trials_per_half: int = 8,
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
         memory_budget: int | None = None, checkpoint: str | None = None, resume: str | None = None,
         tuner=None, cost=None, devices: str | None = None, estimator: str = DEFAULT_ESTIMATOR,

@@ -14,7 +14,8 @@ lines (benchmarks/textlines.py). All in this one run, on the same calibration sa
    the oracle's first-round damage (single-channel ablation at the outputs), pooled over all channels and
    averaged within groups (groups wider than 2);
 2. per MACs target: search wall time of the oracle (one greedy run to the deepest target, timed as it
-   passes the milder ones: the same as a run to each) and of every AOFP variant (median over seeds);
+   passes the milder ones: the same as a run to each) and of every AOFP variant (median over seeds; one
+   variant per estimator, damage point, normalization and `--thresholds` value);
 3. per MACs target, test accuracy of the cut without recovery and after least-squares reconstruction
    (`--reconstruct`, on `--recon-samples` calibration samples): oracle, every AOFP variant (mean and
    min over seeds), L1, random (mean over seeds); then the issue's checks for the default variant.
@@ -36,7 +37,7 @@ from aofp_onnx.masking import masked_model
 from aofp_onnx.oracle import oracle, output_damage
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.runtime import Runner
-from aofp_onnx.search import DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp
+from aofp_onnx.search import DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, DEFAULT_THRESHOLD, aofp
 from aofp_onnx.select import select_by_score
 from aofp_onnx.surgery import cut
 from aofp_onnx.trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, TrialEngine
@@ -75,7 +76,9 @@ def run_task(name: str, args) -> list[str]:
           f"{len(cmap.groups)}, {cmap.n_slots} channels; search on {len(search_data)} samples in batches of "
           f"{args.batch}, reconstruction on {len(recon_data)}; test {len(test)} samples, original "
           f"{100 * original:.2f}%", flush=True)
-    variants = [f"{e}@{d}/{n}" for d in args.damage_at for n in args.damage_norm for e in args.estimators]
+    # a threshold other than the default (0.01) is said in the variant's name: "mean@auto/sample t=0.0016"
+    variants = [f"{e}@{d}/{n}" + (f" t={t:g}" if t != DEFAULT_THRESHOLD else "") for t in args.thresholds
+                for d in args.damage_at for n in args.damage_norm for e in args.estimators]
     points = {d: resolve(cmap, d) for d in args.damage_at}  # auto: the point damage_point chooses
     for d, (point, auto) in points.items():
         if auto:
@@ -85,12 +88,13 @@ def run_task(name: str, args) -> list[str]:
                for d, (point, _) in points.items() for n in args.damage_norm}
 
     def search(variant, seed, target, trials_per_half=args.trials_per_half, max_trials=None):
-        est, at = variant.split("@")
+        name, _, t = variant.partition(" t=")
+        est, at = name.split("@")
         counter = iter(range(1 << 40))
         engine = engines[at]
         stack = min(trials_per_half, engine.max_stack(args.batch), 8)
         return aofp(cmap, lambda keep, rows: engine.damage(keep, rows, batches[next(counter) % len(batches)]),
-                    threshold=args.threshold, trials_per_half=trials_per_half, flops_target=target,
+                    threshold=float(t or DEFAULT_THRESHOLD), trials_per_half=trials_per_half, flops_target=target,
                     max_trials=max_trials, seed=seed, stack=stack, estimator=est)
 
     def scores_of(keep):
@@ -148,12 +152,13 @@ def run_task(name: str, args) -> list[str]:
                           [0.0])
         print(f"\n{name}, keep {target} of the MACs (oracle reaches x{cmap.macs(keep_o) / cmap.total_macs:.3f}): "
               f"test accuracy without / with reconstruction (mean over seeds; min), search time")
-        print(f"   {'criterion':<22} {'no recovery':>20} {'reconstructed':>20} {'search s':>9} {'vs oracle':>9}")
+        width = max(22, *map(len, rows))
+        print(f"   {'criterion':<{width}} {'no recovery':>20} {'reconstructed':>20} {'search s':>9} {'vs oracle':>9}")
         for label, (accs, secs) in rows.items():
             a = 100 * np.array(accs)
             sec = statistics.median(secs)
             ratio = f"x{oracle_s / sec:.1f}" if sec > 0 and label != "oracle" else ""
-            print(f"   {label:<22} {a[:, 0].mean():7.2f}% ({a[:, 0].min():6.2f}%) {a[:, 1].mean():7.2f}% "
+            print(f"   {label:<{width}} {a[:, 0].mean():7.2f}% ({a[:, 0].min():6.2f}%) {a[:, 1].mean():7.2f}% "
                   f"({a[:, 1].min():6.2f}%) {sec:9.1f} {ratio:>9}")
         # the default variant, also when run under the names auto resolves to (e.g. --damage-norm sample batch)
         default = next((key for key in (f"aofp {DEFAULT}", f"aofp {DEFAULT_ESTIMATOR}@{DEFAULT_DAMAGE_AT}/"
@@ -204,7 +209,9 @@ def main():
     parser.add_argument("--recon-samples", type=int, default=256, help="calibration samples of the reconstruction")
     parser.add_argument("--test-samples", type=int, default=512, help="ocr-cls: rendered test lines")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threshold", type=float, default=0.01)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[DEFAULT_THRESHOLD],
+                        help="AOFP thresholds to compare; a target the threshold cannot reach raises it by "
+                             "x1.25 until it can, so a low one orders the cuts by damage across groups")
     parser.add_argument("--trials-per-half", type=int, default=8)
     parser.add_argument("--spearman-trials", type=int, default=64)
     parser.add_argument("--ridges", type=float, nargs="+", default=sorted({RIDGE, 0.1, 1.0}),
