@@ -131,7 +131,7 @@ def inspect(model, input_shape, json_out, show_all):
 @click.option("--calib", required=True, metavar="SRC", help=".npz, .npy, image folder, or random:N.")
 @click.option("--criterion", type=click.Choice(list(api.CRITERIA)), default="aofp", show_default=True)
 @click.option("--flops-target", type=float, help="Fraction of the original MACs to keep (0.5 = half).")
-@click.option("--threshold", type=float, default=0.01, show_default=True,
+@click.option("--threshold", type=float, default=0.01, show_default=True,  # search.DEFAULT_THRESHOLD (tested)
               help="AOFP damage threshold (x1.25 whenever a target needs more; lower: slower, cuts by damage).")
 @click.option("--trials-per-half", type=int, default=8, show_default=True, help="AOFP trials before ranking a half.")
 @click.option("--max-trials", type=int, default=None, help="Stop the search after this many trial rounds.")

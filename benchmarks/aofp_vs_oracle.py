@@ -29,7 +29,7 @@ from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.masking import masked_model
 from aofp_onnx.runtime import Runner
 from aofp_onnx.oracle import oracle, output_damage
-from aofp_onnx.search import aofp
+from aofp_onnx.search import DEFAULT_THRESHOLD, aofp
 from aofp_onnx.trial import TrialEngine
 from aofp_onnx.select import select_by_score
 from aofp_onnx.surgery import cut
@@ -85,7 +85,7 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="calibration samples per trial / oracle run")
     parser.add_argument("--samples", type=int, default=64,
                         help="calibration samples both methods use (the oracle evaluates every channel on all of them)")
-    parser.add_argument("--threshold", type=float, default=0.01)
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--trials-per-half", type=int, default=8)
     parser.add_argument("--spearman-trials", type=int, nargs="+", default=[64, 1024],
                         help="random-half trials per group for the mean damage (one estimate per value)")

@@ -290,6 +290,14 @@ def test_run_refuses_oracle_without_target(vgg_path):
         search.run(Pruner.load(vgg_path, data="random:4"), "oracle", flops_target=None)
 
 
+def test_cli_threshold_default_is_the_search_default():
+    """The CLI spells the default threshold out (it does not import search at start-up): the same value."""
+    from aofp_onnx import cli
+
+    option = next(p for p in cli.cli.commands["prune"].params if p.name == "threshold")
+    assert option.default == search.DEFAULT_THRESHOLD == 0.01
+
+
 def test_run_aofp_on_onnxruntime_meets_the_target(vgg_path):
     p = Pruner.load(vgg_path, data="random:16")
     keep, scores, info = search.run(p, "aofp", flops_target=0.7, trials_per_half=4, batch_size=8, provider="cpu")
