@@ -131,8 +131,9 @@ def inspect(model, input_shape, json_out, show_all):
 @click.option("--calib", required=True, metavar="SRC", help=".npz, .npy, image folder, or random:N.")
 @click.option("--criterion", type=click.Choice(list(api.CRITERIA)), default="aofp", show_default=True)
 @click.option("--flops-target", type=float, help="Fraction of the original MACs to keep (0.5 = half).")
-@click.option("--threshold", type=float, default=0.01, show_default=True,  # search.DEFAULT_THRESHOLD (tested)
-              help="AOFP damage threshold (x1.25 whenever a target needs more; lower: slower, cuts by damage).")
+@click.option("--threshold", type=float, default=None,  # search.DEFAULT_THRESHOLD, OUTPUT_THRESHOLD (tested)
+              help="AOFP damage threshold (x1.25 whenever a target needs more; lower: slower, cuts by damage) "
+                   "[default: 0.01; 0.001 with --accept-by output].")
 @click.option("--trials-per-half", type=int, default=8, show_default=True, help="AOFP trials before ranking a half.")
 @click.option("--max-trials", type=int, default=None, help="Stop the search after this many trial rounds.")
 @click.option("--oracle-step", type=int, default=None, help="Oracle: channels removed per re-ranking.")
@@ -172,6 +173,10 @@ def inspect(model, input_shape, json_out, show_all):
               help="AOFP: a trial's damage relative per sample, averaged over the samples, or over the whole batch "
                    "(the paper's, where high-energy samples dominate); auto: per sample on a classifier (every "
                    "output [N, C]), else over the batch [default: auto; see README].")
+@click.option("--accept-by", type=click.Choice(["estimate", "output"]), default=None,
+              help="AOFP: prune a half when its damage estimated from the trials is under --threshold (the "
+                   "paper's), or when its exact damage at the model outputs is (one forward per candidate; halves "
+                   "of different layers on one scale) [default: estimate; see README].")
 @reconstruct_option
 @click.option("--finetune-steps", type=int, default=0, show_default=True,
               help="Training-time AOFP: fine-tune the base path this many steps after every half (needs --data).")
@@ -187,7 +192,7 @@ def inspect(model, input_shape, json_out, show_all):
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
           batch_size, calib_limit, latency_target, latency_batch, threads, round_to, min_channels, provider, seed,
           input_shape, plan_out, report_path, eval_src, plot, no_latency, verify_samples, no_progress, checkpoint,
-          resume, estimator, damage_at, damage_norm, reconstruct, finetune_steps,
+          resume, estimator, damage_at, damage_norm, accept_by, reconstruct, finetune_steps,
           finetune_data, finetune_lr, finetune_batch_size, device, devices, **img):
     """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
     shapes = parse_input_shapes(list(input_shape))
@@ -205,7 +210,7 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
     if criterion == "aofp":
         search_options.update(checkpoint=checkpoint, resume=resume)
         search_options.update({k: v for k, v in (("estimator", estimator), ("damage_at", damage_at),
-                                                 ("damage_norm", damage_norm)) if v})
+                                                 ("damage_norm", damage_norm), ("accept_by", accept_by)) if v})
     if devices:
         search_options.update(devices=devices)
     if finetune_steps:

@@ -6,7 +6,9 @@ batches, Σ_o Σ‖y_o − y_o,c‖² / Σ_o Σ‖y_o‖²; the `oracle_step` le
 ranking is repeated until the MACs target holds. It is the reference AOFP approximates (it costs one
 forward per channel per round) and the measure `benchmarks/` compares rankings with. Since the oracle is
 greedy, the run to a target passes through the runs to every milder one: `passing` records the keep
-vector (and the seconds) at which each milder target was first met, identical to a run to that target.
+vector (and the wall and CPU seconds) at which each milder target was first met, identical to a run to
+that target. `OutputCheck` measures the same damage for removing a set of channels (AOFP's `--accept-by
+output`).
 """
 from __future__ import annotations
 
@@ -32,14 +34,14 @@ def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]
            progress=None, cost=None, passing: dict | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Exact oracle pruning: rank single-channel ablations at the outputs over all `batches` of the
     calibration data, remove the least damaging, repeat. `passing` {target: None} (targets above
-    `flops_target`) is filled with {target: (keep, seconds)} as the run passes them."""
+    `flops_target`) is filled with {target: (keep, wall seconds, CPU seconds)} as the run passes them."""
     cost = cost or _macs_ratio(cmap)
     goal = flops_target
     keep = cmap.full_keep()
     scores = np.full(cmap.n_slots, UNMEASURED)
     floors = [(g.slots, floor_for(g.width, min_channels)) for g in cmap.prunable]
     stats = SearchStats()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     while cost(keep) > goal:
         removable = np.concatenate([slots[keep[slots]] for slots, floor in floors if keep[slots].sum() > floor] or
                                    [np.zeros(0, np.int64)])
@@ -62,17 +64,18 @@ def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]
                 keep[slot] = False
                 removed += 1
                 if passing:
-                    _record_passing(passing, cost(keep), keep, time.perf_counter() - start)
+                    _record_passing(passing, cost(keep), keep, time.perf_counter() - start,
+                                    time.process_time() - cpu)
         if progress:
             progress(stats, cmap.macs(keep) / max(cmap.total_macs, 1), len(removable), cmap.n_slots)
     stats.seconds = time.perf_counter() - start
     return keep, scores, stats
 
 
-def _record_passing(passing: dict, now: float, keep: np.ndarray, seconds: float) -> None:
+def _record_passing(passing: dict, now: float, keep: np.ndarray, seconds: float, cpu: float) -> None:
     for target, seen in passing.items():
         if seen is None and now <= target:
-            passing[target] = (keep.copy(), seconds)
+            passing[target] = (keep.copy(), seconds, cpu)
 
 
 def output_damage(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
@@ -100,3 +103,29 @@ def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: n
                 diff = y.reshape(len(chunk), n, -1) - y0.reshape(1, n, -1)
                 num[start:start + len(chunk), o] += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
     return num, den
+
+
+class OutputCheck:
+    """`check(batches, keep, slots)`: Σ_o Σ‖y_o − y_o,R‖² / Σ‖y_o‖² over `batches`, for removing the set
+    R = `slots` on top of `keep`, one forward of the masked model per batch; the base outputs y are kept until
+    `keep` or the batches change (AOFP's `--accept-by output` checks its candidate halves in turn). Each
+    output's relative error counts on its own, as each consumer's does in the trials (`trial`): pooled, a
+    large output would drown a small one (a detector's scores and boxes, MTCNN's landmarks)."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self._key, self._base = None, []
+
+    def __call__(self, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray) -> float:
+        key = (tuple(map(id, batches)), keep.tobytes())  # the caller's batches live as long as the search
+        if key != self._key:
+            self._key = key
+            self._base = [self.runner.run({**feeds, KEEP_INPUT: keep_feed(keep)}) for feeds in batches]
+        removed = keep.copy()
+        removed[slots] = False
+        num, den = np.zeros(len(self.runner.outputs)), np.zeros(len(self.runner.outputs))
+        for feeds, base in zip(batches, self._base):
+            ys = self.runner.run({**feeds, KEEP_INPUT: keep_feed(removed)})
+            num += [np.square(y - y0, dtype=np.float64).sum() for y, y0 in zip(ys, base)]
+            den += [np.square(y0, dtype=np.float64).sum() for y0 in base]
+        return float((num / np.maximum(den, 1e-30)).sum())

@@ -8,10 +8,14 @@ channel (`estimate`: the paper's mean over the trials that removed the channel, 
 damages to the trial masks);
 with granu = ⌊|S_g|/2⌋, if the granu-th smallest estimate is below the threshold those granu channels
 are pruned and the search restarts on K_g; else, if granu > 1, S_g shrinks to its granu best (binary
-search); else g is saturated. All groups search at once; the run stops at the target (the last
-prune is trimmed to land on it), when every group is saturated (with a target, the threshold then
-grows by `THRESHOLD_GROWTH`, and the groups whose recorded trials pass it search again, see
-`_Group.retrace`), or at `max_trials`. The target counts
+search); else g is saturated. With `check` (`--accept-by output`), the half H_g of granu best channels
+passes when its exact relative error at the model outputs (Σ_o ‖y_o − y_o,H‖² / ‖y_o‖² on the round's
+batch, H_g removed on top of the current K, so after the prunes decided before it: `oracle.OutputCheck`)
+is below the threshold: the trials still rank the channels, but halves of different layers are accepted
+on one scale, where the next layers' relative errors are not comparable between layers. All groups
+search at once; the run stops at the target (the last prune is trimmed to land on it), when every group
+is saturated (with a target, the threshold then grows by `THRESHOLD_GROWTH`, and the groups whose recorded
+trials (and checks) pass it search again, see `_Group.retrace`), or at `max_trials`. The target counts
 MACs, or whatever `cost(keep)` (the remaining fraction) counts: a latency table's estimate. The exact
 oracle is in `oracle`.
 
@@ -34,13 +38,15 @@ from .groups import ChannelMap
 from .masking import masked_model
 from .progress import SearchProgress
 from .runtime import Runner
-from .select import floor_for
+from .select import floor_for, shortest_prefix
 from .statefile import STATE_FORMAT, data_digest, load_state, restore, save_state, snapshot
 from .trial import (DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY_BUDGET, TrialEngine,
                     activation_bytes)
 
 DEFAULT_ESTIMATOR = "mean"
 DEFAULT_THRESHOLD = 0.01  # relative damage a half may do (the paper's ε; --threshold)
+OUTPUT_THRESHOLD = 0.001  # the same with --accept-by output: at the outputs (README: figures)
+ACCEPT_BY = ("estimate", "output")
 THRESHOLD_GROWTH = 1.25  # the raise when every group saturated before the target (README: figures)
 DEFAULT_DAMAGE_AT = "auto"  # see damage_point
 
@@ -49,10 +55,12 @@ DEFAULT_DAMAGE_AT = "auto"  # see damage_point
 class _Group:
     """One group's search: kept set and search space (local indices), and the trials since its last prune
     (`masks` [T, width], True where trial t removed the channel; `damage` [T]; `levels` [T], the depth of
-    the binary search each was made at; `level`, the current depth)."""
+    the binary search each was made at; `level`, the current depth; `checked` [depth], each depth's
+    half's output damage with `--accept-by output`, NaN where none was measured)."""
     slots: np.ndarray
     floor: int
     estimator: str = DEFAULT_ESTIMATOR
+    by_output: bool = False
     kept: np.ndarray = None
     space: np.ndarray = None
     masks: np.ndarray = None
@@ -60,6 +68,7 @@ class _Group:
     levels: np.ndarray = None
     level: int = 0
     score: np.ndarray = None
+    checked: np.ndarray = None
     saturated: bool = False
 
     def __post_init__(self):
@@ -73,6 +82,7 @@ class _Group:
         self.masks = np.zeros((0, len(self.slots)), dtype=bool)
         self.damage = np.zeros(0)
         self.levels = np.zeros(0, dtype=np.int64)
+        self.checked = np.full(len(self.slots).bit_length() + 1, np.nan)
         self._top()
 
     def _top(self):
@@ -102,10 +112,21 @@ class _Group:
 
     def half(self, means: np.ndarray, threshold: float) -> tuple[np.ndarray, bool]:
         """The better half of the space by `means` (⌊|S|/2⌋ channels, lowest first), and whether it passes:
-        its worst estimate under the threshold and the floor kept without it."""
-        cand = self.space[np.argsort(means[self.space], kind="stable")][:len(self.space) // 2]
-        passes = len(cand) >= 1 and means[cand[-1]] < threshold and int(self.kept.sum()) - len(cand) >= self.floor
-        return cand, passes
+        its damage under the threshold (its worst estimate; with `by_output`, its checked output damage, NaN
+        where none was measured, which fails) and the floor kept without it."""
+        cand = self.best(means)
+        damage = self.checked[self.level] if self.by_output else self.worst(means, cand)
+        return cand, self.may_prune(cand) and damage < threshold
+
+    def best(self, means: np.ndarray) -> np.ndarray:
+        return self.space[np.argsort(means[self.space], kind="stable")][:len(self.space) // 2]
+
+    def may_prune(self, cand: np.ndarray) -> bool:
+        return len(cand) >= 1 and int(self.kept.sum()) - len(cand) >= self.floor
+
+    @staticmethod
+    def worst(means: np.ndarray, cand: np.ndarray) -> float:
+        return float(means[cand[-1]]) if len(cand) else np.inf
 
     def descend(self, cand: np.ndarray):
         self.space = cand
@@ -132,6 +153,7 @@ class _Group:
 class SearchStats:
     trials: int = 0
     rounds: int = 0
+    checks: int = 0
     seconds: float = 0.0
     threshold: float = 0.0
     first_half_damage: np.ndarray | None = None
@@ -139,23 +161,26 @@ class SearchStats:
     settings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        out = {"trials": self.trials, "rounds": self.rounds, "seconds": self.seconds, **self.settings}
+        out = {"trials": self.trials, "rounds": self.rounds, **({"checks": self.checks} if self.checks else {}),
+               "seconds": self.seconds, **self.settings}
         return {**out, "threshold": self.threshold} if self.threshold else out
 
 
 def aofp(cmap: ChannelMap, damage, *, threshold: float = DEFAULT_THRESHOLD, trials_per_half: int = 8,
          flops_target: float | None = None, max_trials: int | None = None, min_channels: int = 1,
          seed: int = 0, stack: int = 8, estimator: str = DEFAULT_ESTIMATOR, progress=None, checkpoint=None,
-         resume: dict | None = None, after_half=None, cost=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+         resume: dict | None = None, after_half=None, cost=None,
+         check=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """The AOFP binary search over all prunable groups; `damage(keep, rows) -> [T, G]`; halves ranked by
-    `estimator` ('mean' or 'ridge').
+    `estimator` ('mean' or 'ridge'); with `check(keep, sets) -> [len(sets)]`, a half passes by its output
+    damage (`--accept-by output`), checked in turn on top of the prunes decided before it.
 
     `checkpoint(state)` is called after every round with the whole search state (a dict of arrays
     and plain values); `resume=state` continues from one, giving what the uninterrupted run gives.
     `after_half(keep)` is called after every round in which some group ranked a half (training-time
     AOFP fine-tunes the base path there)."""
     rng = np.random.default_rng(seed)
-    groups = [_Group(g.slots, floor_for(g.width, min_channels), estimator) for g in cmap.prunable]
+    groups = [_Group(g.slots, floor_for(g.width, min_channels), estimator, check is not None) for g in cmap.prunable]
     keep = cmap.full_keep()
     macs_ratio = _macs_ratio(cmap)
     cost = cost or macs_ratio
@@ -201,11 +226,11 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = DEFAULT_THRESHOLD, tria
             for k in decided:
                 stats.first_half_damage[groups[k].slots] = groups[k].estimates()
         # decide the most harmless prunes first, so a target is met by the cheapest ones
-        decided.sort(key=lambda k: np.sort(groups[k].estimates()[groups[k].space])[len(groups[k].space) // 2 - 1])
+        decided.sort(key=lambda k: (lambda m: groups[k].worst(m, groups[k].best(m)))(groups[k].estimates()))
         for k in decided:
             if goal is not None and cost(keep) <= goal:
                 break
-            _decide(groups[k], keep, cost, threshold, goal)
+            stats.checks += _decide(groups[k], keep, cost, threshold, goal, check)
         stats.history.append((stats.trials, macs_ratio(keep)))
         if after_half is not None and decided:
             after_half(keep)
@@ -222,13 +247,17 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = DEFAULT_THRESHOLD, tria
     return keep, scores, stats
 
 
-def _decide(g: _Group, keep: np.ndarray, cost, threshold: float, goal: float | None) -> None:
+def _decide(g: _Group, keep: np.ndarray, cost, threshold: float, goal: float | None, check=None) -> int:
+    """Prune the group's half, descend or saturate; the number of output checks made (0 or 1)."""
     means = g.estimates()
     g.score[g.space] = means[g.space]
+    checked = check is not None and g.may_prune(g.best(means))
+    if checked:
+        g.checked[g.level] = check(keep, g.slots[g.best(means)])
     cand, passes = g.half(means, threshold)
     if passes:
         if goal is not None:
-            cand = _trim_to_goal(cand, g, keep, cost, goal)
+            cand = cand[:shortest_prefix(keep, g.slots[cand], cost, goal)]  # the last prune lands on it
         g.kept[cand] = False
         keep[g.slots[cand]] = False
         g.restart()
@@ -236,6 +265,7 @@ def _decide(g: _Group, keep: np.ndarray, cost, threshold: float, goal: float | N
         g.descend(cand)
     else:
         g.saturated = True
+    return int(checked)
 
 
 def _macs_ratio(cmap: ChannelMap):
@@ -243,36 +273,19 @@ def _macs_ratio(cmap: ChannelMap):
     return TensorWidths(cmap).macs_ratio
 
 
-def _trim_to_goal(cand: np.ndarray, g: _Group, keep: np.ndarray, cost, goal: float) -> np.ndarray:
-    """The shortest prefix of `cand` (lowest damage first) whose removal meets the goal, or all of it."""
-    def macs_without(k):
-        trial = keep.copy()
-        trial[g.slots[cand[:k]]] = False
-        return cost(trial)
-
-    if macs_without(len(cand)) > goal:
-        return cand
-    lo, hi = 1, len(cand)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if macs_without(mid) <= goal:
-            hi = mid
-        else:
-            lo = mid + 1
-    return cand[:lo]
-
-
 def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1, seed: int = 0,
-        provider: str = "auto", batch_size: int = 32, threshold: float = DEFAULT_THRESHOLD, trials_per_half: int = 8,
+        provider: str = "auto", batch_size: int = 32, threshold: float | None = None, trials_per_half: int = 8,
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
         memory_budget: int | None = None, checkpoint: str | None = None, resume: str | None = None,
         tuner=None, cost=None, devices: str | None = None, estimator: str = DEFAULT_ESTIMATOR,
-        damage_at: str = DEFAULT_DAMAGE_AT,
-        damage_norm: str = DEFAULT_DAMAGE_NORM) -> tuple[np.ndarray, np.ndarray, dict]:
+        damage_at: str = DEFAULT_DAMAGE_AT, damage_norm: str = DEFAULT_DAMAGE_NORM,
+        accept_by: str = "estimate") -> tuple[np.ndarray, np.ndarray, dict]:
     """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data.
 
     AOFP ranks halves by `estimator` ('mean', 'ridge') of the damage read at `damage_at` ('next',
-    'block', 'output'), relative per sample or over the batch (`damage_norm`; see `trial`).
+    'block', 'output'), relative per sample or over the batch (`damage_norm`; see `trial`); a half passes by
+    its estimate or its output damage (`accept_by`; `threshold` defaults to DEFAULT_THRESHOLD or
+    OUTPUT_THRESHOLD).
     AOFP: with `checkpoint`, the search state is saved there after every round (and removed once the
     search ends); `resume` continues a saved state (same model, data and options, else InputError).
     With `tuner` (a `finetune.BasePathTuner`), the base path is fine-tuned after every half and the
@@ -284,14 +297,15 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         from .pool import parse_devices
 
         devices = parse_devices(devices)
+    for flag, value, allowed in (("--estimator", estimator, estimate.ESTIMATORS),
+                                 ("--damage-at", damage_at, (*DAMAGE_AT, "auto")),
+                                 ("--damage-norm", damage_norm, DAMAGE_NORMS), ("--accept-by", accept_by, ACCEPT_BY)):
+        if value not in allowed:
+            raise InputError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    if threshold is None:
+        threshold = OUTPUT_THRESHOLD if accept_by == "output" else DEFAULT_THRESHOLD
     if trials_per_half < 1 or batch_size < 1 or threshold <= 0:
         raise InputError("--trials-per-half and --batch-size must be at least 1, --threshold positive")
-    if estimator not in estimate.ESTIMATORS:
-        raise InputError(f"--estimator must be one of {', '.join(estimate.ESTIMATORS)}, got {estimator!r}")
-    if damage_at not in (*DAMAGE_AT, "auto"):
-        raise InputError(f"--damage-at must be one of {', '.join(DAMAGE_AT)}, auto, got {damage_at!r}")
-    if damage_norm not in DAMAGE_NORMS:
-        raise InputError(f"--damage-norm must be one of {', '.join(DAMAGE_NORMS)}, got {damage_norm!r}")
     cmap = pruner.cmap
     if not cmap.prunable:
         return cmap.full_keep(), np.zeros(0), {"trials": 0, "seconds": 0.0, "provider": None}
@@ -305,9 +319,9 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         batches = [b for b in batches if len(next(iter(b.values()))) == len(next(iter(batches[0].values())))]
     show = SearchProgress(criterion, {"MACs": flops_target} if flops_target is not None else None,
                           max_trials) if progress else None
-    if criterion == "oracle":
-        from .oracle import oracle  # the oracle module builds on SearchStats
+    from .oracle import OutputCheck, oracle  # the oracle module builds on SearchStats
 
+    if criterion == "oracle":
         if flops_target is None:
             raise InputError("--criterion oracle needs --flops-target")
         runner = Runner(masked_model(cmap), provider)
@@ -326,7 +340,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
                    "data": data_digest(batches), "threshold": threshold,
                    "trials_per_half": trials_per_half, "flops_target": flops_target, "max_trials": max_trials,
                    "min_channels": min_channels, "seed": seed, "stack": stack, "estimator": estimator,
-                   "damage_at": damage_at, "damage_norm": damage_norm}
+                   "damage_at": damage_at, "damage_norm": damage_norm, "accept_by": accept_by}
         state = load_state(resume, options) if resume else None
         counter = iter(range(state["scalars"]["rounds"] if state else 0, 1 << 62))  # one damage call per round
 
@@ -334,23 +348,35 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         per_round = max(1, batch_size // len(next(iter(batches[0].values())))) if pinned else 1
         rounds = [batches[k:k + per_round] for k in range(0, len(batches), per_round)]
 
+        chosen, measure = rounds[0], None
+
         def damage(keep, rows):
+            nonlocal chosen
             chosen = rounds[next(counter) % len(rounds)]
             return sum(engine.damage(keep, rows, feeds) for feeds in chosen) / len(chosen)
 
+        def check(keep, slots):  # --accept-by output, on the batch the round's trials ran on
+            return measure(chosen, keep, slots)
+
         def adapt(keep):
-            nonlocal engine
+            nonlocal engine, measure
             tuner(keep)
-            # the session holds its weights
+            # the sessions hold their weights
             engine = TrialEngine(cmap, provider, budget, devices, damage_at, damage_norm)
+            measure = measure and OutputCheck(Runner(masked_model(cmap), provider))
+
+        if accept_by == "output":
+            measure = OutputCheck(Runner(masked_model(cmap), provider))
 
         save = (lambda st: save_state(checkpoint, st, options)) if checkpoint else None
         keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,
                                    flops_target=flops_target, max_trials=max_trials, min_channels=min_channels,
                                    seed=seed, stack=stack, estimator=estimator, progress=show, checkpoint=save,
-                                   resume=state, after_half=adapt if tuner is not None else None, cost=cost)
+                                   resume=state, after_half=adapt if tuner is not None else None, cost=cost,
+                                   check=check if measure else None)
         used = engine.provider
         stats.settings = {"estimator": estimator, "damage_at": damage_at, "damage_norm": damage_norm,
+                          **({"accept_by": accept_by} if measure else {}),
                           **({"damage_at_auto": auto} if auto else {})}
         if checkpoint and os.path.exists(checkpoint):
             os.unlink(checkpoint)

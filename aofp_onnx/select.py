@@ -46,22 +46,30 @@ def select_by_score(cmap: ChannelMap, scores: np.ndarray, target: float, min_cha
         protected[g.slots[best]] = True
     order = np.argsort(np.where(protected, np.inf, scores), kind="stable")
     order = order[: int((~protected).sum())]
+    keep = cmap.full_keep()
+    keep[order[:shortest_prefix(keep, order, cost, target)]] = False
+    return keep
 
-    def keep_after(k: int) -> np.ndarray:
-        keep = cmap.full_keep()
-        keep[order[:k]] = False
-        return keep
+
+def shortest_prefix(keep: np.ndarray, order: np.ndarray, cost: Cost, target: float) -> int:
+    """The fewest slots of `order`, removed first to last on top of `keep`, that bring cost(keep) ≤ target
+    (all of them when even that does not), by bisection: the cost only falls as more go. AOFP trims its
+    last prune with it, `select_by_score` cuts with it."""
+    def cost_after(k: int) -> float:
+        trial = keep.copy()
+        trial[order[:k]] = False
+        return cost(trial)
 
     lo, hi = 0, len(order)
-    if cost(keep_after(hi)) > target:
-        return keep_after(hi)
+    if cost_after(hi) > target:
+        return hi
     while lo < hi:
         mid = (lo + hi) // 2
-        if cost(keep_after(mid)) <= target:
+        if cost_after(mid) <= target:
             hi = mid
         else:
             lo = mid + 1
-    return keep_after(lo)
+    return lo
 
 
 def round_widths(cmap: ChannelMap, keep: np.ndarray, scores: np.ndarray, round_to: int, min_channels: int = 1,

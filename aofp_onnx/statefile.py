@@ -11,15 +11,16 @@ import numpy as np
 from .errors import InputError
 from .io import write_atomic
 
-STATE_FORMAT = 2  # 2: each group's trials of every depth since its last prune (the search's retrace)
-_GROUP_FIELDS = ("kept", "space", "masks", "damage", "levels", "score")
+STATE_FORMAT = 3  # 2: each group's trials of every depth since its last prune (the search's retrace); 3: and
+# the output damage of each depth's half (--accept-by output)
+_GROUP_FIELDS = ("kept", "space", "masks", "damage", "levels", "score", "checked")
 
 
 def snapshot(groups: list, keep: np.ndarray, rng, stats, threshold: float) -> dict:
     """The search state after a round (`search._Group`s, `search.SearchStats`): arrays per group plus the
     scalars, the RNG state and the counters."""
     state = {"keep": keep.copy(), "first_half_damage": stats.first_half_damage,
-             "scalars": {"threshold": threshold, "trials": stats.trials, "rounds": stats.rounds,
+             "scalars": {"threshold": threshold, "trials": stats.trials, "rounds": stats.rounds, "checks": stats.checks,
                          "seconds": stats.seconds, "rng": rng.bit_generator.state,
                          "groups": [{"level": g.level, "saturated": g.saturated} for g in groups]}}
     for k, g in enumerate(groups):
@@ -40,6 +41,7 @@ def restore(state: dict, groups: list, keep: np.ndarray, rng, stats) -> float:
     keep[:] = state["keep"]
     rng.bit_generator.state = scalars["rng"]
     stats.trials, stats.rounds, stats.seconds = scalars["trials"], scalars["rounds"], scalars["seconds"]
+    stats.checks = scalars["checks"]
     if state.get("first_half_damage") is not None:
         stats.first_half_damage = np.array(state["first_half_damage"])
     return scalars["threshold"]

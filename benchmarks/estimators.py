@@ -13,9 +13,9 @@ lines (benchmarks/textlines.py). All in this one run, on the same calibration sa
    (mean; ridge at each `--ridges` λ) the Spearman rank correlation of its per-channel estimate with
    the oracle's first-round damage (single-channel ablation at the outputs), pooled over all channels and
    averaged within groups (groups wider than 2);
-2. per MACs target: search wall time of the oracle (one greedy run to the deepest target, timed as it
-   passes the milder ones: the same as a run to each) and of every AOFP variant (median over seeds; one
-   variant per estimator, damage point, normalization and `--thresholds` value);
+2. per MACs target: search wall and CPU time of the oracle (one greedy run to the deepest target, timed
+   as it passes the milder ones: the same as a run to each) and of every AOFP variant (median over seeds;
+   one variant per estimator, damage point, normalization and `--thresholds` value);
 3. per MACs target, test accuracy of the cut without recovery and after least-squares reconstruction
    (`--reconstruct`, on `--recon-samples` calibration samples): oracle, every AOFP variant (mean and
    min over seeds), L1, random (mean over seeds); then the issue's checks for the default variant.
@@ -34,10 +34,11 @@ from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.damage_point import resolve, resolve_norm
 from aofp_onnx.estimate import ESTIMATORS, RIDGE, mean_scores, ridge_scores
 from aofp_onnx.masking import masked_model
-from aofp_onnx.oracle import oracle, output_damage
+from aofp_onnx.oracle import OutputCheck, oracle, output_damage
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.runtime import Runner
-from aofp_onnx.search import DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, DEFAULT_THRESHOLD, aofp
+from aofp_onnx.search import (ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, DEFAULT_THRESHOLD, OUTPUT_THRESHOLD,
+                              aofp)
 from aofp_onnx.select import select_by_score
 from aofp_onnx.surgery import cut
 from aofp_onnx.trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, TrialEngine
@@ -76,33 +77,43 @@ def run_task(name: str, args) -> list[str]:
           f"{len(cmap.groups)}, {cmap.n_slots} channels; search on {len(search_data)} samples in batches of "
           f"{args.batch}, reconstruction on {len(recon_data)}; test {len(test)} samples, original "
           f"{100 * original:.2f}%", flush=True)
-    # a threshold other than the default (0.01) is said in the variant's name: "mean@auto/sample t=0.0016"
-    variants = [f"{e}@{d}/{n}" + (f" t={t:g}" if t != DEFAULT_THRESHOLD else "") for t in args.thresholds
-                for d in args.damage_at for n in args.damage_norm for e in args.estimators]
-    points = {d: resolve(cmap, d) for d in args.damage_at}  # auto: the point damage_point chooses
+    variants = args.variants or grid(args)
+    sites = sorted({variant_parts(v)[1] for v in variants})  # "auto/sample": one trial graph each
+    masked = Runner(masked_model(cmap), args.provider)  # the oracle's and --accept-by output's model
+    points = {d: resolve(cmap, d) for d in {site.split("/")[0] for site in sites}}  # auto: damage_point's choice
     for d, (point, auto) in points.items():
         if auto:
             print(f"   damage-at auto -> {point} (MACs ratio output/next {auto['macs_ratio']:.2f}, limit "
                   f"{auto['limit']:g})", flush=True)
-    engines = {f"{d}/{n}": TrialEngine(cmap, args.provider, damage_at=point, damage_norm=n)
-               for d, (point, _) in points.items() for n in args.damage_norm}
+    engines = {site: TrialEngine(cmap, args.provider, damage_at=points[site.split("/")[0]][0],
+                                 damage_norm=site.split("/")[1]) for site in sites}
 
     def search(variant, seed, target, trials_per_half=args.trials_per_half, max_trials=None):
-        name, _, t = variant.partition(" t=")
-        est, at = name.split("@")
+        est, at, t, by = variant_parts(variant)
         counter = iter(range(1 << 40))
         engine = engines[at]
         stack = min(trials_per_half, engine.max_stack(args.batch), 8)
-        return aofp(cmap, lambda keep, rows: engine.damage(keep, rows, batches[next(counter) % len(batches)]),
-                    threshold=float(t or DEFAULT_THRESHOLD), trials_per_half=trials_per_half, flops_target=target,
-                    max_trials=max_trials, seed=seed, stack=stack, estimator=est)
+        batch = batches[0]  # the round's
+
+        def damage(keep, rows):
+            nonlocal batch
+            batch = batches[next(counter) % len(batches)]
+            return engine.damage(keep, rows, batch)
+
+        measure = OutputCheck(masked)
+
+        def check(keep, slots):  # --accept-by output: on the round's batch, as search.run does
+            return measure([batch], keep, slots)
+
+        return aofp(cmap, damage, threshold=t, trials_per_half=trials_per_half, flops_target=target,
+                    max_trials=max_trials, seed=seed, stack=stack, estimator=est,
+                    check=check if by == "output" else None)
 
     def scores_of(keep):
         pruned = cut(cmap, keep)
         fitted, _ = reconstruct(cmap, keep, pruned, recon_data, provider=args.provider)
         return accuracy(pruned, test, args.provider), accuracy(fitted, test, args.provider)
 
-    masked = Runner(masked_model(cmap), args.provider)
     lines = []
     spearman_points = [] if args.no_spearman else list(engines)
     if spearman_points:
@@ -126,40 +137,45 @@ def run_task(name: str, args) -> list[str]:
     oracle_runs = {}
     if targets:  # one greedy run to the deepest target passes through the runs to the milder ones
         passing = {t: None for t in targets[:-1]}
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         keep_o, _, stats_o = oracle(cmap, masked, batches, flops_target=targets[-1], stack=8,
                                     oracle_step=args.oracle_step, passing=passing,
                                     progress=lambda st, macs, n, _: print(f"   [{name}] oracle ranking {st.rounds}: "
                                                                            f"{n} candidates, MACs x{macs:.3f}, "
                                                                            f"{time.perf_counter() - start:.0f} s",
                                                                            flush=True))
-        oracle_runs = {**passing, targets[-1]: (keep_o, time.perf_counter() - start)}
+        oracle_runs = {**passing, targets[-1]: (keep_o, time.perf_counter() - start, time.process_time() - cpu)}
     for target in targets:
-        keep_o, oracle_s = oracle_runs[target]
-        print(f"   [{name} x{target}] oracle: {oracle_s:.1f} s", flush=True)
-        rows = {"oracle": ([scores_of(keep_o)], [oracle_s])}
+        keep_o, oracle_s, oracle_cpu = oracle_runs[target]
+        print(f"   [{name} x{target}] oracle: {oracle_s:.1f} s (CPU {oracle_cpu:.1f} s)", flush=True)
+        rows = {"oracle": ([scores_of(keep_o)], [oracle_s], [oracle_cpu])}
         for variant in variants:
-            accs, secs = [], []
+            accs, secs, cpus = [], [], []
             for seed in args.seeds:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 keep, _, _ = search(variant, seed, target)
                 secs.append(time.perf_counter() - start)
+                cpus.append(time.process_time() - cpu)
                 accs.append(scores_of(keep))
-            rows[f"aofp {variant}"] = (accs, secs)
-            print(f"   [{name} x{target}] aofp {variant}: {np.mean(accs, axis=0)} {np.median(secs):.1f} s", flush=True)
-        rows["l1"] = ([scores_of(select_by_score(cmap, l1_scores(cmap), target))], [0.0])
+            rows[f"aofp {variant}"] = (accs, secs, cpus)
+            print(f"   [{name} x{target}] aofp {variant}: {np.mean(accs, axis=0)} {np.median(secs):.1f} s "
+                  f"(CPU {np.median(cpus):.1f} s)", flush=True)
+        rows["l1"] = ([scores_of(select_by_score(cmap, l1_scores(cmap), target))], [0.0], [0.0])
         rows["random"] = ([scores_of(select_by_score(cmap, random_scores(cmap, s), target)) for s in args.seeds],
-                          [0.0])
+                          [0.0], [0.0])
         print(f"\n{name}, keep {target} of the MACs (oracle reaches x{cmap.macs(keep_o) / cmap.total_macs:.3f}): "
-              f"test accuracy without / with reconstruction (mean over seeds; min), search time")
+              f"test accuracy without / with reconstruction (mean over seeds; min), search time: wall and CPU "
+              f"(this process, all threads: what other jobs on a shared machine do not inflate), and x less than "
+              f"the oracle's")
         width = max(22, *map(len, rows))
-        print(f"   {'criterion':<{width}} {'no recovery':>20} {'reconstructed':>20} {'search s':>9} {'vs oracle':>9}")
-        for label, (accs, secs) in rows.items():
+        print(f"   {'criterion':<{width}} {'no recovery':>20} {'reconstructed':>20} {'search s':>9} {'CPU s':>9} "
+              f"{'vs oracle':>13}")
+        for label, (accs, secs, cpus) in rows.items():
             a = 100 * np.array(accs)
-            sec = statistics.median(secs)
-            ratio = f"x{oracle_s / sec:.1f}" if sec > 0 and label != "oracle" else ""
+            sec, cpu = statistics.median(secs), statistics.median(cpus)
+            ratio = f"x{oracle_s / sec:.1f} / x{oracle_cpu / cpu:.1f}" if sec > 0 and label != "oracle" else ""
             print(f"   {label:<{width}} {a[:, 0].mean():7.2f}% ({a[:, 0].min():6.2f}%) {a[:, 1].mean():7.2f}% "
-                  f"({a[:, 1].min():6.2f}%) {sec:9.1f} {ratio:>9}")
+                  f"({a[:, 1].min():6.2f}%) {sec:9.1f} {cpu:9.1f} {ratio:>13}")
         # the default variant, also when run under the names auto resolves to (e.g. --damage-norm sample batch)
         default = next((key for key in (f"aofp {DEFAULT}", f"aofp {DEFAULT_ESTIMATOR}@{DEFAULT_DAMAGE_AT}/"
                                         f"{resolve_norm(cmap, DEFAULT_DAMAGE_NORM)}") if key in rows), None)
@@ -169,15 +185,43 @@ def run_task(name: str, args) -> list[str]:
         mean = lambda key, k: float(np.mean(np.array(rows[key][0])[:, k]))  # noqa: E731
         for k, kind in ((0, "no recovery"), (1, "reconstructed")):
             aofp_acc = mean(default, k)
+            # one test set's resolution: the binomial standard error of an accuracy p on n samples
+            se = 100 * np.sqrt(aofp_acc * (1 - aofp_acc) / len(test))
             lines.append(f"{name} x{target} {kind}: AOFP {100 * aofp_acc:.2f}% >= L1 {100 * mean('l1', k):.2f}%: "
                          f"{aofp_acc >= mean('l1', k)}; >= random {100 * mean('random', k):.2f}%: "
-                         f"{aofp_acc >= mean('random', k)}")
+                         f"{aofp_acc >= mean('random', k)} (standard error of one accuracy on these {len(test)} "
+                         f"test samples: {se:.2f} points)")
         gap = 100 * (mean("oracle", 0) - mean(default, 0))
-        speed = oracle_s / statistics.median(d[1])
+        speed, speed_cpu = oracle_s / statistics.median(d[1]), oracle_cpu / statistics.median(d[2])
         lines.append(f"{name} x{target}: oracle - AOFP (no recovery) {gap:.2f} points (<= 2: {gap <= 2}); "
-                     f"search x{speed:.1f} faster (>= 10: {speed >= 10})")
+                     f"search x{speed:.1f} faster in wall time, x{speed_cpu:.1f} in CPU time "
+                     f"(>= 10: {speed >= 10}, {speed_cpu >= 10})")
 
     return lines
+
+
+def grid(args) -> list[str]:
+    """Every estimator x damage point x normalization x threshold; a threshold other than the default (0.01)
+    is said in the variant's name: "mean@auto/sample t=0.0016"."""
+    return [f"{e}@{d}/{n}" + (f" t={t:g}" if t != DEFAULT_THRESHOLD else "") for t in args.thresholds
+            for d in args.damage_at for n in args.damage_norm for e in args.estimators]
+
+
+def variant_parts(variant: str) -> tuple[str, str, float, str]:
+    """"mean@auto/sample by=output t=0.001" -> ("mean", "auto/sample", 0.001, "output") (`--accept-by`; the
+    threshold defaults as search.run's does); ValueError for a malformed name."""
+    name, *extra = variant.split()
+    est, _, site = name.partition("@")
+    at, _, norm = site.partition("/")
+    opts = dict(e.partition("=")[::2] for e in extra)
+    by = opts.pop("by", "estimate")
+    if (est not in ESTIMATORS or at not in (*DAMAGE_AT, "auto") or norm not in DAMAGE_NORMS or by not in ACCEPT_BY
+            or set(opts) - {"t"}):
+        raise ValueError(f"variant {variant!r}: want ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD] with estimator "
+                         f"in {ESTIMATORS}, point in {(*DAMAGE_AT, 'auto')}, norm in {DAMAGE_NORMS}, accept in "
+                         f"{ACCEPT_BY}")
+    default = OUTPUT_THRESHOLD if by == "output" else DEFAULT_THRESHOLD
+    return est, site, float(opts.get("t", default)), by
 
 
 def full_width_trials(cmap, engine, batches, trials: int, seed: int, stack: int = 8):
@@ -212,6 +256,9 @@ def main():
     parser.add_argument("--thresholds", type=float, nargs="+", default=[DEFAULT_THRESHOLD],
                         help="AOFP thresholds to compare; a target the threshold cannot reach raises it by "
                              "x1.25 until it can, so a low one orders the cuts by damage across groups")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help='AOFP variants by name instead of the grid of the four options above, e.g. '
+                             '"mean@auto/sample" "mean@output/batch t=0.001"')
     parser.add_argument("--trials-per-half", type=int, default=8)
     parser.add_argument("--spearman-trials", type=int, default=64)
     parser.add_argument("--ridges", type=float, nargs="+", default=sorted({RIDGE, 0.1, 1.0}),
@@ -222,6 +269,11 @@ def main():
     parser.add_argument("--spearman-only", action="store_true", help="only the Spearman table (and one oracle run)")
     parser.add_argument("--provider", default="cpu")
     args = parser.parse_args()
+    for variant in args.variants or []:
+        try:
+            variant_parts(variant)
+        except ValueError as err:
+            parser.error(str(err))
     checks = []
     for name in args.tasks:
         checks += run_task(name, args)

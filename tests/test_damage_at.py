@@ -251,3 +251,16 @@ def test_damage_norm_is_chosen_on_the_command_line_and_reported(tmp_path):
         assert rep["verification"]["passed"]
         norms[rep["search"]["damage_norm"]] = rep["search"]["trials"]
     assert set(norms) == {"sample", "batch"} and min(norms.values()) > 0
+
+
+def test_accept_by_output_on_the_command_line(tmp_path):
+    """`--accept-by output` reaches the search and the report (its threshold, its checks); the cut verifies."""
+    src = _chain_model(tmp_path / "chain.onnx")
+    report = tmp_path / "r.json"
+    proc = run_cli("prune", src, "-o", tmp_path / "out.onnx", "--calib", "random:16", "--flops-target", "0.7",
+                   "--accept-by", "output", "--no-progress", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(report.read_text())
+    assert rep["verification"]["passed"]
+    assert rep["search"]["accept_by"] == "output" and rep["search"]["checks"] > 0
+    assert rep["search"]["threshold"] >= 0.001

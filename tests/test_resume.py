@@ -70,13 +70,8 @@ def fake_damage(cmap, seed=5):
     return damage
 
 
-# at 0.1 the threshold is first raised after round 455, seven times in all (0.01 -> 0.0477)
-@pytest.mark.parametrize("target, stop_at", [(0.5, 1), (0.5, 5), (0.5, 23), (0.1, 456), (0.1, 650)])
-def test_resume_from_any_round_matches_the_uninterrupted_search(target, stop_at):
-    cmap = Pruner.load(ROOT / "models" / "mnist_cnn.onnx").cmap
-    damage = fake_damage(cmap)
-    full_keep, full_scores, full = search.aofp(cmap, damage, flops_target=target, seed=3, stack=4)
-    assert full.threshold == (0.01 if target == 0.5 else pytest.approx(0.01 * 1.25 ** 7))
+def _state_at(cmap, damage, stop_at: int, **options) -> dict:
+    """The state file a search with `options` saved before Ctrl-C in round `stop_at` + 1, loaded back."""
     calls = {"n": 0}
 
     def interrupted(keep, rows):
@@ -88,14 +83,44 @@ def test_resume_from_any_round_matches_the_uninterrupted_search(target, stop_at)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "state.npz"
         with pytest.raises(KeyboardInterrupt):
-            search.aofp(cmap, interrupted, flops_target=target, seed=3, stack=4,
-                        checkpoint=lambda s: statefile.save_state(path, s, {"seed": 3}))
-        state = statefile.load_state(path, {"seed": 3})
+            search.aofp(cmap, interrupted, checkpoint=lambda s: statefile.save_state(path, s, {"seed": 3}),
+                        **options)
+        return statefile.load_state(path, {"seed": 3})
+
+
+# at 0.1 the threshold is first raised after round 455, seven times in all (0.01 -> 0.0477)
+@pytest.mark.parametrize("target, stop_at", [(0.5, 1), (0.5, 5), (0.5, 23), (0.1, 456), (0.1, 650)])
+def test_resume_from_any_round_matches_the_uninterrupted_search(target, stop_at):
+    cmap = Pruner.load(ROOT / "models" / "mnist_cnn.onnx").cmap
+    damage = fake_damage(cmap)
+    full_keep, full_scores, full = search.aofp(cmap, damage, flops_target=target, seed=3, stack=4)
+    assert full.threshold == (0.01 if target == 0.5 else pytest.approx(0.01 * 1.25 ** 7))
+    state = _state_at(cmap, damage, stop_at, flops_target=target, seed=3, stack=4)
     assert state["scalars"]["rounds"] == stop_at
     keep, scores, resumed = search.aofp(cmap, damage, flops_target=target, seed=3, stack=4, resume=state)
     assert np.array_equal(keep, full_keep)
     assert np.array_equal(scores, full_scores)
     assert (resumed.trials, resumed.rounds) == (full.trials, full.rounds)
+
+
+def test_resume_with_output_checks_matches_the_uninterrupted_search():
+    """`--accept-by output`: the checked damage of each depth's half is part of the state (the retrace after a
+    raise reads it), so a search resumed from a round before and after the raises ends where the whole one
+    does."""
+    cmap = Pruner.load(ROOT / "models" / "mnist_cnn.onnx").cmap
+    damage, v = fake_damage(cmap), np.random.default_rng(7).random(cmap.n_slots + 1) ** 3
+
+    def check(keep, slots):
+        return v[slots].sum() / v[keep].sum()
+
+    full_keep, _, full = search.aofp(cmap, damage, threshold=0.001, flops_target=0.2, seed=3, stack=4, check=check)
+    assert full.threshold > 0.001 and full.checks > 0  # raised at least once
+    for stop_at in (5, full.rounds - 3):
+        state = _state_at(cmap, damage, stop_at, threshold=0.001, flops_target=0.2, seed=3, stack=4, check=check)
+        keep, _, resumed = search.aofp(cmap, damage, threshold=0.001, flops_target=0.2, seed=3, stack=4,
+                                       check=check, resume=state)
+        assert np.array_equal(keep, full_keep)
+        assert (resumed.trials, resumed.rounds, resumed.checks) == (full.trials, full.rounds, full.checks)
 
 
 def test_a_state_saved_for_other_options_is_refused(tmp_path):

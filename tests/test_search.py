@@ -193,6 +193,37 @@ def test_min_channels_is_respected(cmap, decisions):
     assert _removed(free) & set(range(8)) == unimportant
 
 
+# --- --accept-by output: a check of each candidate half replaces the estimate's test ----------------------
+class FakeCheck:
+    """check(keep, slots) = Σ_R v / Σ_K v over every kept channel of the model (an importance v at the
+    outputs); records the keep vector of each call and its answer."""
+
+    def __init__(self, cm, v: np.ndarray):
+        self.cm, self.v, self.calls = cm, v, []
+
+    def __call__(self, keep: np.ndarray, slots: np.ndarray) -> float:
+        damage = self.v[slots].sum() / self.v[:-1][keep[:-1]].sum()
+        self.calls.append((keep.copy(), np.array(slots), damage))
+        return damage
+
+
+def test_accept_by_output_prunes_by_the_check_and_ranks_by_the_trials(cmap):
+    """The trials call half of the first group harmless and the second group all important; the check says
+    the opposite (the second group is 1e-4 of the output energy): the check decides, each check on top of
+    the prunes decided before it, and within the second group the trials' ranking picks the halves."""
+    fake = FakeDamage(cmap, _importance(cmap, {0, 2, 5, 7}))
+    check = FakeCheck(cmap, _importance(cmap, range(8, 24)))
+    keep, _, stats = search.aofp(cmap, fake, threshold=0.01, trials_per_half=TPH, seed=0, stack=TPH, check=check)
+    assert keep[:8].all() and int(keep[8:24].sum()) == 1  # refused halves; the floor
+    assert stats.checks == len(check.calls) > 0
+    for (before, slots, damage), (after, _, _) in zip(check.calls, check.calls[1:]):
+        assert not after[slots].any() if damage < 0.01 else np.array_equal(after, before)
+    # the same trials with the estimate's test prune exactly the harmless half of the first group
+    keep, _, stats = search.aofp(cmap, FakeDamage(cmap, fake.u), threshold=0.01, trials_per_half=TPH, seed=0,
+                                 stack=TPH)
+    assert _removed(keep) == {0, 2, 5, 7} and stats.checks == 0
+
+
 def _one_channel_back_exceeds(cm, keep, goal) -> bool:
     """The trim: some removed channel, put back, takes the model above the goal again."""
     for c in np.flatnonzero(~keep[:-1]):
@@ -290,12 +321,17 @@ def test_run_refuses_oracle_without_target(vgg_path):
         search.run(Pruner.load(vgg_path, data="random:4"), "oracle", flops_target=None)
 
 
-def test_cli_threshold_default_is_the_search_default():
-    """The CLI spells the default threshold out (it does not import search at start-up): the same value."""
+def test_cli_threshold_defaults_are_the_search_defaults():
+    """The CLI's help spells the default thresholds out (it does not import search at start-up): the same
+    values as search.run's, which resolves the CLI's None by --accept-by."""
     from aofp_onnx import cli
 
     option = next(p for p in cli.cli.commands["prune"].params if p.name == "threshold")
-    assert option.default == search.DEFAULT_THRESHOLD == 0.01
+    assert option.default is None
+    assert (search.DEFAULT_THRESHOLD, search.OUTPUT_THRESHOLD) == (0.01, 0.001)
+    assert "[default: 0.01; 0.001 with --accept-by output]" in option.help
+    accept = next(p for p in cli.cli.commands["prune"].params if p.name == "accept_by")
+    assert tuple(accept.type.choices) == search.ACCEPT_BY
 
 
 def test_run_aofp_on_onnxruntime_meets_the_target(vgg_path):
@@ -304,6 +340,18 @@ def test_run_aofp_on_onnxruntime_meets_the_target(vgg_path):
     assert p.cmap.macs(keep) <= 0.7 * p.cmap.total_macs
     assert info["trials"] > 0 and info["provider"] == "CPUExecutionProvider" and "target_reached" not in info
     assert scores.shape == (p.cmap.n_slots,)
+
+
+def test_run_accept_by_output_checks_halves_at_the_outputs(vgg_path):
+    """`accept_by="output"`: the threshold defaults to OUTPUT_THRESHOLD, each candidate half is checked at the
+    outputs (counted and reported), the target is met; an unknown value is refused."""
+    p = Pruner.load(vgg_path, data="random:16")
+    keep, _, info = search.run(p, "aofp", flops_target=0.7, trials_per_half=4, batch_size=8, provider="cpu",
+                               accept_by="output")
+    assert p.cmap.macs(keep) <= 0.7 * p.cmap.total_macs and "target_reached" not in info
+    assert info["accept_by"] == "output" and info["checks"] > 0 and info["threshold"] >= search.OUTPUT_THRESHOLD
+    with pytest.raises(InputError, match="--accept-by must be one of estimate, output"):
+        search.run(p, "aofp", flops_target=0.7, accept_by="exact")
 
 
 # --- the exact oracle ----------------------------------------------------------------------------------
