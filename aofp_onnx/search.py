@@ -128,6 +128,11 @@ class _Group:
     def worst(means: np.ndarray, cand: np.ndarray) -> float:
         return float(means[cand[-1]]) if len(cand) else np.inf
 
+    def worst_estimate(self) -> float:
+        """The worst estimate of the half a decision would take now (the order decisions are made in)."""
+        means = self.estimates()
+        return self.worst(means, self.best(means))
+
     def descend(self, cand: np.ndarray):
         self.space = cand
         self.level += 1
@@ -226,7 +231,7 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = DEFAULT_THRESHOLD, tria
             for k in decided:
                 stats.first_half_damage[groups[k].slots] = groups[k].estimates()
         # decide the most harmless prunes first, so a target is met by the cheapest ones
-        decided.sort(key=lambda k: (lambda m: groups[k].worst(m, groups[k].best(m)))(groups[k].estimates()))
+        decided.sort(key=lambda k: groups[k].worst_estimate())
         for k in decided:
             if goal is not None and cost(keep) <= goal:
                 break
@@ -251,9 +256,10 @@ def _decide(g: _Group, keep: np.ndarray, cost, threshold: float, goal: float | N
     """Prune the group's half, descend or saturate; the number of output checks made (0 or 1)."""
     means = g.estimates()
     g.score[g.space] = means[g.space]
-    checked = check is not None and g.may_prune(g.best(means))
+    best = g.best(means)
+    checked = check is not None and g.may_prune(best)
     if checked:
-        g.checked[g.level] = check(keep, g.slots[g.best(means)])
+        g.checked[g.level] = check(keep, g.slots[best])
     cand, passes = g.half(means, threshold)
     if passes:
         if goal is not None:
