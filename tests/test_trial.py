@@ -410,3 +410,28 @@ def test_the_cases_above_cover_concat_and_consumer_chains(zoo_dir):
         cm = _load(name, zoo_dir)[0].cmap
         ops |= {f.op_type for g in cm.prunable for s in g.sinks for f in _chain(cm, cm.graph.nodes[s.node_index])}
     assert {"BatchNormalization", "Mul", "Add", "PRelu", "Relu", "HardSwish"} <= ops
+
+
+@pytest.mark.parametrize("pairs, expected", [(6, 4 * 4096), (1, 2 * 2048)])
+def test_stack_bound_is_the_liveness_peak_times_the_factor(tmp_path, pairs, expected):
+    """activation_bytes: STACK_FACTOR (4) x the peak of the live outputs per sample, each freed after its last
+    consumer, never above the sum of all outputs. A chain of `pairs` Conv(8) -> Relu at 8x8, float32: every
+    output 2048 bytes, at most two live (4096), the sum 2 x pairs x 2048: six pairs 4 x 4096 = 16384 (the sum
+    24576), one pair its sum 4096."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from aofp_onnx.trial import STACK_FACTOR, activation_bytes
+
+    assert STACK_FACTOR == 4
+    rng = np.random.default_rng(0)
+    nodes, weights, x = [], [], "x"
+    for k in range(pairs):
+        weights.append(numpy_helper.from_array(rng.normal(size=(8, 8, 3, 3)).astype(np.float32), f"w{k}"))
+        nodes += [helper.make_node("Conv", [x, f"w{k}"], [f"c{k}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{k}"], [f"r{k}"])]
+        x = f"r{k}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 8, 8, 8])], weights)
+    path = tmp_path / "chain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    assert activation_bytes(Pruner.load(str(path)).cmap) == expected
