@@ -241,6 +241,8 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     phases = Phases(progress)
     if criterion in ("aofp", "oracle"):
         search_options["progress"] = progress
+    if criterion == "aofp":
+        search_options["refit"] = reconstruct  # what --accept-by auto decides by (damage_point)
     pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=calib_limit,
                          image_options=image_options, seed=seed, hold_out=True)
     labelled = _labelled(pruner, eval_src, image_options)

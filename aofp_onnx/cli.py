@@ -133,7 +133,7 @@ def inspect(model, input_shape, json_out, show_all):
 @click.option("--flops-target", type=float, help="Fraction of the original MACs to keep (0.5 = half).")
 @click.option("--threshold", type=float, default=None,  # search.DEFAULT_THRESHOLD, OUTPUT_THRESHOLD (tested)
               help="AOFP damage threshold (x1.25 whenever a target needs more; lower: slower, cuts by damage) "
-                   "[default: 0.01; 0.001 with --accept-by output].")
+                   "[default: 0.01; 0.001 when halves are accepted by the output error].")
 @click.option("--trials-per-half", type=int, default=8, show_default=True, help="AOFP trials before ranking a half.")
 @click.option("--max-trials", type=int, default=None, help="Stop the search after this many trial rounds.")
 @click.option("--oracle-step", type=int, default=None, help="Oracle: channels removed per re-ranking.")
@@ -173,10 +173,12 @@ def inspect(model, input_shape, json_out, show_all):
               help="AOFP: a trial's damage relative per sample, averaged over the samples, or over the whole batch "
                    "(the paper's, where high-energy samples dominate); auto: per sample on a classifier (every "
                    "output [N, C]), else over the batch [default: auto; see README].")
-@click.option("--accept-by", type=click.Choice(["estimate", "output"]), default=None,
+@click.option("--accept-by", type=click.Choice(["auto", "estimate", "output"]), default=None,
               help="AOFP: prune a half when its damage estimated from the trials is under --threshold (the "
-                   "paper's), or when its exact damage at the model outputs is (one forward per candidate; halves "
-                   "of different layers on one scale) [default: estimate; see README].")
+                   "paper's), or when the cut with it stays under --threshold at the model outputs, against the "
+                   "original (one forward per candidate; halves of different layers on one scale); auto: output "
+                   "on a classifier whose trials read the next layers, unless --reconstruct refits the cut, else "
+                   "estimate [default: auto; see README].")
 @reconstruct_option
 @click.option("--finetune-steps", type=int, default=0, show_default=True,
               help="Training-time AOFP: fine-tune the base path this many steps after every half (needs --data).")

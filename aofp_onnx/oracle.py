@@ -7,8 +7,8 @@ ranking is repeated until the MACs target holds. It is the reference AOFP approx
 forward per channel per round) and the measure `benchmarks/` compares rankings with. Since the oracle is
 greedy, the run to a target passes through the runs to every milder one: `passing` records the keep
 vector (and the wall and CPU seconds) at which each milder target was first met, identical to a run to
-that target. `OutputCheck` measures the same damage for removing a set of channels (AOFP's `--accept-by
-output`).
+that target. `OutputCheck` measures the same damage for a cut and a set of channels more, against the
+original outputs (AOFP's `--accept-by output`).
 """
 from __future__ import annotations
 
@@ -106,26 +106,27 @@ def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: n
 
 
 class OutputCheck:
-    """`check(batches, keep, slots)`: Σ_o Σ‖y_o − y_o,R‖² / Σ‖y_o‖² over `batches`, for removing the set
-    R = `slots` on top of `keep`, one forward of the masked model per batch; the base outputs y are kept until
-    `keep` or the batches change (AOFP's `--accept-by output` checks its candidate halves in turn). Each
-    output's relative error counts on its own, as each consumer's does in the trials (`trial`): pooled, a
-    large output would drown a small one (a detector's scores and boxes, MTCNN's landmarks)."""
+    """`check(batches, keep, slots)`: Σ_o Σ‖y_o − y_o,K∖R‖² / Σ‖y_o‖² over `batches`, the relative error of the model
+    cut to `keep` without R = `slots` against the original outputs y (AOFP's `--accept-by output`: a half passes
+    while the whole cut with it stays under the threshold). One forward of the masked model per batch; the
+    original outputs are kept per batch. Measured against the cut so far instead, each accepted half adds its
+    error to the others': on RapidOCR's PP-LCNet orientation classifier at 0.5 of the MACs the cut kept 49.6 %
+    accuracy (chance: 25 %) where against the original it kept 81.5 % (one seed). Each output's relative error
+    counts on its own, as each consumer's does in the trials (`trial`): pooled, a large output would drown a
+    small one (a detector's scores and boxes, MTCNN's landmarks)."""
 
     def __init__(self, runner: Runner):
         self.runner = runner
-        self._key, self._base = None, []
+        self._base = {}  # id of a batch (the caller's batches live as long as the search) -> original outputs
 
     def __call__(self, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray) -> float:
-        key = (tuple(map(id, batches)), keep.tobytes())  # the caller's batches live as long as the search
-        if key != self._key:
-            self._key = key
-            self._base = [self.runner.run({**feeds, KEEP_INPUT: keep_feed(keep)}) for feeds in batches]
         removed = keep.copy()
         removed[slots] = False
         num, den = np.zeros(len(self.runner.outputs)), np.zeros(len(self.runner.outputs))
-        for feeds, base in zip(batches, self._base):
+        for feeds in batches:
+            if id(feeds) not in self._base:
+                self._base[id(feeds)] = self.runner.run({**feeds, KEEP_INPUT: keep_feed(np.ones_like(keep))})
             ys = self.runner.run({**feeds, KEEP_INPUT: keep_feed(removed)})
-            num += [np.square(y - y0, dtype=np.float64).sum() for y, y0 in zip(ys, base)]
-            den += [np.square(y0, dtype=np.float64).sum() for y0 in base]
+            num += [np.square(y - y0, dtype=np.float64).sum() for y, y0 in zip(ys, self._base[id(feeds)])]
+            den += [np.square(y0, dtype=np.float64).sum() for y0 in self._base[id(feeds)]]
         return float((num / np.maximum(den, 1e-30)).sum())

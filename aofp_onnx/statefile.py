@@ -11,8 +11,8 @@ import numpy as np
 from .errors import InputError
 from .io import write_atomic
 
-STATE_FORMAT = 3  # 2: each group's trials of every depth since its last prune (the search's retrace); 3: and
-# the output damage of each depth's half (--accept-by output)
+STATE_FORMAT = 4  # 2: each group's trials of every depth since its last prune (the search's retrace); 3: and
+# the output damage of each depth's half (--accept-by output); 4: that damage is the cut's against the original
 _GROUP_FIELDS = ("kept", "space", "masks", "damage", "levels", "score", "checked")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -253,14 +254,37 @@ def test_damage_norm_is_chosen_on_the_command_line_and_reported(tmp_path):
     assert set(norms) == {"sample", "batch"} and min(norms.values()) > 0
 
 
-def test_accept_by_output_on_the_command_line(tmp_path):
-    """`--accept-by output` reaches the search and the report (its threshold, its checks); the cut verifies."""
+@pytest.mark.parametrize("extra, accepted", [(["--accept-by", "output"], "output"),
+                                             (["--damage-at", "next"], "output"),
+                                             (["--damage-at", "next", "--reconstruct"], "estimate"),
+                                             (["--damage-at", "output"], "estimate")])
+def test_accept_by_on_the_command_line(tmp_path, extra, accepted):
+    """`--accept-by output` reaches the search and the report (its threshold, its checks); `auto`, the
+    default, checks at the outputs where the trials read the next layers, unless `--reconstruct` refits the
+    cut or the trials read the outputs. Every cut verifies."""
     src = _chain_model(tmp_path / "chain.onnx")
     report = tmp_path / "r.json"
     proc = run_cli("prune", src, "-o", tmp_path / "out.onnx", "--calib", "random:16", "--flops-target", "0.7",
-                   "--accept-by", "output", "--no-progress", "--report", report)
+                   *extra, "--no-progress", "--report", report)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(report.read_text())
     assert rep["verification"]["passed"]
-    assert rep["search"]["accept_by"] == "output" and rep["search"]["checks"] > 0
-    assert rep["search"]["threshold"] >= 0.001
+    assert rep["search"]["accept_by"] == accepted and (rep["search"].get("checks", 0) > 0) == (accepted == "output")
+    assert rep["search"]["threshold"] >= (0.001 if accepted == "output" else 0.01)
+
+
+def _outputs(*shapes):
+    """A stand-in ChannelMap whose model outputs have these shapes (what resolve_norm reads)."""
+    names = [f"y{k}" for k in range(len(shapes))]
+    return SimpleNamespace(graph=SimpleNamespace(outputs=names, shape=dict(zip(names, shapes)).get))
+
+
+def test_accept_by_auto_resolves_by_the_damage_point_the_outputs_and_the_refit():
+    """`auto` checks at the outputs on a classifier whose trials read before them and whose cut is not refitted;
+    a detector's map, output trials or `--reconstruct` keep the estimate; an explicit choice stands."""
+    classifier, detector = _outputs((1, 10)), _outputs((1, 1, 32, 32))
+    assert [damage_point.resolve_accept(classifier, at, "auto") for at in ("next", "block", "output")] == \
+        ["output", "output", "estimate"]
+    assert damage_point.resolve_accept(classifier, "next", "auto", refit=True) == "estimate"
+    assert damage_point.resolve_accept(detector, "next", "auto") == "estimate"
+    assert damage_point.resolve_accept(detector, "next", "output", refit=True) == "output"

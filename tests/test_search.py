@@ -195,22 +195,24 @@ def test_min_channels_is_respected(cmap, decisions):
 
 # --- --accept-by output: a check of each candidate half replaces the estimate's test ----------------------
 class FakeCheck:
-    """check(keep, slots) = Σ_R v / Σ_K v over every kept channel of the model (an importance v at the
-    outputs); records the keep vector of each call and its answer."""
+    """check(keep, slots) = Σ v over the channels the cut with the half removes / Σ v over all (an importance v
+    at the outputs, against the original); records the keep vector of each call and its answer."""
 
     def __init__(self, cm, v: np.ndarray):
         self.cm, self.v, self.calls = cm, v, []
 
     def __call__(self, keep: np.ndarray, slots: np.ndarray) -> float:
-        damage = self.v[slots].sum() / self.v[:-1][keep[:-1]].sum()
+        cut = ~keep[:-1]
+        cut[slots] = True
+        damage = self.v[:-1][cut].sum() / self.v[:-1].sum()
         self.calls.append((keep.copy(), np.array(slots), damage))
         return damage
 
 
 def test_accept_by_output_prunes_by_the_check_and_ranks_by_the_trials(cmap):
     """The trials call half of the first group harmless and the second group all important; the check says
-    the opposite (the second group is 1e-4 of the output energy): the check decides, each check on top of
-    the prunes decided before it, and within the second group the trials' ranking picks the halves."""
+    the opposite (the second group is 1e-4 of the output energy): the check decides, each check of the cut
+    with the prunes decided before it, and within the second group the trials' ranking picks the halves."""
     fake = FakeDamage(cmap, _importance(cmap, {0, 2, 5, 7}))
     check = FakeCheck(cmap, _importance(cmap, range(8, 24)))
     keep, _, stats = search.aofp(cmap, fake, threshold=0.01, trials_per_half=TPH, seed=0, stack=TPH, check=check)
@@ -329,7 +331,7 @@ def test_cli_threshold_defaults_are_the_search_defaults():
     option = next(p for p in cli.cli.commands["prune"].params if p.name == "threshold")
     assert option.default is None
     assert (search.DEFAULT_THRESHOLD, search.OUTPUT_THRESHOLD) == (0.01, 0.001)
-    assert "[default: 0.01; 0.001 with --accept-by output]" in option.help
+    assert "[default: 0.01; 0.001 when halves are accepted by the output error]" in option.help
     accept = next(p for p in cli.cli.commands["prune"].params if p.name == "accept_by")
     assert tuple(accept.type.choices) == search.ACCEPT_BY
 
@@ -350,8 +352,19 @@ def test_run_accept_by_output_checks_halves_at_the_outputs(vgg_path):
                                accept_by="output")
     assert p.cmap.macs(keep) <= 0.7 * p.cmap.total_macs and "target_reached" not in info
     assert info["accept_by"] == "output" and info["checks"] > 0 and info["threshold"] >= search.OUTPUT_THRESHOLD
-    with pytest.raises(InputError, match="--accept-by must be one of estimate, output"):
+    with pytest.raises(InputError, match="--accept-by must be one of auto, estimate, output"):
         search.run(p, "aofp", flops_target=0.7, accept_by="exact")
+
+
+@pytest.mark.parametrize("damage_at, accepted", [("next", "output"), ("block", "output"), ("output", "estimate")])
+def test_accept_by_auto_checks_at_the_outputs_where_the_trials_read_before_them(vgg_path, damage_at, accepted):
+    """`auto` (the default): halves checked at the outputs where the trials read the next layers or a block,
+    by the trials' estimate where they read the outputs; the threshold defaults with it."""
+    p = Pruner.load(vgg_path, data="random:16")
+    _, _, info = search.run(p, "aofp", flops_target=0.8, trials_per_half=4, batch_size=8, provider="cpu",
+                            damage_at=damage_at)
+    assert info["accept_by"] == accepted and (info.get("checks", 0) > 0) == (accepted == "output")
+    assert info["threshold"] >= (search.OUTPUT_THRESHOLD if accepted == "output" else search.DEFAULT_THRESHOLD)
 
 
 # --- the exact oracle ----------------------------------------------------------------------------------
@@ -407,6 +420,25 @@ def test_oracle_single_channel_damage_equals_direct_computation(vgg_oracle):
         den = sum(np.sum(y.astype(np.float64) ** 2) for y in base)
         assert (num > 0) == (c in live)
         np.testing.assert_allclose(stats.first_half_damage[c], num / den, rtol=1e-3, atol=1e-12)
+
+
+def test_output_check_measures_the_cut_with_the_half_against_the_original(vgg_oracle):
+    """OutputCheck(keep, R) = Σ_o Σ(y_o − y_o,K∖R)² / Σ y_o², y the original outputs, computed directly."""
+    p, feeds, _, _, _ = vgg_oracle
+    cm = p.cmap
+    runner = Runner(masked_model(cm), "cpu")
+    check = oracle.OutputCheck(runner)
+    rng = np.random.default_rng(1)
+    keep = cm.full_keep()
+    keep[rng.choice(cm.n_slots, cm.n_slots // 4, replace=False)] = False
+    half = rng.choice(np.flatnonzero(keep[:-1]), 8, replace=False)
+    cut = keep.copy()
+    cut[half] = False
+    (y,), (y_cut,) = (runner.run({**feeds, KEEP_INPUT: keep_feed(k)}) for k in (cm.full_keep(), cut))
+    direct = np.sum((y.astype(np.float64) - y_cut) ** 2) / np.sum(y.astype(np.float64) ** 2)
+    assert direct > 1e-6
+    np.testing.assert_allclose(check([feeds], keep, half), direct, rtol=1e-6)
+    np.testing.assert_allclose(check([feeds], cut, []), direct, rtol=1e-6)  # the same cut, reached otherwise
 
 
 # --- end to end through the CLI ------------------------------------------------------------------------
