@@ -4,7 +4,9 @@
 
 Tasks: `digits`, the narrow ResNet-20 trained here (models/resnet20_digits.onnx, MNIST digits);
 `ocr-cls`, PaddleOCR's text-orientation classifier from the rapidocr wheel on Pillow-rendered text
-lines (benchmarks/textlines.py). All in this one run, on the same calibration samples and provider:
+lines (benchmarks/textlines.py); `orientation`, RapidAI's PP-LCNet document-orientation classifier on
+rendered pages rotated by 0/90/180/270° (benchmarks/pages.py). All in this one run, on the same
+calibration samples and provider:
 
 1. per damage point (next, block, output; `auto` resolves to one of them, see aofp_onnx/damage_point.py)
    and normalization (`--damage-norm`: relative per sample, over the batch (the paper's), or auto, the
@@ -18,11 +20,19 @@ lines (benchmarks/textlines.py). All in this one run, on the same calibration sa
    one variant per estimator, damage point, normalization and `--thresholds` value);
 3. per MACs target, test accuracy of the cut without recovery and after least-squares reconstruction
    (`--reconstruct`, on `--recon-samples` calibration samples): oracle, every AOFP variant (mean and
-   min over seeds), L1, random (mean over seeds); then the issue's checks for the default variant.
+   min over seeds), L1, random (mean over seeds); then the issue's checks for the default settings:
+   without recovery the variant `--accept-by auto` runs when the cut ships as it is, with reconstruction
+   the one it runs under `--reconstruct` (name both, e.g. "mean@auto/sample" "mean@auto/sample by=estimate").
+
+Variants are named ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD]; `by=auto` (the default) resolves as
+`prune` without `--reconstruct` does. `--no-oracle` leaves the oracle out (the orientation classifier's
+costs about two minutes per ranking here); `--oracle-cache` reuses an earlier run's oracle (experiments).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import pathlib
 import statistics
 import time
 
@@ -31,15 +41,16 @@ import numpy as np
 from aofp_onnx.api import Pruner, accuracy
 from aofp_onnx.calib import input_specs, load_data
 from aofp_onnx.criteria import l1_scores, random_scores
-from aofp_onnx.damage_point import resolve, resolve_norm
+from aofp_onnx.damage_point import resolve, resolve_accept, resolve_norm
 from aofp_onnx.estimate import ESTIMATORS, RIDGE, mean_scores, ridge_scores
 from aofp_onnx.masking import masked_model
 from aofp_onnx.oracle import OutputCheck, oracle, output_damage
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.runtime import Runner
-from aofp_onnx.search import (ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, DEFAULT_THRESHOLD, OUTPUT_THRESHOLD,
-                              aofp)
+from aofp_onnx.search import (ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, DEFAULT_THRESHOLD,
+                              OUTPUT_THRESHOLD, aofp)
 from aofp_onnx.select import select_by_score
+from aofp_onnx.statefile import data_digest
 from aofp_onnx.surgery import cut
 from aofp_onnx.trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, TrialEngine
 from aofp_vs_oracle import spearman
@@ -51,14 +62,16 @@ def task_data(name: str, args):
     """(model path, search calibration path, test path) of a task."""
     if name == "digits":
         return "models/resnet20_digits.onnx", "models/mnist_calib.npz", "models/mnist_test.npz"
+    import pages
     import textlines
 
-    model = textlines.fetch_model()
+    module = {"ocr-cls": textlines, "orientation": pages}[name]
+    model = module.fetch_model()
     paths = []
     for label, n, seed in (("calib", args.recon_samples, 100), ("test", args.test_samples, 200)):
-        path = textlines.cache_dir() / f"textlines_{label}_{n}_{seed}.npz"
+        path = textlines.cache_dir() / f"{module.__name__}_{label}_{n}_{seed}.npz"
         if not path.exists():
-            x, labels = textlines.make(n, seed)
+            x, labels = module.make(n, seed)
             np.savez(path, x=x, labels=labels)
         paths.append(str(path))
     return str(model), *paths
@@ -90,6 +103,8 @@ def run_task(name: str, args) -> list[str]:
 
     def search(variant, seed, target, trials_per_half=args.trials_per_half, max_trials=None):
         est, at, t, by = variant_parts(variant)
+        by = resolve_accept(cmap, points[at.split("/")[0]][0], by)
+        t = t if t is not None else OUTPUT_THRESHOLD if by == "output" else DEFAULT_THRESHOLD
         counter = iter(range(1 << 40))
         engine = engines[at]
         stack = min(trials_per_half, engine.max_stack(args.batch), 8)
@@ -135,7 +150,12 @@ def run_task(name: str, args) -> list[str]:
                   f"({seconds:.1f} s)", flush=True)
     targets = [] if args.spearman_only else sorted(args.keeps, reverse=True)
     oracle_runs = {}
-    if targets:  # one greedy run to the deepest target passes through the runs to the milder ones
+    cached = oracle_cache(args, model, batches, targets)
+    if cached is not None and cached.exists():
+        saved = np.load(cached)
+        oracle_runs = {t: (saved[f"keep_{t}"], *saved[f"seconds_{t}"]) for t in targets}
+        print(f"   oracle runs read from {cached} (their times are an earlier run's)", flush=True)
+    elif targets and not args.no_oracle:  # one greedy run to the deepest target passes through the milder ones
         passing = {t: None for t in targets[:-1]}
         start, cpu = time.perf_counter(), time.process_time()
         keep_o, _, stats_o = oracle(cmap, masked, batches, flops_target=targets[-1], stack=8,
@@ -145,10 +165,15 @@ def run_task(name: str, args) -> list[str]:
                                                                            f"{time.perf_counter() - start:.0f} s",
                                                                            flush=True))
         oracle_runs = {**passing, targets[-1]: (keep_o, time.perf_counter() - start, time.process_time() - cpu)}
+        if cached is not None:
+            np.savez(cached, **{f"keep_{t}": k for t, (k, *_) in oracle_runs.items()},
+                     **{f"seconds_{t}": np.array(secs) for t, (_, *secs) in oracle_runs.items()})
     for target in targets:
-        keep_o, oracle_s, oracle_cpu = oracle_runs[target]
-        print(f"   [{name} x{target}] oracle: {oracle_s:.1f} s (CPU {oracle_cpu:.1f} s)", flush=True)
-        rows = {"oracle": ([scores_of(keep_o)], [oracle_s], [oracle_cpu])}
+        rows = {}
+        if target in oracle_runs:
+            keep_o, oracle_s, oracle_cpu = oracle_runs[target]
+            print(f"   [{name} x{target}] oracle: {oracle_s:.1f} s (CPU {oracle_cpu:.1f} s)", flush=True)
+            rows["oracle"] = ([scores_of(keep_o)], [oracle_s], [oracle_cpu])
         for variant in variants:
             accs, secs, cpus = [], [], []
             for seed in args.seeds:
@@ -163,8 +188,9 @@ def run_task(name: str, args) -> list[str]:
         rows["l1"] = ([scores_of(select_by_score(cmap, l1_scores(cmap), target))], [0.0], [0.0])
         rows["random"] = ([scores_of(select_by_score(cmap, random_scores(cmap, s), target)) for s in args.seeds],
                           [0.0], [0.0])
-        print(f"\n{name}, keep {target} of the MACs (oracle reaches x{cmap.macs(keep_o) / cmap.total_macs:.3f}): "
-              f"test accuracy without / with reconstruction (mean over seeds; min), search time: wall and CPU "
+        reaches = f" (oracle reaches x{cmap.macs(keep_o) / cmap.total_macs:.3f})" if "oracle" in rows else ""
+        print(f"\n{name}, keep {target} of the MACs{reaches}: test accuracy without / with reconstruction (mean over "
+              f"seeds; min), search time: wall and CPU "
               f"(this process, all threads: what other jobs on a shared machine do not inflate), and x less than "
               f"the oracle's")
         width = max(22, *map(len, rows))
@@ -173,55 +199,81 @@ def run_task(name: str, args) -> list[str]:
         for label, (accs, secs, cpus) in rows.items():
             a = 100 * np.array(accs)
             sec, cpu = statistics.median(secs), statistics.median(cpus)
-            ratio = f"x{oracle_s / sec:.1f} / x{oracle_cpu / cpu:.1f}" if sec > 0 and label != "oracle" else ""
+            versus = sec > 0 and "oracle" in rows and label != "oracle"
+            ratio = f"x{oracle_s / sec:.1f} / x{oracle_cpu / cpu:.1f}" if versus else ""
             print(f"   {label:<{width}} {a[:, 0].mean():7.2f}% ({a[:, 0].min():6.2f}%) {a[:, 1].mean():7.2f}% "
                   f"({a[:, 1].min():6.2f}%) {sec:9.1f} {cpu:9.1f} {ratio:>13}")
-        # the default variant, also when run under the names auto resolves to (e.g. --damage-norm sample batch)
-        default = next((key for key in (f"aofp {DEFAULT}", f"aofp {DEFAULT_ESTIMATOR}@{DEFAULT_DAMAGE_AT}/"
-                                        f"{resolve_norm(cmap, DEFAULT_DAMAGE_NORM)}") if key in rows), None)
-        if default is None:  # the default variant was not run: no checks
+        # the default settings, also when run under the names auto resolves to (e.g. --damage-norm sample, and
+        # --accept-by: without recovery it may check at the outputs, with --reconstruct it may not)
+        default = {k: default_row(rows, cmap, refit=bool(k)) for k in (0, 1)}
+        if None in default.values():  # the default variant was not run: no checks
             continue
-        d = rows[default]
         mean = lambda key, k: float(np.mean(np.array(rows[key][0])[:, k]))  # noqa: E731
         for k, kind in ((0, "no recovery"), (1, "reconstructed")):
-            aofp_acc = mean(default, k)
+            aofp_acc = mean(default[k], k)
             # one test set's resolution: the binomial standard error of an accuracy p on n samples
             se = 100 * np.sqrt(aofp_acc * (1 - aofp_acc) / len(test))
-            lines.append(f"{name} x{target} {kind}: AOFP {100 * aofp_acc:.2f}% >= L1 {100 * mean('l1', k):.2f}%: "
-                         f"{aofp_acc >= mean('l1', k)}; >= random {100 * mean('random', k):.2f}%: "
-                         f"{aofp_acc >= mean('random', k)} (standard error of one accuracy on these {len(test)} "
-                         f"test samples: {se:.2f} points)")
-        gap = 100 * (mean("oracle", 0) - mean(default, 0))
-        speed, speed_cpu = oracle_s / statistics.median(d[1]), oracle_cpu / statistics.median(d[2])
-        lines.append(f"{name} x{target}: oracle - AOFP (no recovery) {gap:.2f} points (<= 2: {gap <= 2}); "
-                     f"search x{speed:.1f} faster in wall time, x{speed_cpu:.1f} in CPU time "
-                     f"(>= 10: {speed >= 10}, {speed_cpu >= 10})")
+            lines.append(f"{name} x{target} {kind} ({default[k]}): AOFP {100 * aofp_acc:.2f}% >= L1 "
+                         f"{100 * mean('l1', k):.2f}%: {aofp_acc >= mean('l1', k)}; >= random "
+                         f"{100 * mean('random', k):.2f}%: {aofp_acc >= mean('random', k)} (standard error of one "
+                         f"accuracy on these {len(test)} test samples: {se:.2f} points)")
+        if "oracle" not in rows:
+            continue
+        gap = 100 * (mean("oracle", 0) - mean(default[0], 0))
+        lines.append(f"{name} x{target}: oracle - AOFP (no recovery) {gap:.2f} points (<= 2: {gap <= 2})")
+        for k in (0, 1) if default[0] != default[1] else (0,):
+            d = rows[default[k]]
+            speed, speed_cpu = oracle_s / statistics.median(d[1]), oracle_cpu / statistics.median(d[2])
+            lines.append(f"{name} x{target}: {default[k]} search x{speed:.1f} faster than the oracle in wall time, "
+                         f"x{speed_cpu:.1f} in CPU time (>= 10: {speed >= 10}, {speed_cpu >= 10})")
 
     return lines
 
 
+def default_row(rows: dict, cmap, refit: bool) -> str | None:
+    """The row of the default settings (with or without `--reconstruct`), under any name it was run as."""
+    point = resolve(cmap, DEFAULT_DAMAGE_AT)[0]
+    by = resolve_accept(cmap, point, DEFAULT_ACCEPT_BY, refit)
+    names = [f"aofp {DEFAULT_ESTIMATOR}@{at}/{norm}{suffix}" for at in (DEFAULT_DAMAGE_AT, point)
+             for norm in (DEFAULT_DAMAGE_NORM, resolve_norm(cmap, DEFAULT_DAMAGE_NORM))
+             for suffix in [f" by={by}"] + ([""] if resolve_accept(cmap, point, DEFAULT_ACCEPT_BY) == by else [])]
+    # (a variant named without by= resolves auto as prune does without --reconstruct)
+    return next((n for n in names if n in rows), None)
+
+
+def oracle_cache(args, model: str, batches, targets) -> pathlib.Path | None:
+    """With --oracle-cache: where the oracle's runs for this model, data, targets and step are kept."""
+    if not args.oracle_cache:
+        return None
+    import textlines
+
+    h = hashlib.sha256(pathlib.Path(model).read_bytes())
+    h.update(f"{data_digest(batches)} {targets} {args.oracle_step} {args.provider}".encode())
+    return textlines.cache_dir() / f"oracle_{h.hexdigest()[:16]}.npz"
+
+
 def grid(args) -> list[str]:
-    """Every estimator x damage point x normalization x threshold; a threshold other than the default (0.01)
-    is said in the variant's name: "mean@auto/sample t=0.0016"."""
-    return [f"{e}@{d}/{n}" + (f" t={t:g}" if t != DEFAULT_THRESHOLD else "") for t in args.thresholds
+    """Every estimator x damage point x normalization x threshold; a threshold given is said in the variant's
+    name: "mean@auto/sample t=0.0016"."""
+    return [f"{e}@{d}/{n}" + (f" t={t:g}" if t is not None else "") for t in args.thresholds or [None]
             for d in args.damage_at for n in args.damage_norm for e in args.estimators]
 
 
 def variant_parts(variant: str) -> tuple[str, str, float, str]:
-    """"mean@auto/sample by=output t=0.001" -> ("mean", "auto/sample", 0.001, "output") (`--accept-by`; the
-    threshold defaults as search.run's does); ValueError for a malformed name."""
+    """"mean@auto/sample by=output t=0.001" -> ("mean", "auto/sample", 0.001, "output") (`--accept-by`, auto by
+    default; the threshold None where not given: search.run's default for the resolved --accept-by);
+    ValueError for a malformed name."""
     name, *extra = variant.split()
     est, _, site = name.partition("@")
     at, _, norm = site.partition("/")
     opts = dict(e.partition("=")[::2] for e in extra)
-    by = opts.pop("by", "estimate")
+    by = opts.pop("by", "auto")
     if (est not in ESTIMATORS or at not in (*DAMAGE_AT, "auto") or norm not in DAMAGE_NORMS or by not in ACCEPT_BY
             or set(opts) - {"t"}):
         raise ValueError(f"variant {variant!r}: want ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD] with estimator "
                          f"in {ESTIMATORS}, point in {(*DAMAGE_AT, 'auto')}, norm in {DAMAGE_NORMS}, accept in "
                          f"{ACCEPT_BY}")
-    default = OUTPUT_THRESHOLD if by == "output" else DEFAULT_THRESHOLD
-    return est, site, float(opts.get("t", default)), by
+    return est, site, float(opts["t"]) if "t" in opts else None, by
 
 
 def full_width_trials(cmap, engine, batches, trials: int, seed: int, stack: int = 8):
@@ -243,7 +295,8 @@ def full_width_trials(cmap, engine, batches, trials: int, seed: int, stack: int 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["digits", "ocr-cls"], choices=["digits", "ocr-cls"])
+    parser.add_argument("--tasks", nargs="+", default=["digits", "ocr-cls"],
+                        choices=["digits", "ocr-cls", "orientation"])
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
@@ -251,11 +304,11 @@ def main():
     parser.add_argument("--damage-norm", nargs="+", default=[DEFAULT_DAMAGE_NORM], choices=DAMAGE_NORMS)
     parser.add_argument("--samples", type=int, default=64, help="calibration samples of the searches")
     parser.add_argument("--recon-samples", type=int, default=256, help="calibration samples of the reconstruction")
-    parser.add_argument("--test-samples", type=int, default=512, help="ocr-cls: rendered test lines")
+    parser.add_argument("--test-samples", type=int, default=512, help="ocr-cls, orientation: rendered test samples")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[DEFAULT_THRESHOLD],
-                        help="AOFP thresholds to compare; a target the threshold cannot reach raises it by "
-                             "x1.25 until it can, so a low one orders the cuts by damage across groups")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=None,
+                        help="AOFP thresholds to compare (default: search.run's for the --accept-by each variant "
+                             "resolves to); a target the threshold cannot reach raises it by x1.25 until it can")
     parser.add_argument("--variants", nargs="+", default=None,
                         help='AOFP variants by name instead of the grid of the four options above, e.g. '
                              '"mean@auto/sample" "mean@output/batch t=0.001"')
@@ -265,6 +318,10 @@ def main():
                         help="ridge λ values (relative) the Spearman table compares")
     parser.add_argument("--oracle-step", type=int, default=None,
                         help="channels the oracle removes per ranking (default: 1/16 of the candidates)")
+    parser.add_argument("--oracle-cache", action="store_true",
+                        help="keep the oracle's runs in the cache and reuse them (for experiments: the ratios then "
+                             "compare with an earlier run's times)")
+    parser.add_argument("--no-oracle", action="store_true", help="AOFP, L1 and random only (no oracle column)")
     parser.add_argument("--no-spearman", action="store_true", help="only the accuracy tables")
     parser.add_argument("--spearman-only", action="store_true", help="only the Spearman table (and one oracle run)")
     parser.add_argument("--provider", default="cpu")

