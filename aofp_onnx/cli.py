@@ -178,7 +178,7 @@ def inspect(model, input_shape, json_out, show_all):
                    "paper's), or when the cut with it stays under --threshold at the model outputs, against the "
                    "original (one forward per candidate; halves of different layers on one scale); auto: output "
                    "on a classifier whose trials read the next layers, unless --reconstruct refits the cut, else "
-                   "estimate [default: auto; see README].")
+                   "estimate [default: estimate; see README].")
 @reconstruct_option
 @click.option("--finetune-steps", type=int, default=0, show_default=True,
               help="Training-time AOFP: fine-tune the base path this many steps after every half (needs --data).")

@@ -27,7 +27,7 @@ on the digits ResNet-20 87.3 % against 70.8 % (but 17.4 against 23.6 % at 0.5); 
 of the MACs `sample` collapsed the output (relative error 1.005, and 0.997 when only the reads without
 spatial extent, its SE gates, were per sample) where `batch` kept 0.644.
 
-`--accept-by auto` (the default): `output` on a classifier whose trials read the next layers or a block
+`--accept-by auto` (not the default yet: see README): `output` on a classifier whose trials read the next layers or a block
 and whose cut ships as it is; `estimate` where the trials read the outputs, where `--reconstruct` refits
 the cut, and on detectors and other dense outputs, where it is not measured and each check runs the whole
 model (PP-OCRv4 det at 320², 48 pages, 0.8 of the MACs: over 15 minutes on 2 cores). A next-layer

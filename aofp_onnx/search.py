@@ -7,8 +7,8 @@ R_g. After `trials_per_half` trials, S_g is ranked by the estimated damage per c
 paper's mean over the trials that removed the channel, or a ridge fit of the damages to the trial masks); with
 granu = ⌊|S_g|/2⌋, if the granu-th smallest estimate is below the threshold those granu channels are pruned
 and the search restarts on K_g; else, if granu > 1, S_g shrinks to its granu best (binary search); else g is
-saturated. With `check` (`--accept-by output`, what `auto` picks where the trials read the next layers: see
-`damage_point`), the half H_g of granu best channels passes when the cut with it, K ∖ H_g, stays under the
+saturated. With `check` (`--accept-by output`, what `auto` picks on a classifier whose trials read the next
+layers: see `damage_point`), the half H_g of granu best channels passes when the cut with it, K ∖ H_g, stays under the
 threshold at the model outputs (Σ_o ‖y_o − y_o,K∖H‖² / ‖y_o‖² against the original outputs on the round's
 batch: `oracle.OutputCheck`): the trials still rank the channels, but halves of different layers are accepted
 on one scale, and the threshold is a budget for the whole cut that a target raises only as far as it needs.
@@ -46,7 +46,7 @@ DEFAULT_ESTIMATOR = "mean"
 DEFAULT_THRESHOLD = 0.01  # relative damage a half may do (the paper's ε; --threshold)
 OUTPUT_THRESHOLD = 0.001  # the same with --accept-by output: at the outputs (README: figures)
 ACCEPT_BY = ("auto", "estimate", "output")
-DEFAULT_ACCEPT_BY = "auto"  # see damage_point
+DEFAULT_ACCEPT_BY = "estimate"  # `auto`: see damage_point (README: why not the default yet)
 THRESHOLD_GROWTH = 1.25  # the raise when every group saturated before the target (README: figures)
 DEFAULT_DAMAGE_AT = "auto"  # see damage_point
 

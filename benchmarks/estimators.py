@@ -21,11 +21,11 @@ calibration samples and provider:
 3. per MACs target, test accuracy of the cut without recovery and after least-squares reconstruction
    (`--reconstruct`, on `--recon-samples` calibration samples): oracle, every AOFP variant (mean and
    min over seeds), L1, random (mean over seeds); then the issue's checks for the default settings:
-   without recovery the variant `--accept-by auto` runs when the cut ships as it is, with reconstruction
-   the one it runs under `--reconstruct` (name both, e.g. "mean@auto/sample" "mean@auto/sample by=estimate").
+   without recovery the variant the default `--accept-by` runs when the cut ships as it is, with
+   reconstruction the one it runs under `--reconstruct` (the same unless the default is `auto`).
 
-Variants are named ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD]; `by=auto` (the default) resolves as
-`prune` without `--reconstruct` does. `--no-oracle` leaves the oracle out (the orientation classifier's
+Variants are named ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD] (by: `--accept-by`, its default where
+not given; `by=auto` resolves as `prune` without `--reconstruct` does). `--no-oracle` leaves the oracle out (the orientation classifier's
 costs about two minutes per ranking here); `--oracle-cache` reuses an earlier run's oracle (experiments).
 """
 from __future__ import annotations
@@ -237,7 +237,7 @@ def default_row(rows: dict, cmap, refit: bool) -> str | None:
     names = [f"aofp {DEFAULT_ESTIMATOR}@{at}/{norm}{suffix}" for at in (DEFAULT_DAMAGE_AT, point)
              for norm in (DEFAULT_DAMAGE_NORM, resolve_norm(cmap, DEFAULT_DAMAGE_NORM))
              for suffix in [f" by={by}"] + ([""] if resolve_accept(cmap, point, DEFAULT_ACCEPT_BY) == by else [])]
-    # (a variant named without by= resolves auto as prune does without --reconstruct)
+    # (a variant named without by= runs the default --accept-by, resolved as without --reconstruct)
     return next((n for n in names if n in rows), None)
 
 
@@ -260,14 +260,14 @@ def grid(args) -> list[str]:
 
 
 def variant_parts(variant: str) -> tuple[str, str, float, str]:
-    """"mean@auto/sample by=output t=0.001" -> ("mean", "auto/sample", 0.001, "output") (`--accept-by`, auto by
-    default; the threshold None where not given: search.run's default for the resolved --accept-by);
-    ValueError for a malformed name."""
+    """"mean@auto/sample by=output t=0.001" -> ("mean", "auto/sample", 0.001, "output") (`--accept-by`, its
+    default where not given; the threshold None where not given: search.run's default for the resolved
+    --accept-by); ValueError for a malformed name."""
     name, *extra = variant.split()
     est, _, site = name.partition("@")
     at, _, norm = site.partition("/")
     opts = dict(e.partition("=")[::2] for e in extra)
-    by = opts.pop("by", "auto")
+    by = opts.pop("by", DEFAULT_ACCEPT_BY)
     if (est not in ESTIMATORS or at not in (*DAMAGE_AT, "auto") or norm not in DAMAGE_NORMS or by not in ACCEPT_BY
             or set(opts) - {"t"}):
         raise ValueError(f"variant {variant!r}: want ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD] with estimator "

@@ -255,13 +255,15 @@ def test_damage_norm_is_chosen_on_the_command_line_and_reported(tmp_path):
 
 
 @pytest.mark.parametrize("extra, accepted", [(["--accept-by", "output"], "output"),
-                                             (["--damage-at", "next"], "output"),
-                                             (["--damage-at", "next", "--reconstruct"], "estimate"),
-                                             (["--damage-at", "output"], "estimate")])
+                                             (["--damage-at", "next"], "estimate"),
+                                             (["--accept-by", "auto", "--damage-at", "next"], "output"),
+                                             (["--accept-by", "auto", "--damage-at", "next", "--reconstruct"],
+                                              "estimate"),
+                                             (["--accept-by", "auto", "--damage-at", "output"], "estimate")])
 def test_accept_by_on_the_command_line(tmp_path, extra, accepted):
-    """`--accept-by output` reaches the search and the report (its threshold, its checks); `auto`, the
-    default, checks at the outputs where the trials read the next layers, unless `--reconstruct` refits the
-    cut or the trials read the outputs. Every cut verifies."""
+    """`--accept-by output` reaches the search and the report (its threshold, its checks); the default is the
+    estimate; `auto` checks at the outputs where the trials read the next layers of a classifier, unless
+    `--reconstruct` refits the cut or the trials read the outputs. Every cut verifies."""
     src = _chain_model(tmp_path / "chain.onnx")
     report = tmp_path / "r.json"
     proc = run_cli("prune", src, "-o", tmp_path / "out.onnx", "--calib", "random:16", "--flops-target", "0.7",

@@ -358,11 +358,11 @@ def test_run_accept_by_output_checks_halves_at_the_outputs(vgg_path):
 
 @pytest.mark.parametrize("damage_at, accepted", [("next", "output"), ("block", "output"), ("output", "estimate")])
 def test_accept_by_auto_checks_at_the_outputs_where_the_trials_read_before_them(vgg_path, damage_at, accepted):
-    """`auto` (the default): halves checked at the outputs where the trials read the next layers or a block,
+    """`auto`: halves checked at the outputs where the trials read the next layers or a block of a classifier,
     by the trials' estimate where they read the outputs; the threshold defaults with it."""
     p = Pruner.load(vgg_path, data="random:16")
     _, _, info = search.run(p, "aofp", flops_target=0.8, trials_per_half=4, batch_size=8, provider="cpu",
-                            damage_at=damage_at)
+                            damage_at=damage_at, accept_by="auto")
     assert info["accept_by"] == accepted and (info.get("checks", 0) > 0) == (accepted == "output")
     assert info["threshold"] >= (search.OUTPUT_THRESHOLD if accepted == "output" else search.DEFAULT_THRESHOLD)
 
