@@ -27,18 +27,18 @@ on the digits ResNet-20 87.3 % against 70.8 % (but 17.4 against 23.6 % at 0.5); 
 of the MACs `sample` collapsed the output (relative error 1.005, and 0.997 when only the reads without
 spatial extent, its SE gates, were per sample) where `batch` kept 0.644.
 
-`--accept-by auto` (not the default yet: see README): `output` on a classifier whose trials read the next layers or a block
-and whose cut ships as it is; `estimate` where the trials read the outputs, where `--reconstruct` refits
-the cut, and on detectors and other dense outputs, where it is not measured and each check runs the whole
-model (PP-OCRv4 det at 320², 48 pages, 0.8 of the MACs: over 15 minutes on 2 cores). A next-layer
-relative error is worth more at the outputs in one layer than in another, so with a MACs target the
+`--accept-by auto` (not the default yet: see README): `output` on a classifier whose trials read the next
+layers or a block and whose cut ships as it is; `estimate` where the trials read the outputs, where
+`--reconstruct` refits the cut, and on detectors and other dense outputs, where it is not measured and each
+check runs the whole model (PP-OCRv4 det at 320², 48 pages, 0.8 of the MACs: over 15 minutes on 2 cores). A
+next-layer relative error is worth more at the outputs in one layer than in another, so with a MACs target the
 trials' estimates decide which layers lose width on scales that do not compare; the output check
 (`oracle.OutputCheck`) puts every half on the outputs' scale. Where the trials read the outputs their
-estimates are on that scale already, and the check would cost a forward per decision. A least-squares
-refit repairs what the next layers see, and there the estimate's cuts kept as much or more. Measured (PP-OCR
-classifier, 3 seeds, at 0.7 / 0.5 of the MACs; see README, Measured): without recovery 89.5 / 82.8 %
-against the estimate's 76.1 / 56.2 % (the oracle 93.8 / 78.9 %), at 2-3x the search time; with
-`--reconstruct` 96.6 / 94.4 % against 97.3 / 94.6 %.
+estimates are on that scale already, and the check would cost a forward per decision. A least-squares refit
+repairs what the next layers see, and there the estimate's cuts kept as much or more. Measured (PP-OCR
+classifier, 3 seeds, at 0.7 / 0.5 of the MACs; see README, Measured): without recovery 89.5 / 82.8 % against
+the estimate's 76.1 / 56.2 % (the oracle 93.8 / 78.9 %), at 2-3x the search time; with `--reconstruct` 96.6 /
+94.4 % against 97.3 / 94.6 %.
 """
 from __future__ import annotations
 

@@ -8,12 +8,12 @@ paper's mean over the trials that removed the channel, or a ridge fit of the dam
 granu = ⌊|S_g|/2⌋, if the granu-th smallest estimate is below the threshold those granu channels are pruned
 and the search restarts on K_g; else, if granu > 1, S_g shrinks to its granu best (binary search); else g is
 saturated. With `check` (`--accept-by output`, what `auto` picks on a classifier whose trials read the next
-layers: see `damage_point`), the half H_g of granu best channels passes when the cut with it, K ∖ H_g, stays under the
-threshold at the model outputs (Σ_o ‖y_o − y_o,K∖H‖² / ‖y_o‖² against the original outputs on the round's
-batch: `oracle.OutputCheck`): the trials still rank the channels, but halves of different layers are accepted
-on one scale, and the threshold is a budget for the whole cut that a target raises only as far as it needs.
-All groups search at once; the run stops at the target (the last prune is trimmed to land on it), when every
-group is saturated (with a target, the threshold then grows by `THRESHOLD_GROWTH`, and the groups whose
+layers: see `damage_point`), the half H_g of granu best channels passes when the cut with it, K ∖ H_g, stays
+under the threshold at the model outputs (Σ_o ‖y_o − y_o,K∖H‖² / ‖y_o‖² against the original outputs on the
+round's batch: `oracle.OutputCheck`): the trials still rank the channels, but halves of different layers are
+accepted on one scale, and the threshold is a budget for the whole cut that a target raises only as far as it
+needs. All groups search at once; the run stops at the target (the last prune is trimmed to land on it), when
+every group is saturated (with a target, the threshold then grows by `THRESHOLD_GROWTH`, and the groups whose
 recorded trials (and checks) pass it search again, see `_Group.retrace`), or at `max_trials`. The target
 counts MACs, or whatever `cost(keep)` (the remaining fraction) counts: a latency table's estimate. The exact
 oracle is in `oracle`.
@@ -49,6 +49,11 @@ ACCEPT_BY = ("auto", "estimate", "output")
 DEFAULT_ACCEPT_BY = "estimate"  # `auto`: see damage_point (README: why not the default yet)
 THRESHOLD_GROWTH = 1.25  # the raise when every group saturated before the target (README: figures)
 DEFAULT_DAMAGE_AT = "auto"  # see damage_point
+
+
+def default_threshold(accept_by: str) -> float:
+    """--threshold's default for the resolved --accept-by ('estimate' or 'output')."""
+    return OUTPUT_THRESHOLD if accept_by == "output" else DEFAULT_THRESHOLD
 
 
 @dataclass
@@ -322,8 +327,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     damage_at, auto = damage_point.resolve(cmap, damage_at, pinned)
     damage_norm = damage_point.resolve_norm(cmap, damage_norm)
     accept_by = damage_point.resolve_accept(cmap, damage_at, accept_by, refit)
-    if threshold is None:
-        threshold = OUTPUT_THRESHOLD if accept_by == "output" else DEFAULT_THRESHOLD
+    threshold = default_threshold(accept_by) if threshold is None else threshold
     batches = list(pruner.data.batches(pruner.batch_size(batch_size) if pinned else batch_size))
     if pinned and len(batches) > 1:  # a short last batch would be padded to the pinned size: leave it out
         batches = [b for b in batches if len(next(iter(b.values()))) == len(next(iter(batches[0].values())))]

@@ -330,9 +330,9 @@ def activation_bytes(cmap: ChannelMap) -> int:
             total += size
             if out in last:
                 live += size
-                freed.setdefault(last[out], []).append(size)
+                freed[last[out]] = freed.get(last[out], 0) + size
         peak = max(peak, live)
-        live -= sum(freed.pop(k, []))
+        live -= freed.pop(k, 0)
     return max(min(STACK_FACTOR * peak, total), 1)
 
 

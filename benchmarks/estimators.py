@@ -25,8 +25,9 @@ calibration samples and provider:
    reconstruction the one it runs under `--reconstruct` (the same unless the default is `auto`).
 
 Variants are named ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD] (by: `--accept-by`, its default where
-not given; `by=auto` resolves as `prune` without `--reconstruct` does). `--no-oracle` leaves the oracle out (the orientation classifier's
-costs about two minutes per ranking here); `--oracle-cache` reuses an earlier run's oracle (experiments).
+not given; `by=auto` resolves as `prune` without `--reconstruct` does). `--no-oracle` leaves the oracle
+out (the orientation classifier's costs about two minutes per ranking here); `--oracle-cache` reuses an
+earlier run's oracle (experiments).
 """
 from __future__ import annotations
 
@@ -47,8 +48,7 @@ from aofp_onnx.masking import masked_model
 from aofp_onnx.oracle import OutputCheck, oracle, output_damage
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.runtime import Runner
-from aofp_onnx.search import (ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, DEFAULT_THRESHOLD,
-                              OUTPUT_THRESHOLD, aofp)
+from aofp_onnx.search import ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp, default_threshold
 from aofp_onnx.select import select_by_score
 from aofp_onnx.statefile import data_digest
 from aofp_onnx.surgery import cut
@@ -104,7 +104,7 @@ def run_task(name: str, args) -> list[str]:
     def search(variant, seed, target, trials_per_half=args.trials_per_half, max_trials=None):
         est, at, t, by = variant_parts(variant)
         by = resolve_accept(cmap, points[at.split("/")[0]][0], by)
-        t = t if t is not None else OUTPUT_THRESHOLD if by == "output" else DEFAULT_THRESHOLD
+        t = default_threshold(by) if t is None else t
         counter = iter(range(1 << 40))
         engine = engines[at]
         stack = min(trials_per_half, engine.max_stack(args.batch), 8)
