@@ -12,15 +12,26 @@ take the same number of steps on about the same global batch as one process: the
 give the same training, each process computing 1/N of it. Validation sums are all-reduced.
 
 Rank 0 leads: only it runs the search of training-time AOFP and writes the result. Every call of
-`train` is mirrored on the others through `Leader.command` (rank 0 broadcasts what to run, the
-followers' `serve` loop runs the same call), and `close` releases them once rank 0 has written. If
-a process fails, torchrun stops the others (and says which rank failed).
+`train` is mirrored on the others through `Leader.command` (rank 0 posts what to run under the next
+numbered key of the job's store, the followers' `serve` loop reads it and runs the same call), and
+`close` releases them once rank 0 has written. If a process fails, torchrun stops the others (and
+says which rank failed).
+
+Why the store and not a broadcast: gloo's worker thread drops its reference to a finished collective's
+tensors after the caller has moved on, and dropping a tensor made in Python takes the GIL. When the
+last thing a process did was a collective (the "stop" broadcast), it could reach interpreter shutdown
+first, and the worker, taking the GIL during finalization, aborted the process ("terminate called
+without an active exception"; 3 runs in 10 on 2 cores, torch 2.13). A store read holds no tensor and
+waits with the GIL released, so the followers sit in it while rank 0 writes, and every collective's
+tensors are long released when a process exits.
 """
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
-from dataclasses import dataclass
+import pickle
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -28,6 +39,8 @@ import torch.distributed as dist
 from ..errors import InputError
 
 STOP = "stop"
+TIMEOUT = datetime.timedelta(hours=2)  # a follower waits on rank 0's search and writing
+_JOINS = itertools.count()  # worlds joined in this process: each takes its own keys in the store
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class World:
     world_size: int = 1
     backend: str | None = None  # "gloo" or "nccl"; None in one process
     device: str = "cpu"
+    store: dist.Store | None = field(default=None, repr=False, compare=False)  # the job's, under our prefix
 
     @property
     def leader(self) -> bool:
@@ -63,9 +77,13 @@ class World:
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
-        return World(rank, local, size, backend, str(device))
+        if dist.is_initialized():
+            raise InputError("a torch process group is already initialized in this process; aofp-onnx starts "
+                             "its own from torchrun's environment")
+        store, _, _ = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=TIMEOUT)
+        prefix = f"aofp-onnx/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_JOINS)}/"
+        return World(rank, local, size, backend, str(device), dist.PrefixStore(prefix, store))
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """`module` in DistributedDataParallel (itself in one process). Parameters that a handler reads
@@ -92,30 +110,24 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
-    def broadcast(self, obj):
-        """Rank 0's `obj` on every process."""
-        if self.world_size == 1:
-            return obj
-        box = [obj if self.leader else None]
-        dist.broadcast_object_list(box, src=0, device=torch.device(self.device) if self.backend == "nccl" else None)
-        return box[0]
-
 
 class Leader:
-    """Rank 0 tells the followers which `train` call to mirror; they loop in `serve` until `close`."""
+    """Rank 0 posts each `train` call to mirror under key `cmd/<k>` of the store; the followers read the
+    keys in order in `serve` until the "stop" that `close` posts."""
 
     def __init__(self, world: World):
         self.world = world
         self.closed = world.world_size == 1
+        self.posted = itertools.count()
 
     def command(self, steps, constants) -> None:
         if self.world.world_size > 1 and self.world.leader:
-            self.world.broadcast(("train", steps, constants))
+            self._post(("train", steps, constants))
 
     def serve(self, train) -> None:
         """Followers: run every `train(steps, constants)` rank 0 runs, until it closes."""
-        while True:
-            kind, *args = self.world.broadcast(None)
+        for k in itertools.count():
+            kind, *args = pickle.loads(self.world.store.get(f"cmd/{k}"))
             if kind == STOP:
                 self._end()
                 return
@@ -126,8 +138,11 @@ class Leader:
         if self.closed:
             return
         if self.world.leader:
-            self.world.broadcast((STOP,))
+            self._post((STOP,))
         self._end()
+
+    def _post(self, command) -> None:
+        self.world.store.set(f"cmd/{next(self.posted)}", pickle.dumps(command))
 
     def _end(self) -> None:
         self.closed = True
