@@ -196,10 +196,10 @@ def choose_keep(pruner: Pruner, criterion: str, *, flops_target: float | None, m
         scores = scores / weights if weights is not None else scores
         keep = select_by_score(pruner.cmap, scores, target, min_channels, cost=cost)
         return keep, scores, {"trials": 0, "seconds": time.perf_counter() - start}
-    from . import search
+    from . import search_run
 
-    keep, scores, info = search.run(pruner, criterion, flops_target=target, min_channels=min_channels, seed=seed,
-                                    cost=cost, **search_options)
+    keep, scores, info = search_run.run(pruner, criterion, flops_target=target, min_channels=min_channels, seed=seed,
+                                        cost=cost, **search_options)
     return keep, (scores / weights if weights is not None and len(scores) else scores), info
 
 

@@ -13,7 +13,7 @@ The copy is then checked on data: one run of the copy on k·b samples must equal
 (relative max difference ≤ `TOLERANCE`). A batch pinned some other way (Expand, Tile, a Concat with a
 [1, ..] constant, a computed target) fails that check, and the pipeline keeps the file as it is:
 `runtime.Runner` then splits larger feeds into runs of b samples, and the search runs b samples per
-trial run (see `search.run`). `repin` writes the file's declarations back into a model cut from the
+trial run (see `search_run.run`). `repin` writes the file's declarations back into a model cut from the
 copy: dim 0 of the inputs and outputs and element 0 of the rewritten targets; the copy keeps the same
 node and initializer names, so values trained or refitted on it belong to the file's graph unchanged.
 """

@@ -10,6 +10,7 @@ samples, in runs of its size (see `runtime.Runner`).
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import onnx
@@ -84,3 +85,18 @@ def bench_models(paths: list[str], *, provider: str = "auto", batch_size: int | 
                          "p10_ms": s["p10"], "p90_ms": s["p90"], "repeats": s["repeats"],
                          "ratio": s["median"] / base if base > 0 else float("nan")})
     return rows
+
+
+def bench_table(rows: list[dict], per: int, repeats: int) -> list[str]:
+    """`aofp-onnx bench`'s table: `per` models a configuration, a heading per configuration when several."""
+    lines = [f"{'model':<40} {'median ms':>10} {'p10':>8} {'p90':>8} {'ratio':>7}   "
+             + (f"(batch {rows[0]['batch_size']}, " if len(rows) == per else "(")
+             + f"{rows[0]['provider']}, threads {rows[0]['threads']}, medians of {repeats} interleaved runs)"]
+    for start in range(0, len(rows), per):
+        first = rows[start]
+        if len(rows) > per:  # several batch sizes or shapes
+            shapes_text = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in first["input_shapes"].items())
+            lines.append(f"-- batch {first['batch_size']}  {shapes_text}")
+        lines += [f"{os.path.basename(r['model']):<40} {r['median_ms']:>10.3f} {r['p10_ms']:>8.3f} "
+                  f"{r['p90_ms']:>8.3f} {r['ratio']:>7.3f}" for r in rows[start:start + per]]
+    return lines

@@ -130,6 +130,30 @@ def parse_input_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parse_image_options(kw: dict) -> ImageOptions:
+    """The CLI's image options (`--image-size HxW`, `--mean`/`--std` comma-separated, ...) as ImageOptions."""
+    size = None
+    if kw.get("image_size"):
+        try:
+            h, w = (int(x) for x in kw["image_size"].lower().split("x"))
+            size = (h, w)
+        except ValueError:
+            raise InputError(f"--image-size: expected HxW, got {kw['image_size']!r}") from None
+    return ImageOptions(size=size, mean=_floats(kw.get("mean"), "mean") or (0.0,),
+                        std=_floats(kw.get("std"), "std") or (1.0,), scale=kw.get("pixel_scale", 1 / 255),
+                        channel_order=kw.get("channel_order", "rgb"), layout=kw.get("layout", "nchw"),
+                        grayscale=bool(kw.get("grayscale")))
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise InputError(f"--{what}: expected comma-separated numbers, got {text!r}") from None
+
+
 def apply_input_shapes(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]]) -> list[InputSpec]:
     """Specs with the dims of `shapes` filled in; a shape must keep the rank and agree with fixed dims."""
     unknown = sorted(set(shapes) - {s.name for s in specs})

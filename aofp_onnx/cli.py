@@ -15,9 +15,9 @@ import traceback
 import click
 
 from . import api
-from .calib import ImageOptions, parse_input_shapes
+from .calib import parse_image_options, parse_input_shapes
 from .errors import InputError, VerificationError
-from .summary import cut_lines, prune_hints, show_fidelity
+from .summary import cut_lines, finetune_lines, prune_hints, show_fidelity
 from .io import write_atomic
 
 shape_option = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,..",
@@ -52,29 +52,6 @@ image_options = options_of([  # how an image-folder SRC becomes input tensors
     click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True),
     click.option("--grayscale", is_flag=True, help="Decode images as one channel."),
 ])
-
-
-def _floats(text, what):
-    if text is None:
-        return None
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise InputError(f"--{what}: expected comma-separated numbers, got {text!r}") from None
-
-
-def _image_options(kw) -> ImageOptions:
-    size = None
-    if kw.get("image_size"):
-        try:
-            h, w = (int(x) for x in kw["image_size"].lower().split("x"))
-            size = (h, w)
-        except ValueError:
-            raise InputError(f"--image-size: expected HxW, got {kw['image_size']!r}") from None
-    return ImageOptions(size=size, mean=_floats(kw.get("mean"), "mean") or (0.0,),
-                        std=_floats(kw.get("std"), "std") or (1.0,), scale=kw.get("pixel_scale", 1 / 255),
-                        channel_order=kw.get("channel_order", "rgb"), layout=kw.get("layout", "nchw"),
-                        grayscale=bool(kw.get("grayscale")))
 
 
 class Interrupted(Exception):
@@ -226,7 +203,7 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
                         latency_target=latency_target, latency_batch=latency_batch, threads=threads,
                         round_to=round_to, min_channels=min_channels, provider=provider, seed=seed,
                         input_shapes=shapes, plan_out=plan_out, batch_size=batch_size, calib_limit=calib_limit,
-                        image_options=_image_options(img), eval_src=eval_src, reconstruct=reconstruct,
+                        image_options=parse_image_options(img), eval_src=eval_src, reconstruct=reconstruct,
                         latency=not no_latency, verify_samples=verify_samples, progress=not no_progress,
                         **search_options)
     except KeyboardInterrupt:
@@ -337,22 +314,12 @@ def finetune(pruned, teacher, data, output, mode, trainer, val, eval_src, bridge
                       trainer=trainer, progress=not no_progress)
     rep = api.finetune(pruned, output, data=data, teacher=teacher, val=val, mode=mode, options=options,
                        bridge=bridge, provider=provider, input_shapes=parse_input_shapes(list(input_shape)),
-                       image_options=_image_options(img), eval_src=eval_src, progress=not no_progress)
+                       image_options=parse_image_options(img), eval_src=eval_src, progress=not no_progress)
     if rep is None:  # torchrun: rank 0 reports
         return
     if report_path:
         _write_json(report_path, rep)
-    best = rep.get("best") or {}
-    procs = f", {rep['world_size']} processes" if rep.get("world_size", 1) > 1 else ""
-    click.echo(f"fine-tuned ({rep['mode']}, {rep['device']}{procs}, {rep['seconds']:.1f} s); kept epoch "
-               f"{best.get('epoch', '-')} of {options.epochs}")
-    if "distill_error" in rep:
-        d = rep["distill_error"]
-        click.echo(f"output error vs teacher (validation): {d['before']:.4g} -> {d['after']:.4g}")
-    if "accuracy" in rep:
-        a = rep["accuracy"]
-        teacher_acc = f" (teacher {100 * a['teacher']:.2f}%)" if "teacher" in a else ""
-        click.echo(f"accuracy: {100 * a['before']:.2f}% -> {100 * a['after']:.2f}%{teacher_acc}")
+    click.echo("\n".join(finetune_lines(rep, options.epochs)))
     show_fidelity(rep, ("more --epochs or another --lr", "a milder cut before fine-tuning"), model="fine-tuned")
     click.echo(f"wrote {output}")
 
@@ -370,7 +337,7 @@ def finetune(pruned, teacher, data, output, mode, trainer, val, eval_src, bridge
 @click.option("--json", "json_out", type=click.Path(), help="Write the timings as JSON here.")
 def bench(models, provider, batch_sizes, repeats, warmup, threads, input_shape, json_out):
     """Latency of one or more models side by side (interleaved runs, medians), ratios against the first."""
-    from .bench import bench_models
+    from .bench import bench_models, bench_table
 
     if json_out:
         for m in models:
@@ -386,18 +353,7 @@ def bench(models, provider, batch_sizes, repeats, warmup, threads, input_shape, 
                         threads=threads, input_shapes=shapes)
     if json_out:
         _write_json(json_out, rows)
-    click.echo(f"{'model':<40} {'median ms':>10} {'p10':>8} {'p90':>8} {'ratio':>7}   "
-               + (f"(batch {rows[0]['batch_size']}, " if len(rows) == len(models) else "(")
-               + f"{rows[0]['provider']}, threads {rows[0]['threads']}, medians of {repeats} interleaved runs)")
-    per = len(models)
-    for start in range(0, len(rows), per):
-        first = rows[start]
-        if len(rows) > per:  # several batch sizes or shapes: a heading per configuration
-            shapes_text = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in first["input_shapes"].items())
-            click.echo(f"-- batch {first['batch_size']}  {shapes_text}")
-        for r in rows[start:start + per]:
-            click.echo(f"{os.path.basename(r['model']):<40} {r['median_ms']:>10.3f} {r['p10_ms']:>8.3f} "
-                       f"{r['p90_ms']:>8.3f} {r['ratio']:>7.3f}")
+    click.echo("\n".join(bench_table(rows, len(models), repeats)))
 
 
 def main(argv=None):

@@ -20,7 +20,7 @@ from .estimate import UNMEASURED
 from .groups import ChannelMap
 from .masking import KEEP_INPUT, keep_feed
 from .runtime import Runner
-from .search import SearchStats, _macs_ratio
+from .search import SearchStats, macs_ratio_of
 from .select import floor_for
 
 
@@ -35,7 +35,7 @@ def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]
     """Exact oracle pruning: rank single-channel ablations at the outputs over all `batches` of the
     calibration data, remove the least damaging, repeat. `passing` {target: None} (targets above
     `flops_target`) is filled with {target: (keep, wall seconds, CPU seconds)} as the run passes them."""
-    cost = cost or _macs_ratio(cmap)
+    cost = cost or macs_ratio_of(cmap)
     goal = flops_target
     keep = cmap.full_keep()
     scores = np.full(cmap.n_slots, UNMEASURED)

@@ -90,6 +90,22 @@ def prune_hints(rep: dict, *, reconstruct: bool, flops_target: float | None) -> 
     return tuple(hints)
 
 
+def finetune_lines(rep: dict, epochs: int) -> list[str]:
+    """What `finetune` prints before the fidelity: the run, the kept epoch, the error and accuracy it moved."""
+    best = rep.get("best") or {}
+    procs = f", {rep['world_size']} processes" if rep.get("world_size", 1) > 1 else ""
+    lines = [f"fine-tuned ({rep['mode']}, {rep['device']}{procs}, {rep['seconds']:.1f} s); kept epoch "
+             f"{best.get('epoch', '-')} of {epochs}"]
+    if "distill_error" in rep:
+        d = rep["distill_error"]
+        lines.append(f"output error vs teacher (validation): {d['before']:.4g} -> {d['after']:.4g}")
+    if "accuracy" in rep:
+        a = rep["accuracy"]
+        teacher_acc = f" (teacher {100 * a['teacher']:.2f}%)" if "teacher" in a else ""
+        lines.append(f"accuracy: {100 * a['before']:.2f}% -> {100 * a['after']:.2f}%{teacher_acc}")
+    return lines
+
+
 def show_fidelity(rep: dict, hints: tuple[str, ...], model: str = "pruned") -> None:
     """Echo the fidelity lines, and the warning on stderr when the output collapsed."""
     f = rep.get("fidelity")

@@ -117,7 +117,7 @@ def run_task(name: str, args) -> list[str]:
 
         measure = OutputCheck(masked)
 
-        def check(keep, slots):  # --accept-by output: on the round's batch, as search.run does
+        def check(keep, slots):  # --accept-by output: on the round's batch, as search_run.run does
             return measure([batch], keep, slots)
 
         return aofp(cmap, damage, threshold=t, trials_per_half=trials_per_half, flops_target=target,
@@ -261,7 +261,7 @@ def grid(args) -> list[str]:
 
 def variant_parts(variant: str) -> tuple[str, str, float, str]:
     """"mean@auto/sample by=output t=0.001" -> ("mean", "auto/sample", 0.001, "output") (`--accept-by`, its
-    default where not given; the threshold None where not given: search.run's default for the resolved
+    default where not given; the threshold None where not given: search_run.run's default for the resolved
     --accept-by); ValueError for a malformed name."""
     name, *extra = variant.split()
     est, _, site = name.partition("@")
@@ -307,7 +307,7 @@ def main():
     parser.add_argument("--test-samples", type=int, default=512, help="ocr-cls, orientation: rendered test samples")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--thresholds", type=float, nargs="+", default=None,
-                        help="AOFP thresholds to compare (default: search.run's for the --accept-by each variant "
+                        help="AOFP thresholds to compare (default: search_run.run's for the --accept-by each variant "
                              "resolves to); a target the threshold cannot reach raises it by x1.25 until it can")
     parser.add_argument("--variants", nargs="+", default=None,
                         help='AOFP variants by name instead of the grid of the four options above, e.g. '

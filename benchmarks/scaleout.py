@@ -9,7 +9,7 @@
    CPU), interleaved, `--repeats` times each. Printed: medians of the whole command's wall time and of
    the training itself (the report's `seconds`: training and validation, without start-up), the
    ratios to one process, and the accuracy each reaches on 500 held-out digits.
-2. Search: `search.run` (AOFP to keep 0.5, `--max-trials`) on `--search-model` with one trial session
+2. Search: `search_run.run` (AOFP to keep 0.5, `--max-trials`) on `--search-model` with one trial session
    and with `--devices`, interleaved, medians and ratio; the plans are checked to be identical.
 
 Both are CPU figures on whatever this machine's cores are doing: torchrun gives each worker one
@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aofp_onnx import api, search  # noqa: E402
+from aofp_onnx import api, search_run  # noqa: E402
 
 MODELS = ROOT / "models"
 
@@ -92,7 +92,7 @@ def search_time(args) -> None:
     for _ in range(args.repeats):
         for name, devices in runs.items():
             start = time.perf_counter()
-            keep, _, info = search.run(pruner, "aofp", flops_target=0.5, provider="cpu", max_trials=args.max_trials,
+            keep, _, info = search_run.run(pruner, "aofp", flops_target=0.5, provider="cpu", max_trials=args.max_trials,
                                        devices=devices)
             times[name].append(time.perf_counter() - start)
             keeps.setdefault(name, keep)

@@ -28,8 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 import zoo
 from cliutil import run_cli
 from damage_ref import relative
-from aofp_onnx import damage_point, search
+from aofp_onnx import damage_point, search_run
 from aofp_onnx.api import Pruner
+from aofp_onnx.errors import InputError
 from aofp_onnx.masking import KEEP_INPUT, masked_model
 from aofp_onnx.modeldata import ModelData
 from aofp_onnx.runtime import Runner
@@ -178,7 +179,7 @@ def test_downstream_trial_graphs_are_valid_onnx(damage_at):
 
 def test_search_run_with_ridge_and_block_is_deterministic(tmp_path):
     p = Pruner.load(_chain_model(tmp_path / "chain.onnx"), data="random:16")
-    runs = [search.run(p, "aofp", flops_target=0.6, trials_per_half=4, batch_size=8, provider="cpu",
+    runs = [search_run.run(p, "aofp", flops_target=0.6, trials_per_half=4, batch_size=8, provider="cpu",
                        estimator="ridge", damage_at="block", seed=3) for _ in range(2)]
     (k1, s1, i1), (k2, s2, i2) = runs
     np.testing.assert_array_equal(k1, k2)
@@ -198,10 +199,10 @@ def test_auto_reads_the_outputs_where_they_cost_little_more_than_next(tmp_path, 
     assert damage_point.resolve(pruner.cmap, "next") == ("next", None)
     assert damage_point.resolve(pruner.cmap, "auto") == \
         ("output", {"macs_ratio": round(ratio, 3), "limit": damage_point.AUTO_LIMIT, "chosen": "output"})
-    _, _, info = search.run(pruner, "aofp", flops_target=0.7, batch_size=8, provider="cpu")
+    _, _, info = search_run.run(pruner, "aofp", flops_target=0.7, batch_size=8, provider="cpu")
     assert info["damage_at"] == "output" and info["damage_at_auto"]["chosen"] == "output"
     monkeypatch.setattr(damage_point, "AUTO_LIMIT", 1.5)
-    _, _, info = search.run(pruner, "aofp", flops_target=0.7, batch_size=8, provider="cpu")
+    _, _, info = search_run.run(pruner, "aofp", flops_target=0.7, batch_size=8, provider="cpu")
     assert info["damage_at"] == "next" and info["damage_at_auto"] == {"macs_ratio": round(ratio, 3), "limit": 1.5,
                                                                      "chosen": "next"}
 
@@ -215,7 +216,7 @@ def test_downstream_damage_is_refused_on_a_pinned_batch_and_auto_reads_next_ther
     assert damage_point.resolve(cmap, "auto", pinned=True) == \
         ("next", {"macs_ratio": round(30744 / 16904, 3), "limit": damage_point.AUTO_LIMIT, "chosen": "next",
                   "because": "a batch pinned beyond the Reshape targets"})
-    with pytest.raises(search.InputError, match="--damage-at block does not support a batch pinned beyond"):
+    with pytest.raises(InputError, match="--damage-at block does not support a batch pinned beyond"):
         damage_point.resolve(cmap, "block", pinned=True)
     src = tmp_path / "half.onnx"
     onnx.save(float16.convert_float_to_float16(onnx.load(tmp_path / "chain.onnx")), src)

@@ -38,7 +38,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import zoo
-from aofp_onnx import oracle, search
+from aofp_onnx import oracle, search, search_run
 from aofp_onnx.api import Pruner
 from aofp_onnx.errors import InputError
 from aofp_onnx.masking import KEEP_INPUT, keep_feed, masked_model
@@ -306,7 +306,7 @@ def test_same_seed_same_result_other_seed_other_trials(cmap):
     assert not np.array_equal(a[3].calls[0][1], c[3].calls[0][1])
 
 
-# --- search.run: refusals ----------------------------------------------------------------------------
+# --- search_run.run: refusals ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vgg_path(tmp_path_factory):
     return zoo.build("vgg", tmp_path_factory.mktemp("search_vgg")).path
@@ -315,17 +315,17 @@ def vgg_path(tmp_path_factory):
 @pytest.mark.parametrize("criterion", ["aofp", "oracle"])
 def test_run_refuses_without_data(vgg_path, criterion):
     with pytest.raises(InputError, match="calibration data"):
-        search.run(Pruner.load(vgg_path), criterion, flops_target=0.5)
+        search_run.run(Pruner.load(vgg_path), criterion, flops_target=0.5)
 
 
 def test_run_refuses_oracle_without_target(vgg_path):
     with pytest.raises(InputError, match="flops-target"):
-        search.run(Pruner.load(vgg_path, data="random:4"), "oracle", flops_target=None)
+        search_run.run(Pruner.load(vgg_path, data="random:4"), "oracle", flops_target=None)
 
 
 def test_cli_threshold_defaults_are_the_search_defaults():
     """The CLI's help spells the default thresholds out (it does not import search at start-up): the same
-    values as search.run's, which resolves the CLI's None by --accept-by."""
+    values as search_run.run's, which resolves the CLI's None by --accept-by."""
     from aofp_onnx import cli
 
     option = next(p for p in cli.cli.commands["prune"].params if p.name == "threshold")
@@ -338,7 +338,7 @@ def test_cli_threshold_defaults_are_the_search_defaults():
 
 def test_run_aofp_on_onnxruntime_meets_the_target(vgg_path):
     p = Pruner.load(vgg_path, data="random:16")
-    keep, scores, info = search.run(p, "aofp", flops_target=0.7, trials_per_half=4, batch_size=8, provider="cpu")
+    keep, scores, info = search_run.run(p, "aofp", flops_target=0.7, trials_per_half=4, batch_size=8, provider="cpu")
     assert p.cmap.macs(keep) <= 0.7 * p.cmap.total_macs
     assert info["trials"] > 0 and info["provider"] == "CPUExecutionProvider" and "target_reached" not in info
     assert scores.shape == (p.cmap.n_slots,)
@@ -348,12 +348,12 @@ def test_run_accept_by_output_checks_halves_at_the_outputs(vgg_path):
     """`accept_by="output"`: the threshold defaults to OUTPUT_THRESHOLD, each candidate half is checked at the
     outputs (counted and reported), the target is met; an unknown value is refused."""
     p = Pruner.load(vgg_path, data="random:16")
-    keep, _, info = search.run(p, "aofp", flops_target=0.7, trials_per_half=4, batch_size=8, provider="cpu",
+    keep, _, info = search_run.run(p, "aofp", flops_target=0.7, trials_per_half=4, batch_size=8, provider="cpu",
                                accept_by="output")
     assert p.cmap.macs(keep) <= 0.7 * p.cmap.total_macs and "target_reached" not in info
     assert info["accept_by"] == "output" and info["checks"] > 0 and info["threshold"] >= search.OUTPUT_THRESHOLD
     with pytest.raises(InputError, match="--accept-by must be one of auto, estimate, output"):
-        search.run(p, "aofp", flops_target=0.7, accept_by="exact")
+        search_run.run(p, "aofp", flops_target=0.7, accept_by="exact")
 
 
 @pytest.mark.parametrize("damage_at, accepted", [("next", "output"), ("block", "output"), ("output", "estimate")])
@@ -361,7 +361,7 @@ def test_accept_by_auto_checks_at_the_outputs_where_the_trials_read_before_them(
     """`auto`: halves checked at the outputs where the trials read the next layers or a block of a classifier,
     by the trials' estimate where they read the outputs; the threshold defaults with it."""
     p = Pruner.load(vgg_path, data="random:16")
-    _, _, info = search.run(p, "aofp", flops_target=0.8, trials_per_half=4, batch_size=8, provider="cpu",
+    _, _, info = search_run.run(p, "aofp", flops_target=0.8, trials_per_half=4, batch_size=8, provider="cpu",
                             damage_at=damage_at, accept_by="auto")
     assert info["accept_by"] == accepted and (info.get("checks", 0) > 0) == (accepted == "output")
     assert info["threshold"] >= (search.OUTPUT_THRESHOLD if accepted == "output" else search.DEFAULT_THRESHOLD)

@@ -1,0 +1,140 @@
+"""Running a criterion's search on a pruner's calibration data: the options resolved and refused, the batches
+(a batch the file pins: its own size per run, rounds averaging the pinned batches that make up one
+--batch-size), the trial engine, the output check, checkpoints, and the report's `search` section. The
+state machine itself is `search.aofp`; the exact oracle `oracle.oracle`."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import damage_point, estimate
+from .errors import InputError
+from .masking import masked_model
+from .oracle import OutputCheck, oracle
+from .progress import SearchProgress
+from .runtime import Runner
+from .search import ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, macs_ratio_of, aofp, default_threshold
+from .statefile import STATE_FORMAT, data_digest, load_state, save_state
+from .trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY_BUDGET, TrialEngine, activation_bytes
+
+
+def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1, seed: int = 0,
+        provider: str = "auto", batch_size: int = 32, threshold: float | None = None, trials_per_half: int = 8,
+        max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
+        memory_budget: int | None = None, checkpoint: str | None = None, resume: str | None = None,
+        tuner=None, cost=None, devices: str | None = None, estimator: str = DEFAULT_ESTIMATOR,
+        damage_at: str = DEFAULT_DAMAGE_AT, damage_norm: str = DEFAULT_DAMAGE_NORM,
+        accept_by: str = DEFAULT_ACCEPT_BY, refit: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Run `criterion` ('aofp' or 'oracle') on the pruner's calibration data.
+
+    AOFP ranks halves by `estimator` ('mean', 'ridge') of the damage read at `damage_at` ('next',
+    'block', 'output'), relative per sample or over the batch (`damage_norm`; see `trial`); a half passes by
+    its estimate or by the output error of the cut with it (`accept_by`; `auto` depends on the damage point
+    and on `refit`, whether the cut is refitted: see `damage_point`; `threshold` defaults to
+    DEFAULT_THRESHOLD or OUTPUT_THRESHOLD).
+    AOFP: with `checkpoint`, the search state is saved there after every round (and removed once the
+    search ends); `resume` continues a saved state (same model, data and options, else InputError).
+    With `tuner` (a `finetune.BasePathTuner`), the base path is fine-tuned after every half and the
+    trial session rebuilt on the new weights (no checkpoints then: the state would lack the weights).
+    `devices` (AOFP, e.g. "cuda:0,cuda:1" or "cpu,cpu"): one trial session per device, sharing each round."""
+    if pruner.data is None:
+        raise InputError(f"--criterion {criterion} needs calibration data (--calib)")
+    if devices is not None:
+        from .pool import parse_devices
+
+        devices = parse_devices(devices)
+    for flag, value, allowed in (("--estimator", estimator, estimate.ESTIMATORS),
+                                 ("--damage-at", damage_at, (*DAMAGE_AT, "auto")),
+                                 ("--damage-norm", damage_norm, DAMAGE_NORMS), ("--accept-by", accept_by, ACCEPT_BY)):
+        if value not in allowed:
+            raise InputError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    if trials_per_half < 1 or batch_size < 1 or (threshold is not None and threshold <= 0):
+        raise InputError("--trials-per-half and --batch-size must be at least 1, --threshold positive")
+    cmap = pruner.cmap
+    if not cmap.prunable:
+        return cmap.full_keep(), np.zeros(0), {"trials": 0, "seconds": 0.0, "provider": None}
+    budget = memory_budget or int(os.environ.get("AOFP_ONNX_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
+    # a batch the file pins in a way the working copy could not prove away: its size per run, no stacking
+    pinned = bool(getattr(pruner, "pinned", None))
+    damage_at, auto = damage_point.resolve(cmap, damage_at, pinned)
+    damage_norm = damage_point.resolve_norm(cmap, damage_norm)
+    accept_by = damage_point.resolve_accept(cmap, damage_at, accept_by, refit)
+    threshold = default_threshold(accept_by) if threshold is None else threshold
+    batches = list(pruner.data.batches(pruner.batch_size(batch_size) if pinned else batch_size))
+    if pinned and len(batches) > 1:  # a short last batch would be padded to the pinned size: leave it out
+        batches = [b for b in batches if len(next(iter(b.values()))) == len(next(iter(batches[0].values())))]
+    show = SearchProgress(criterion, {"MACs": flops_target} if flops_target is not None else None,
+                          max_trials) if progress else None
+    if criterion == "oracle":
+        if flops_target is None:
+            raise InputError("--criterion oracle needs --flops-target")
+        runner = Runner(masked_model(cmap), provider)
+        stack = 1 if pinned else max(1, int(budget // (activation_bytes(cmap) * len(next(iter(batches[0].values()))))))
+        keep, scores, stats = oracle(cmap, runner, batches, flops_target=flops_target, oracle_step=oracle_step,
+                                     min_channels=min_channels, stack=min(stack, 64), progress=show, cost=cost)
+        used = runner.provider
+    else:
+        if tuner is not None:
+            if resume:
+                raise InputError("--resume cannot continue a search that fine-tunes (--finetune-steps)")
+            checkpoint = None
+        engine = TrialEngine(cmap, provider, budget, devices, damage_at, damage_norm)
+        stack = min(trials_per_half, engine.max_stack(len(next(iter(batches[0].values())))))
+        options = {"state_format": STATE_FORMAT, "fingerprint": cmap.graph.fingerprint(),
+                   "data": data_digest(batches), "threshold": threshold,
+                   "trials_per_half": trials_per_half, "flops_target": flops_target, "max_trials": max_trials,
+                   "min_channels": min_channels, "seed": seed, "stack": stack, "estimator": estimator,
+                   "damage_at": damage_at, "damage_norm": damage_norm, "accept_by": accept_by}
+        state = load_state(resume, options) if resume else None
+        counter = iter(range(state["scalars"]["rounds"] if state else 0, 1 << 62))  # one damage call per round
+
+        # pinned: each round averages the damages of the pinned batches that make up one --batch-size
+        per_round = max(1, batch_size // len(next(iter(batches[0].values())))) if pinned else 1
+        rounds = [batches[k:k + per_round] for k in range(0, len(batches), per_round)]
+
+        chosen, measure = rounds[0], None
+
+        def damage(keep, rows):
+            nonlocal chosen
+            chosen = rounds[next(counter) % len(rounds)]
+            return sum(engine.damage(keep, rows, feeds) for feeds in chosen) / len(chosen)
+
+        def check(keep, slots):  # --accept-by output, on the batch the round's trials ran on
+            return measure(chosen, keep, slots)
+
+        def adapt(keep):
+            nonlocal engine, measure
+            tuner(keep)
+            # the sessions hold their weights
+            engine = TrialEngine(cmap, provider, budget, devices, damage_at, damage_norm)
+            measure = measure and OutputCheck(Runner(masked_model(cmap), provider))
+
+        if accept_by == "output":
+            measure = OutputCheck(Runner(masked_model(cmap), provider))
+
+        save = (lambda st: save_state(checkpoint, st, options)) if checkpoint else None
+        keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,
+                                   flops_target=flops_target, max_trials=max_trials, min_channels=min_channels,
+                                   seed=seed, stack=stack, estimator=estimator, progress=show, checkpoint=save,
+                                   resume=state, after_half=adapt if tuner is not None else None, cost=cost,
+                                   check=check if measure else None)
+        used = engine.provider
+        stats.settings = {"estimator": estimator, "damage_at": damage_at, "damage_norm": damage_norm,
+                          "accept_by": accept_by,
+                          **({"damage_at_auto": auto} if auto else {})}
+        if checkpoint and os.path.exists(checkpoint):
+            os.unlink(checkpoint)
+    if show:
+        show.close()
+    info = stats.to_json()
+    info["provider"] = used
+    if devices:
+        info["devices"] = [str(d) for d in devices]
+    if pinned:
+        info["batch"] = f"pinned in the model to {len(next(iter(batches[0].values())))} sample(s) per run"
+    if tuner is not None:
+        info["finetune"] = tuner.to_json()
+    if flops_target is not None and (cost or macs_ratio_of(cmap))(keep) > flops_target:
+        info["target_reached"] = False
+    return keep, scores, info
