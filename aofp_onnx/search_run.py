@@ -18,6 +18,24 @@ from .search import ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_EST
 from .statefile import STATE_FORMAT, data_digest, load_state, save_state
 from .trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY_BUDGET, TrialEngine, activation_bytes
 
+CHECK_SAMPLES = 64  # calibration samples every output check runs on (at most; the leading batches)
+
+
+def check_batches(batches: list[dict[str, np.ndarray]], limit: int = CHECK_SAMPLES) -> list[dict[str, np.ndarray]]:
+    """The leading batches holding at most `limit` samples (at least one batch): what every output check of a
+    search runs on, the same samples each time. Checked on the round's batch instead, the cut's error was
+    measured on whichever batch the round drew, and a budget met on a short batch let that batch alone drive
+    the cut: PP-LCNet (orientation) on 21 pages in batches of 16 and 5, at 0.6 of the MACs, kept 48.4 % of
+    held-out pages where checked on all 21 it kept 88.9 % (same trials' seed)."""
+    out, total = [], 0
+    for feeds in batches:
+        n = len(next(iter(feeds.values())))
+        if out and total + n > limit:
+            break
+        out.append(feeds)
+        total += n
+    return out
+
 
 def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1, seed: int = 0,
         provider: str = "auto", batch_size: int = 32, threshold: float | None = None, trials_per_half: int = 8,
@@ -93,15 +111,16 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         per_round = max(1, batch_size // len(next(iter(batches[0].values())))) if pinned else 1
         rounds = [batches[k:k + per_round] for k in range(0, len(batches), per_round)]
 
-        chosen, measure = rounds[0], None
+        measure = None
 
         def damage(keep, rows):
-            nonlocal chosen
             chosen = rounds[next(counter) % len(rounds)]
             return sum(engine.damage(keep, rows, feeds) for feeds in chosen) / len(chosen)
 
-        def check(keep, slots):  # --accept-by output, on the batch the round's trials ran on
-            return measure(chosen, keep, slots)
+        checked_on = check_batches(batches)
+
+        def check(keep, slots):  # --accept-by output
+            return measure(checked_on, keep, slots)
 
         def adapt(keep):
             nonlocal engine, measure

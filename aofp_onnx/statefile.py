@@ -11,8 +11,9 @@ import numpy as np
 from .errors import InputError
 from .io import write_atomic
 
-STATE_FORMAT = 4  # 2: each group's trials of every depth since its last prune (the search's retrace); 3: and
-# the output damage of each depth's half (--accept-by output); 4: that damage is the cut's against the original
+STATE_FORMAT = 5  # 2: each group's trials of every depth since its last prune (the search's retrace); 3: and
+# the output damage of each depth's half (--accept-by output); 4: that damage is the cut's against the original;
+# 5: measured on the same leading calibration samples every time (search_run.check_batches)
 _GROUP_FIELDS = ("kept", "space", "masks", "damage", "levels", "score", "checked")
 
 

@@ -49,6 +49,7 @@ from aofp_onnx.oracle import OutputCheck, oracle, output_damage
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.runtime import Runner
 from aofp_onnx.search import ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp, default_threshold
+from aofp_onnx.search_run import check_batches
 from aofp_onnx.select import select_by_score
 from aofp_onnx.statefile import data_digest
 from aofp_onnx.surgery import cut
@@ -108,17 +109,14 @@ def run_task(name: str, args) -> list[str]:
         counter = iter(range(1 << 40))
         engine = engines[at]
         stack = min(trials_per_half, engine.max_stack(args.batch), 8)
-        batch = batches[0]  # the round's
 
         def damage(keep, rows):
-            nonlocal batch
-            batch = batches[next(counter) % len(batches)]
-            return engine.damage(keep, rows, batch)
+            return engine.damage(keep, rows, batches[next(counter) % len(batches)])
 
-        measure = OutputCheck(masked)
+        measure, checked_on = OutputCheck(masked), check_batches(batches)
 
-        def check(keep, slots):  # --accept-by output: on the round's batch, as search_run.run does
-            return measure([batch], keep, slots)
+        def check(keep, slots):  # --accept-by output, on the samples search_run.run checks on
+            return measure(checked_on, keep, slots)
 
         return aofp(cmap, damage, threshold=t, trials_per_half=trials_per_half, flops_target=target,
                     max_trials=max_trials, seed=seed, stack=stack, estimator=est,

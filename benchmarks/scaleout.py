@@ -93,7 +93,7 @@ def search_time(args) -> None:
         for name, devices in runs.items():
             start = time.perf_counter()
             keep, _, info = search_run.run(pruner, "aofp", flops_target=0.5, provider="cpu", max_trials=args.max_trials,
-                                       devices=devices)
+                                           devices=devices)
             times[name].append(time.perf_counter() - start)
             keeps.setdefault(name, keep)
             assert np.array_equal(keep, keeps[name])

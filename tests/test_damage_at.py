@@ -180,7 +180,7 @@ def test_downstream_trial_graphs_are_valid_onnx(damage_at):
 def test_search_run_with_ridge_and_block_is_deterministic(tmp_path):
     p = Pruner.load(_chain_model(tmp_path / "chain.onnx"), data="random:16")
     runs = [search_run.run(p, "aofp", flops_target=0.6, trials_per_half=4, batch_size=8, provider="cpu",
-                       estimator="ridge", damage_at="block", seed=3) for _ in range(2)]
+                           estimator="ridge", damage_at="block", seed=3) for _ in range(2)]
     (k1, s1, i1), (k2, s2, i2) = runs
     np.testing.assert_array_equal(k1, k2)
     np.testing.assert_array_equal(s1, s2)

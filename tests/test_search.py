@@ -349,11 +349,28 @@ def test_run_accept_by_output_checks_halves_at_the_outputs(vgg_path):
     outputs (counted and reported), the target is met; an unknown value is refused."""
     p = Pruner.load(vgg_path, data="random:16")
     keep, _, info = search_run.run(p, "aofp", flops_target=0.7, trials_per_half=4, batch_size=8, provider="cpu",
-                               accept_by="output")
+                                   accept_by="output")
     assert p.cmap.macs(keep) <= 0.7 * p.cmap.total_macs and "target_reached" not in info
     assert info["accept_by"] == "output" and info["checks"] > 0 and info["threshold"] >= search.OUTPUT_THRESHOLD
     with pytest.raises(InputError, match="--accept-by must be one of auto, estimate, output"):
         search_run.run(p, "aofp", flops_target=0.7, accept_by="exact")
+
+
+def test_every_output_check_runs_on_the_same_leading_samples(vgg_path, monkeypatch):
+    """The output checks of a search all run on the leading batches up to CHECK_SAMPLES samples, whichever
+    batch the round's trials drew (checked on the round's batch, a short batch drove the cut alone)."""
+    seen = []
+    measure = oracle.OutputCheck.__call__
+    monkeypatch.setattr(oracle.OutputCheck, "__call__", lambda self, batches, keep, slots: (
+        seen.append([len(b["input"]) for b in batches]), measure(self, batches, keep, slots))[1])
+    p = Pruner.load(vgg_path, data="random:11")
+    search_run.run(p, "aofp", flops_target=0.5, trials_per_half=4, batch_size=8, provider="cpu", accept_by="output")
+    assert len(seen) > 2 and all(sizes == [8, 3] for sizes in seen)
+    sizes = [8, 8, 8, 3]
+    batches = [{"input": np.zeros((n, 1))} for n in sizes]
+    assert [len(b["input"]) for b in search_run.check_batches(batches, 20)] == [8, 8]
+    assert [len(b["input"]) for b in search_run.check_batches(batches, 4)] == [8]  # one batch at least
+    assert search_run.check_batches(batches, 64) == batches
 
 
 @pytest.mark.parametrize("damage_at, accepted", [("next", "output"), ("block", "output"), ("output", "estimate")])
@@ -362,7 +379,7 @@ def test_accept_by_auto_checks_at_the_outputs_where_the_trials_read_before_them(
     by the trials' estimate where they read the outputs; the threshold defaults with it."""
     p = Pruner.load(vgg_path, data="random:16")
     _, _, info = search_run.run(p, "aofp", flops_target=0.8, trials_per_half=4, batch_size=8, provider="cpu",
-                            damage_at=damage_at, accept_by="auto")
+                                damage_at=damage_at, accept_by="auto")
     assert info["accept_by"] == accepted and (info.get("checks", 0) > 0) == (accepted == "output")
     assert info["threshold"] >= (search.OUTPUT_THRESHOLD if accepted == "output" else search.DEFAULT_THRESHOLD)
 
