@@ -151,3 +151,15 @@ def test_prune_under_torchrun_without_finetune_steps_is_refused(tmp_path):
     assert proc.returncode == 2
     assert "spread the search with --devices" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_finetune_with_world_size_set_by_hand_is_refused(cut, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(WORLD_SIZE="2", RANK="0", PYTHONPATH=str(ROOT))
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, "-m", "aofp_onnx", "finetune", str(cut), "-o", str(out), "--data", str(TEST),
+                           "--device", "cpu", "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "start the command with torchrun" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()

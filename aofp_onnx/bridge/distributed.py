@@ -80,7 +80,11 @@ class World:
         if dist.is_initialized():
             raise InputError("a torch process group is already initialized in this process; aofp-onnx starts "
                              "its own from torchrun's environment")
-        store, _, _ = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        try:
+            store, _, _ = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        except ValueError as exc:  # WORLD_SIZE set by hand, without the rest of torchrun's environment
+            raise InputError(f"WORLD_SIZE={size} asks for {size} processes, but {exc}; start the command with "
+                             "torchrun, or unset WORLD_SIZE") from None
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=TIMEOUT)
         prefix = f"aofp-onnx/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_JOINS)}/"
         return World(rank, local, size, backend, str(device), dist.PrefixStore(prefix, store))
