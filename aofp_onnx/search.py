@@ -177,8 +177,8 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = DEFAULT_THRESHOLD, tria
          resume: dict | None = None, after_half=None, cost=None,
          check=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """The AOFP binary search over all prunable groups; `damage(keep, rows) -> [T, G]`; halves ranked by
-    `estimator` ('mean' or 'ridge'); with `check(keep, sets) -> [len(sets)]`, a half passes by its output
-    damage (`--accept-by output`), checked in turn on top of the prunes decided before it.
+    `estimator` ('mean' or 'ridge'); with `check(keep, slots) -> float`, a half passes by the output error of
+    the cut without it (`--accept-by output`), checked in turn on top of the prunes decided before it.
 
     `checkpoint(state)` is called after every round with the whole search state (a dict of arrays
     and plain values); `resume=state` continues from one, giving what the uninterrupted run gives.

@@ -361,8 +361,12 @@ def test_every_output_check_runs_on_the_same_leading_samples(vgg_path, monkeypat
     batch the round's trials drew (checked on the round's batch, a short batch drove the cut alone)."""
     seen = []
     measure = oracle.OutputCheck.__call__
-    monkeypatch.setattr(oracle.OutputCheck, "__call__", lambda self, batches, keep, slots: (
-        seen.append([len(b["input"]) for b in batches]), measure(self, batches, keep, slots))[1])
+
+    def recording(self, batches, keep, slots):
+        seen.append([len(b["input"]) for b in batches])
+        return measure(self, batches, keep, slots)
+
+    monkeypatch.setattr(oracle.OutputCheck, "__call__", recording)
     p = Pruner.load(vgg_path, data="random:11")
     search_run.run(p, "aofp", flops_target=0.5, trials_per_half=4, batch_size=8, provider="cpu", accept_by="output")
     assert len(seen) > 2 and all(sizes == [8, 3] for sizes in seen)
