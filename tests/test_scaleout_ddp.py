@@ -163,3 +163,21 @@ def test_finetune_with_world_size_set_by_hand_is_refused(cut, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "start the command with torchrun" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_join_refuses_a_process_group_the_process_already_made(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from aofp_onnx.bridge.distributed import World
+    from aofp_onnx.errors import InputError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(InputError, match="already initialized in this process"):
+            World.join(torch.device("cpu"))
+        assert dist.is_initialized() and dist.get_world_size() == 1  # the caller's group is left as it was
+    finally:
+        dist.destroy_process_group()
