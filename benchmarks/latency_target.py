@@ -3,11 +3,11 @@
     python benchmarks/latency_target.py [--models nudenet,ppocr_det,orinet] [--repeats 15] [--threads 1]
                                         [--provider cpu|cuda] [--batch 1]
 
-Per model (YOLOv8n from nudenet==3.4.2, PP-OCRv4 det from rapidocr-onnxruntime==1.4.4, the VGG-style
-orientation classifier from occular-deskew==0.5.0: the test corpus's, tests/realmodels.py, fetched with
-`pip download --no-deps` once and checked against their SHA-256), all at 1x3x320x320, batch 1, onnxruntime CPU (`--provider cuda`: the CUDA
-execution provider, inputs and outputs through IOBinding, each timed call including its copies; `--batch B`:
-latency tables, targets and timings at batch B), `--criterion l1`:
+Per model (YOLOv8n from nudenet==3.4.2, PP-OCRv4 det from rapidocr-onnxruntime==1.4.4, the VGG-style orientation
+classifier from occular-deskew==0.5.0: the test corpus's, tests/realmodels.py, fetched with `pip download --no-deps`
+once and checked against their SHA-256), all at 1x3x320x320, batch 1, onnxruntime CPU (`--provider cuda`: the CUDA
+execution provider, inputs and outputs through IOBinding, each timed call including its copies; `--batch B`: latency
+tables, targets and timings at batch B), `--criterion l1`:
   A  `--flops-target 0.6`, default options (`--round-to auto`);
   B  `--latency-target 0.6` (its latency table built from an empty cache: the table's time and share of
      the run are printed);
