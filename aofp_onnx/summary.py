@@ -26,9 +26,12 @@ def cut_lines(rep: dict) -> list[str]:
     rec = rep.get("reconstruction")
     if rec:
         done = [c for c in rec["consumers"] if "skipped" not in c]
+        # measured on the samples the fit used: a layer with more inputs than samples fits them exactly, so
+        # this is no held-out figure (the fidelity line is)
         out.append(f"refit   {len(done)} layers re-fitted, {len(rec['consumers']) - len(done)} skipped, "
-                   f"output error vs the original {rec['output_error']['cut']:.3g} -> "
-                   f"{rec['output_error']['reconstructed']:.3g} ({rec['seconds']:.1f} s; verify applies to the cut)")
+                   f"output error vs the original on the {rec['samples']} fitting samples "
+                   f"{rec['output_error']['cut']:.3g} -> {rec['output_error']['reconstructed']:.3g} "
+                   f"({rec['seconds']:.1f} s; held out: see fidelity; verify applies to the cut)")
     acc = rep.get("accuracy")
     if acc:
         out.append(f"accuracy {100 * acc['before']:.2f}% -> {100 * acc['after']:.2f}%  on {acc['samples']} samples")
