@@ -31,8 +31,8 @@ from .latency import measure_latency
 from .runtime import Runner
 from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
 from .select import select_by_score
-from .targets import (check_targets, latency_weights, meet_measured, parse_round_to, resolve_round_to,
-                      round_to_target, slower_hint, stderr_line, targets_reached, tensorrt_widths)
+from .targets import (check_round_by, check_targets, land_on_target, latency_weights, meet_measured, parse_round_to,
+                      resolve_round_to, slower_hint, stderr_line, targets_reached, tensorrt_widths)
 from .pruner import VERIFY_SAMPLES, Pruner
 from .verify import Verification, verify
 
@@ -204,8 +204,8 @@ def choose_keep(pruner: Pruner, criterion: str, *, flops_target: float | None, m
 
 
 def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_target: float | None = None,
-          latency_target: float | None = None, round_to: int | str = "auto", min_channels: int = 1,
-          provider: str = "auto", seed: int = 0, input_shapes: dict | None = None, plan_out=None,
+          latency_target: float | None = None, round_to: int | str = "auto", round_by: str = "auto",
+          min_channels: int = 1, provider: str = "auto", seed: int = 0, input_shapes: dict | None = None, plan_out=None,
           batch_size: int = 32, latency_batch: int | None = None, threads: int | None = None,
           calib_limit: int | None = None,
           latency: bool = True, image_options: ImageOptions | None = None, eval_src: str | None = None,
@@ -222,7 +222,8 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     fidelity measured against the original as loaded.
     `latency_target` R keeps R of the latency measured on `provider` at `latency_batch` (default
     `batch_size`) with `threads`, through a latency table (`latency.build_table`, cached), checked on the
-    cut model; `round_to="auto"` rounds widths to the multiple that table says the kernels reward. Under
+    cut model; `round_to="auto"` rounds widths to the multiple that table says the kernels reward, each step
+    valued by `round_by` (`targets.resolve_round_by`: the scores, or the cut's output error). Under
     torchrun the fine-tuning of `finetune_steps` is data-parallel: rank 0 searches and writes, the other
     processes train with it and return None."""
     from .finetune import launched_processes, leads, release
@@ -234,6 +235,7 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     check_output_path(model_path, output)
     check_targets(flops_target, latency_target)
     round_to = parse_round_to(round_to)
+    check_round_by(round_by)
     if min_channels < 1:
         raise InputError("--round-to and --min-channels must be at least 1")
     _check_verify_samples(verify_samples)
@@ -275,8 +277,9 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
         with phases("accuracy", f"the original on {len(labelled)} labelled samples"):
             before = accuracy(original, labelled, provider)
     target = latency_target if latency_target is not None else flops_target
-    keep, step, unreachable = round_to_target(pruner.cmap, keep, scores, step, round_to == "auto", min_channels,
-                                              target, table.ratio if latency_target is not None else None)
+    keep, step, rounded = land_on_target(pruner, keep, scores, step, round_to == "auto", min_channels, target,
+                                         table.ratio if latency_target is not None else None, round_by, weights,
+                                         provider, batch_size)
     measured_rounds = None
     if latency_target is not None:
         with phases("latency target", "checking the estimate on the cut model"):
@@ -288,9 +291,7 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
                          verify_samples=verify_samples, phases=phases, original=original, threads=threads,
                          round_to=round_to)
     rep["round_to"] = {"given": round_to, "used": step, "latency_weighted": weights is not None,
-                       "tensorrt": tensorrt_widths(pruner.cmap, keep)}
-    if unreachable:
-        rep["round_to"]["unreachable"] = unreachable
+                       "tensorrt": tensorrt_widths(pruner.cmap, keep), **rounded}
     rep["targets"] = targets_reached(pruner, keep, flops_target, latency_target, table, rep.get("latency_ms"))
     if measured_rounds is not None:
         rep["targets"]["latency"]["rounds"] = measured_rounds

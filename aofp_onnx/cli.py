@@ -125,6 +125,10 @@ def inspect(model, input_shape, json_out, show_all):
 @click.option("--round-to", default="auto", show_default=True, metavar="K|auto",
               help="Round widths to a multiple of K (8 for TensorRT FP16); auto: the multiple the provider's kernels "
                    "reward, measured (latency table).")
+@click.option("--round-by", type=click.Choice(["auto", "scores", "output"]), default="auto", show_default=True,
+              help="What decides which groups give up or take back a rounding step to land on the target: the "
+                   "criterion's scores, or the cut's output error (one forward per group per step); auto: output on "
+                   "a classifier.")
 @click.option("--min-channels", type=int, default=1, show_default=True)
 @provider_option
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -169,7 +173,8 @@ def inspect(model, input_shape, json_out, show_all):
               "cuda:0,cuda:1 (one per GPU) or cpu,cpu (CPU sessions splitting the cores); same plan as one device.")
 @image_options
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
-          batch_size, calib_limit, latency_target, latency_batch, threads, round_to, min_channels, provider, seed,
+          batch_size, calib_limit, latency_target, latency_batch, threads, round_to, round_by, min_channels,
+          provider, seed,
           input_shape, plan_out, report_path, eval_src, plot, no_latency, verify_samples, no_progress, checkpoint,
           resume, estimator, damage_at, damage_norm, accept_by, reconstruct, finetune_steps,
           finetune_data, finetune_lr, finetune_batch_size, device, devices, **img):
@@ -201,7 +206,7 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
     try:
         rep = api.prune(model, output, calib=calib, criterion=criterion, flops_target=flops_target,
                         latency_target=latency_target, latency_batch=latency_batch, threads=threads,
-                        round_to=round_to, min_channels=min_channels, provider=provider, seed=seed,
+                        round_to=round_to, round_by=round_by, min_channels=min_channels, provider=provider, seed=seed,
                         input_shapes=shapes, plan_out=plan_out, batch_size=batch_size, calib_limit=calib_limit,
                         image_options=parse_image_options(img), eval_src=eval_src, reconstruct=reconstruct,
                         latency=not no_latency, verify_samples=verify_samples, progress=not no_progress,

@@ -38,6 +38,38 @@ def check_batches(batches: list[dict[str, np.ndarray]], limit: int = CHECK_SAMPL
     return out
 
 
+def calibration_batches(pruner, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """The pruner's calibration data in batches of `batch_size`; for a batch the file pins, of that size (a
+    short last batch, which would be padded to it, left out)."""
+    pinned = bool(getattr(pruner, "pinned", None))
+    batches = list(pruner.data.batches(pruner.batch_size(batch_size) if pinned else batch_size))
+    if pinned and len(batches) > 1:
+        batches = [b for b in batches if len(next(iter(b.values()))) == len(next(iter(batches[0].values())))]
+    return batches
+
+
+class CutErrors:
+    """`errors(keeps) -> [len(keeps)]`: each cut's relative output error against the original
+    (`oracle.OutputCheck`, the masked model without the removed channels) on the samples an output check of the
+    search runs on (`check_batches`); each distinct keep is run once (`checks` counts them). What
+    `select.fit_to_target` values the rounding's steps by with `--round-by output`."""
+
+    def __init__(self, cmap, batches: list[dict[str, np.ndarray]], provider: str = "auto"):
+        self.batches = check_batches(batches)
+        self.measure = OutputCheck(Runner(masked_model(cmap), provider))
+        self.seen: dict[bytes, float] = {}
+
+    @property
+    def checks(self) -> int:
+        return len(self.seen)
+
+    def __call__(self, keeps: list[np.ndarray]) -> np.ndarray:
+        for keep in keeps:
+            if keep.tobytes() not in self.seen:
+                self.seen[keep.tobytes()] = self.measure(self.batches, keep, np.zeros(0, np.int64))
+        return np.array([self.seen[keep.tobytes()] for keep in keeps])
+
+
 def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int = 1, seed: int = 0,
         provider: str = "auto", batch_size: int = 32, threshold: float | None = None, trials_per_half: int = 8,
         max_trials: int | None = None, oracle_step: int | None = None, progress: bool = False,
@@ -80,9 +112,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     damage_norm = damage_point.resolve_norm(cmap, damage_norm)
     accept_by = damage_point.resolve_accept(cmap, damage_at, accept_by, refit)
     threshold = default_threshold(accept_by) if threshold is None else threshold
-    batches = list(pruner.data.batches(pruner.batch_size(batch_size) if pinned else batch_size))
-    if pinned and len(batches) > 1:  # a short last batch would be padded to the pinned size: leave it out
-        batches = [b for b in batches if len(next(iter(b.values()))) == len(next(iter(batches[0].values())))]
+    batches = calibration_batches(pruner, batch_size)
     show = SearchProgress(criterion, {"MACs": flops_target} if flops_target is not None else None,
                           max_trials) if progress else None
     if criterion == "oracle":

@@ -71,7 +71,11 @@ def target_lines(rep: dict) -> list[str]:
             searched = rep.get("criterion") in ("aofp", "oracle")
             where = " (in the rounding; the search chose by damage)" if searched else ""
             out.append(f"widths  hardware-aware: scores weighted by each group's measured latency per MAC{where}")
-    trt = (rep.get("round_to") or {}).get("tensorrt")
+    rounded = rep.get("round_to") or {}
+    if rounded.get("checks"):
+        out.append(f"fit     widths landed on the target by the cut's output error (--round-by output): "
+                   f"{rounded['checks']} forwards, {rounded['seconds']:.1f} s")
+    trt = rounded.get("tensorrt")
     if trt and any(r["off"] for r in trt.values()):
         out.append("tensorrt " + "; ".join(f"{len(r['off'])} of {r['narrowed']} narrowed groups off {p.upper()}'s "
                                            f"multiple of {r['multiple']}" for p, r in trt.items())

@@ -25,9 +25,11 @@ errors no worse at 2 (a one-off sweep; benchmarks/latency_target.py measures the
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 
+from .damage_point import resolve_norm
 from .errors import InputError
 from .latency import LatencyTable, measure_latency, weighted_median
 from .runtime import CPU, resolve_provider
@@ -36,6 +38,7 @@ from .surgery import cut
 
 LATENCY_WEIGHT = 2  # the exponent α of e_g (see the module docstring)
 TOLERANCE = 0.03
+ROUND_BY = ("auto", "scores", "output")
 ROUNDS = 2
 REPEATS = 15  # interleaved runs per check
 SLACK = 1.10  # a MACs cut measured slower than SLACK x its MACs ratio gets a note (`targets_reached`)
@@ -72,14 +75,53 @@ def resolve_round_to(round_to, table: LatencyTable | None) -> int:
 
 
 def round_to_target(cmap, keep: np.ndarray, scores: np.ndarray, step: int, auto: bool, min_channels: int,
-                    target: float | None, cost=None) -> tuple[np.ndarray, int, int | None]:
+                    target: float | None, cost=None, damage=None,
+                    weights: np.ndarray | None = None) -> tuple[np.ndarray, int, int | None]:
     """(keep, step used, multiple given up) with the widths rounded to `step` and fitted to `target`
-    (`select.round_widths`; cost: MACs unless given). A multiple that `auto` chose and that cannot land
-    within TOLERANCE of the target (groups only a few multiples wide) gives way to 1."""
-    rounded = round_widths(cmap, keep, scores, step, min_channels, target, cost)
+    (`select.round_widths`; cost: MACs unless given; steps valued by `damage` when given). A multiple that
+    `auto` chose and that cannot land within TOLERANCE of the target (groups only a few multiples wide) gives
+    way to 1."""
+    rounded = round_widths(cmap, keep, scores, step, min_channels, target, cost, damage, weights)
     if not auto or step <= 1 or target is None or (cost or macs_cost(cmap))(rounded) <= target * (1 + TOLERANCE):
         return rounded, step, None
-    return round_widths(cmap, keep, scores, 1, min_channels, target, cost), 1, step
+    return round_widths(cmap, keep, scores, 1, min_channels, target, cost, damage, weights), 1, step
+
+
+def land_on_target(pruner, keep: np.ndarray, scores: np.ndarray, step: int, auto: bool, min_channels: int,
+                   target: float | None, cost, round_by: str, weights: np.ndarray | None, provider: str,
+                   batch_size: int) -> tuple[np.ndarray, int, dict]:
+    """`round_to_target` with its steps valued as `round_by` resolves (`resolve_round_by`; `output`: the cut's
+    output error on the search's check samples, `search_run.CutErrors`): (keep, step used, the report's
+    round_to fields: `by`, and `unreachable`, `checks`, `seconds` where they apply)."""
+    from .search_run import CutErrors, calibration_batches  # sessions only when the output error is read
+
+    by = resolve_round_by(pruner.cmap, round_by)
+    errors = None
+    if by == "output" and pruner.cmap.prunable:
+        errors = CutErrors(pruner.cmap, calibration_batches(pruner, batch_size), provider)
+    start = time.perf_counter()
+    keep, step, unreachable = round_to_target(pruner.cmap, keep, scores, step, auto, min_channels, target, cost,
+                                              errors, weights)
+    info = {"by": by, **({"unreachable": unreachable} if unreachable else {})}
+    if errors is not None:
+        info.update(checks=errors.checks, seconds=time.perf_counter() - start)
+    return keep, step, info
+
+
+def check_round_by(round_by: str) -> None:
+    if round_by not in ROUND_BY:
+        raise InputError(f"--round-by must be one of {', '.join(ROUND_BY)}, got {round_by!r}")
+
+
+def resolve_round_by(cmap, round_by: str) -> str:
+    """`scores` or `output`: what values a rounding step (`select.fit_to_target`); `auto` gives `output` on a
+    classifier (every output [N, C], as `damage_point.resolve_norm` tells one), where one forward per group and
+    step is cheap, else `scores` (a detector's forward at full resolution, once per group and step, would cost
+    more than the search)."""
+    check_round_by(round_by)
+    if round_by != "auto":
+        return round_by
+    return "output" if resolve_norm(cmap, "auto") == "sample" else "scores"
 
 
 def meet_measured(pruner, keep: np.ndarray, scores: np.ndarray, table: LatencyTable, target: float, step: int,

@@ -24,8 +24,10 @@ calibration samples and provider:
    without recovery the variant the default `--accept-by` runs when the cut ships as it is, with
    reconstruction the one it runs under `--reconstruct` (the same unless the default is `auto`).
 
-Variants are named ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD] (by: `--accept-by`, its default where
-not given; `by=auto` resolves as `prune` without `--reconstruct` does). `--no-oracle` leaves the oracle
+Variants are named ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD][ fit=K] (by: `--accept-by`, its default
+where not given; `by=auto` resolves as `prune` without `--reconstruct` does; fit=K: the widths then rounded to
+multiples of K and landed on the target by the cut's output error, `prune --round-to K --round-by output`,
+its forwards counted in the search time). `--no-oracle` leaves the oracle
 out (the orientation classifier's costs about two minutes per ranking here); `--oracle-cache` reuses an
 earlier run's oracle (experiments).
 """
@@ -49,8 +51,8 @@ from aofp_onnx.oracle import OutputCheck, oracle, output_damage
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.runtime import Runner
 from aofp_onnx.search import ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp, default_threshold
-from aofp_onnx.search_run import check_batches
-from aofp_onnx.select import select_by_score
+from aofp_onnx.search_run import CutErrors, check_batches
+from aofp_onnx.select import round_widths, select_by_score
 from aofp_onnx.statefile import data_digest
 from aofp_onnx.surgery import cut
 from aofp_onnx.trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, TrialEngine
@@ -103,7 +105,7 @@ def run_task(name: str, args) -> list[str]:
                                  damage_norm=site.split("/")[1]) for site in sites}
 
     def search(variant, seed, target, trials_per_half=args.trials_per_half, max_trials=None):
-        est, at, t, by = variant_parts(variant)
+        est, at, t, by, fit = variant_parts(variant)
         by = resolve_accept(cmap, points[at.split("/")[0]][0], by)
         t = default_threshold(by) if t is None else t
         counter = iter(range(1 << 40))
@@ -118,9 +120,12 @@ def run_task(name: str, args) -> list[str]:
         def check(keep, slots):  # --accept-by output, on the samples search_run.run checks on
             return measure(checked_on, keep, slots)
 
-        return aofp(cmap, damage, threshold=t, trials_per_half=trials_per_half, flops_target=target,
-                    max_trials=max_trials, seed=seed, stack=stack, estimator=est,
-                    check=check if by == "output" else None)
+        keep, scores, stats = aofp(cmap, damage, threshold=t, trials_per_half=trials_per_half, flops_target=target,
+                                   max_trials=max_trials, seed=seed, stack=stack, estimator=est,
+                                   check=check if by == "output" else None)
+        if fit:  # prune's rounding to multiples of `fit`, its steps valued by the output error (--round-by output)
+            keep = round_widths(cmap, keep, scores, fit, 1, target, damage=CutErrors(cmap, batches, args.provider))
+        return keep, scores, stats
 
     def scores_of(keep):
         pruned = cut(cmap, keep)
@@ -257,21 +262,22 @@ def grid(args) -> list[str]:
             for d in args.damage_at for n in args.damage_norm for e in args.estimators]
 
 
-def variant_parts(variant: str) -> tuple[str, str, float, str]:
-    """"mean@auto/sample by=output t=0.001" -> ("mean", "auto/sample", 0.001, "output") (`--accept-by`, its
-    default where not given; the threshold None where not given: search_run.run's default for the resolved
-    --accept-by); ValueError for a malformed name."""
+def variant_parts(variant: str) -> tuple[str, str, float, str, int | None]:
+    """"mean@auto/sample by=output t=0.001 fit=8" -> ("mean", "auto/sample", 0.001, "output", 8) (`--accept-by`,
+    its default where not given; the threshold None where not given: search_run.run's default for the resolved
+    --accept-by; fit: the widths rounded to multiples of 8 and landed on the target by the output error, as
+    `prune --round-to 8 --round-by output` does, None where not given); ValueError for a malformed name."""
     name, *extra = variant.split()
     est, _, site = name.partition("@")
     at, _, norm = site.partition("/")
     opts = dict(e.partition("=")[::2] for e in extra)
     by = opts.pop("by", DEFAULT_ACCEPT_BY)
     if (est not in ESTIMATORS or at not in (*DAMAGE_AT, "auto") or norm not in DAMAGE_NORMS or by not in ACCEPT_BY
-            or set(opts) - {"t"}):
-        raise ValueError(f"variant {variant!r}: want ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD] with estimator "
-                         f"in {ESTIMATORS}, point in {(*DAMAGE_AT, 'auto')}, norm in {DAMAGE_NORMS}, accept in "
-                         f"{ACCEPT_BY}")
-    return est, site, float(opts["t"]) if "t" in opts else None, by
+            or set(opts) - {"t", "fit"} or not opts.get("fit", "1").isdigit()):
+        raise ValueError(f"variant {variant!r}: want ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD][ fit=K] with "
+                         f"estimator in {ESTIMATORS}, point in {(*DAMAGE_AT, 'auto')}, norm in {DAMAGE_NORMS}, accept "
+                         f"in {ACCEPT_BY}")
+    return est, site, float(opts["t"]) if "t" in opts else None, by, int(opts["fit"]) if "fit" in opts else None
 
 
 def full_width_trials(cmap, engine, batches, trials: int, seed: int, stack: int = 8):

@@ -4,6 +4,7 @@ their structure and caching, and the selection logic runs against hand-made tabl
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import onnx
@@ -183,7 +184,7 @@ def test_round_to_auto_falls_back_to_1_when_its_multiple_cannot_reach_the_target
     rep = api.prune(path, tmp_path / "out.onnx", calib="random:8", criterion="l1", flops_target=0.05, batch_size=4,
                     latency=False)
     assert {k: v for k, v in rep["round_to"].items() if k != "tensorrt"} == \
-        {"given": "auto", "used": 1, "latency_weighted": True, "unreachable": 8}
+        {"given": "auto", "used": 1, "latency_weighted": True, "unreachable": 8, "by": "scores"}
     assert rep["targets"]["macs"]["reached"] <= 0.05
     rep = api.prune(path, tmp_path / "out.onnx", calib="random:8", criterion="l1", flops_target=0.9, batch_size=4,
                     latency=False)
@@ -232,7 +233,7 @@ def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp
     assert [r["measured"] for r in rounds] == [0.7, 0.6] and rounds[1]["internal_target"] == pytest.approx(0.6 * 0.6 / 0.7)
     assert lat["target"] == 0.6 and lat["measured"] == 0.6 and lat["estimated"] <= 0.6 * 0.6 / 0.7
     assert {k: v for k, v in rep["round_to"].items() if k != "tensorrt"} == \
-        {"given": 8, "used": 8, "latency_weighted": True}
+        {"given": 8, "used": 8, "latency_weighted": True, "by": "scores"}
     assert rep["round_to"]["tensorrt"]["fp16"]["off"] == []
     assert rep["targets"]["macs"]["target"] is None
     assert all(g["width_after"] % 8 == 0 for g in rep["groups"] if g["width_after"] != g["width_before"])
@@ -330,3 +331,51 @@ def test_prune_report_shows_the_macs_target_beside_what_was_reached(chain, tmp_p
     macs = rep["targets"]["macs"]
     assert macs["target"] == 0.5 and macs["reached"] == rep["macs_after"] / rep["macs_before"]
     assert 0.49 <= macs["reached"] <= 0.5
+
+
+def test_rounding_by_output_error_spares_the_group_whose_steps_cost_the_outputs_most(tmp_path):
+    deep = conv_chain(tmp_path / "deep.onnx", widths=(96, 80, 64, 96, 80, 64, 48, 56))
+    pruner = api.Pruner.load(deep)
+    cmap, scores = pruner.cmap, l1_scores(pruner.cmap)
+    first = cmap.prunable[0]
+    scores[first.slots] *= 1e-3  # by the scores, the first group is the cheapest to cut
+    keep = select.select_by_score(cmap, np.ones(cmap.n_slots), 0.6)  # uniform: every group narrowed alike
+    seen = []
+
+    def damage(keeps):  # the output error: every channel of the first group costs 100x any other
+        seen.append(len(keeps))
+        return np.array([100 * (~k[first.slots]).sum() + (~k).sum() for k in keeps], dtype=float)
+
+    by_scores = select.round_widths(cmap, keep, scores, 8, 1, 0.5)
+    by_output = select.round_widths(cmap, keep, scores, 8, 1, 0.5, damage=damage)
+    widths = lambda k: [int(k[g.slots].sum()) for g in cmap.prunable]  # noqa: E731
+    assert widths(by_output)[0] > widths(by_scores)[0]  # the scores cut it; the output error keeps it wider
+    def step_of(g):  # the MACs 8 more channels of g take, at the uniform cut
+        fewer = keep.copy()
+        fewer[g.slots[keep[g.slots]][:8]] = False
+        return (cmap.macs(keep) - cmap.macs(fewer)) / cmap.total_macs
+
+    step = max(map(step_of, cmap.prunable))
+    for fitted in (by_scores, by_output):
+        assert 0.5 - step <= cmap.macs(fitted) / cmap.total_macs <= 0.5  # within one step below the target
+        assert all(w % 8 == 0 or w == g.width for w, g in zip(widths(fitted), cmap.prunable))
+    assert seen and all(n <= len(cmap.prunable) + 1 for n in seen)  # one forward per group and step (and now)
+
+
+def test_round_by_auto_reads_the_output_error_on_a_classifier_and_the_scores_elsewhere(tmp_path):
+    models = pathlib.Path(__file__).resolve().parents[1] / "models"
+    cnn, calib = models / "mnist_cnn.onnx", models / "mnist_calib.npz"
+    rep = api.prune(cnn, tmp_path / "c.onnx", calib=str(calib), criterion="l1", flops_target=0.5, round_to=8,
+                    batch_size=16, calib_limit=64, latency=False)
+    rounded = rep["round_to"]
+    assert rounded["by"] == "output" and rounded["checks"] > len(rep["groups"]) and rounded["seconds"] > 0
+    assert rep["verification"]["passed"] and 0.49 <= rep["targets"]["macs"]["reached"] <= 0.5
+    scores = api.prune(cnn, tmp_path / "s.onnx", calib=str(calib), criterion="l1", flops_target=0.5, round_to=8,
+                       round_by="scores", batch_size=16, calib_limit=64, latency=False)["round_to"]
+    assert scores["by"] == "scores" and "checks" not in scores
+    deep = conv_chain(tmp_path / "deep.onnx", widths=(96, 80, 64))  # its output keeps a spatial map
+    rep = api.prune(deep, tmp_path / "d.onnx", calib="random:4", criterion="l1", flops_target=0.5, round_to=8,
+                    batch_size=2, latency=False)
+    assert rep["round_to"]["by"] == "scores" and "checks" not in rep["round_to"]
+    with pytest.raises(api.InputError, match="--round-by must be one of"):
+        api.prune(deep, tmp_path / "e.onnx", calib="random:4", criterion="l1", flops_target=0.5, round_by="loss")
