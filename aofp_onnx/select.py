@@ -113,7 +113,8 @@ def fit_to_target(cmap: ChannelMap, keep: np.ndarray, scores: np.ndarray, target
                   weights: np.ndarray | None = None) -> np.ndarray:
     """Widths moved along `allowed_widths` until cost ≤ target, then filled back up to within a step of it.
     A step's value: the score it removes or adds back, or with `damage(keeps) -> errors` the output error it
-    adds or removes, divided by its group's `weights` (per slot, those that divided the scores)."""
+    adds or removes, divided by its group's `weights` (per slot, those that divided the scores); where `damage`
+    gives None (its budget spent), the score."""
     cost = cost or macs_cost(cmap)
     keep = keep.copy()
     allowed = {g.id: allowed_widths(g.width, step, min_channels) for g in cmap.prunable}
@@ -123,6 +124,8 @@ def fit_to_target(cmap: ChannelMap, keep: np.ndarray, scores: np.ndarray, target
         if damage is None or not found:
             return found
         errors = damage([keep] + [trial for _, trial, *_ in found])
+        if errors is None:  # its budget spent: the scores value the remaining steps
+            return found
         gained = (errors[1:] - errors[0]) * (-1 if direction > 0 else 1)  # error added (down) or removed (up)
         return [(g, trial, gained[k] / (weights[g.slots[0]] if weights is not None else 1.0), dc, after)
                 for k, (g, trial, _, dc, after) in enumerate(found)]

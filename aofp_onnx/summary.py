@@ -73,8 +73,9 @@ def target_lines(rep: dict) -> list[str]:
             out.append(f"widths  hardware-aware: scores weighted by each group's measured latency per MAC{where}")
     rounded = rep.get("round_to") or {}
     if rounded.get("checks"):
+        spent = "; the budget spent, the scores valued the rest" if rounded.get("budget_spent") else ""
         out.append(f"fit     widths landed on the target by the cut's output error (--round-by output): "
-                   f"{rounded['checks']} forwards, {rounded['seconds']:.1f} s")
+                   f"{rounded['checks']} forwards, {rounded['seconds']:.1f} s{spent}")
     trt = rounded.get("tensorrt")
     if trt and any(r["off"] for r in trt.values()):
         out.append("tensorrt " + "; ".join(f"{len(r['off'])} of {r['narrowed']} narrowed groups off {p.upper()}'s "

@@ -104,7 +104,8 @@ def land_on_target(pruner, keep: np.ndarray, scores: np.ndarray, step: int, auto
                                               errors, weights)
     info = {"by": by, **({"unreachable": unreachable} if unreachable else {})}
     if errors is not None:
-        info.update(checks=errors.checks, seconds=time.perf_counter() - start)
+        info.update(checks=errors.checks, seconds=time.perf_counter() - start,
+                    **({"budget_spent": True} if errors.spent else {}))
     return keep, step, info
 
 

@@ -379,3 +379,19 @@ def test_round_by_auto_reads_the_output_error_on_a_classifier_and_the_scores_els
     assert rep["round_to"]["by"] == "scores" and "checks" not in rep["round_to"]
     with pytest.raises(api.InputError, match="--round-by must be one of"):
         api.prune(deep, tmp_path / "e.onnx", calib="random:4", criterion="l1", flops_target=0.5, round_by="loss")
+
+
+def test_rounding_by_output_error_goes_on_by_the_scores_once_its_budget_is_spent(tmp_path):
+    from aofp_onnx.search_run import CutErrors
+
+    deep = conv_chain(tmp_path / "deep.onnx", widths=(96, 80, 64, 96, 80, 64, 48, 56))
+    pruner = api.Pruner.load(deep, data="random:4")
+    cmap, scores = pruner.cmap, l1_scores(pruner.cmap)
+    keep = select.select_by_score(cmap, np.ones(cmap.n_slots), 0.6)
+    errors = CutErrors(cmap, list(pruner.data.batches(4)), "cpu", budget=12)
+    fitted = select.round_widths(cmap, keep, scores, 8, 1, 0.5, damage=errors)
+    assert errors.spent and errors.checks <= 12  # refused past the budget, never run
+    assert 0.4 <= cmap.macs(fitted) / cmap.total_macs <= 0.5  # and still landed below the target
+    plenty = CutErrors(cmap, list(pruner.data.batches(4)), "cpu")
+    again = plenty([keep, keep, fitted])
+    assert not plenty.spent and plenty.checks == 2 and again[0] == again[1] and np.all(again >= 0)
