@@ -174,9 +174,8 @@ def inspect(model, input_shape, json_out, show_all):
 @image_options
 def prune(model, output, calib, criterion, flops_target, threshold, trials_per_half, max_trials, oracle_step,
           batch_size, calib_limit, latency_target, latency_batch, threads, round_to, round_by, min_channels,
-          provider, seed,
-          input_shape, plan_out, report_path, eval_src, plot, no_latency, verify_samples, no_progress, checkpoint,
-          resume, estimator, damage_at, damage_norm, accept_by, reconstruct, finetune_steps,
+          provider, seed, input_shape, plan_out, report_path, eval_src, plot, no_latency, verify_samples,
+          no_progress, checkpoint, resume, estimator, damage_at, damage_norm, accept_by, reconstruct, finetune_steps,
           finetune_data, finetune_lr, finetune_batch_size, device, devices, **img):
     """Find the filters to remove (AOFP by default), cut them, verify, and write OUTPUT."""
     shapes = parse_input_shapes(list(input_shape))
