@@ -60,8 +60,9 @@ class CutErrors:
 
     def __init__(self, cmap, batches: list[dict[str, np.ndarray]], provider: str = "auto",
                  budget: int = FIT_FORWARDS):
+        self.cmap, self.provider = cmap, provider
         self.batches = check_batches(batches)
-        self.measure = OutputCheck(Runner(masked_model(cmap), provider))
+        self.measure = None  # the masked model's session, built at the first cut to run (a fit may run none)
         self.budget = budget
         self.spent = False  # a call was refused for the budget
         self.seen: dict[bytes, float] = {}
@@ -75,6 +76,8 @@ class CutErrors:
         if len(self.seen) + len(new) > self.budget:
             self.spent = True
             return None
+        if new and self.measure is None:
+            self.measure = OutputCheck(Runner(masked_model(self.cmap), self.provider))
         for keep in keeps:
             if keep.tobytes() not in self.seen:
                 self.seen[keep.tobytes()] = self.measure(self.batches, keep, np.zeros(0, np.int64))

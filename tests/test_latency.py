@@ -393,5 +393,6 @@ def test_rounding_by_output_error_goes_on_by_the_scores_once_its_budget_is_spent
     assert errors.spent and errors.checks <= 12  # refused past the budget, never run
     assert 0.4 <= cmap.macs(fitted) / cmap.total_macs <= 0.5  # and still landed below the target
     plenty = CutErrors(cmap, list(pruner.data.batches(4)), "cpu")
+    assert plenty.measure is None  # no session until a cut is run (a fit without a target runs none)
     again = plenty([keep, keep, fitted])
     assert not plenty.spent and plenty.checks == 2 and again[0] == again[1] and np.all(again >= 0)
