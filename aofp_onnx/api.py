@@ -31,8 +31,9 @@ from .latency import measure_latency
 from .runtime import Runner
 from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
 from .select import select_by_score
-from .targets import (check_round_by, check_targets, land_on_target, latency_weights, meet_measured, parse_round_to,
-                      resolve_round_to, slower_hint, stderr_line, targets_reached, tensorrt_widths)
+from .targets import (check_round_by, check_targets, fit_fields, latency_weights, meet_measured, parse_round_to,
+                      resolve_round_by, resolve_round_to, round_to_target, slower_hint, stderr_line, step_errors,
+                      targets_reached, tensorrt_widths)
 from .pruner import VERIFY_SAMPLES, Pruner
 from .verify import Verification, verify
 
@@ -277,21 +278,24 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
         with phases("accuracy", f"the original on {len(labelled)} labelled samples"):
             before = accuracy(original, labelled, provider)
     target = latency_target if latency_target is not None else flops_target
-    keep, step, rounded = land_on_target(pruner, keep, scores, step, round_to == "auto", min_channels, target,
-                                         table.ratio if latency_target is not None else None, round_by, weights,
-                                         provider, batch_size)
+    by = resolve_round_by(pruner.cmap, round_by)
+    errors = step_errors(pruner, by, provider, batch_size)
+    keep, step, unreachable = round_to_target(pruner.cmap, keep, scores, step, round_to == "auto", min_channels,
+                                              target, table.ratio if latency_target is not None else None, errors,
+                                              weights)
     measured_rounds = None
     if latency_target is not None:
         with phases("latency target", "checking the estimate on the cut model"):
             keep, measured_rounds = meet_measured(pruner, keep, scores, table, latency_target, step, min_channels,
-                                                  lat_feeds, provider, threads)
+                                                  lat_feeds, provider, threads, errors, weights)
     plan = plan_from_keep(pruner.cmap, keep, criterion, seed=seed, flops_target=flops_target)
     rep, pruned = finish(pruner, keep, output, criterion=criterion, search=search, provider=provider,
                          latency=latency, batch_size=lat_batch, reconstruct=reconstruct,
                          verify_samples=verify_samples, phases=phases, original=original, threads=threads,
                          round_to=round_to)
     rep["round_to"] = {"given": round_to, "used": step, "latency_weighted": weights is not None,
-                       "tensorrt": tensorrt_widths(pruner.cmap, keep), **rounded}
+                       "tensorrt": tensorrt_widths(pruner.cmap, keep), **fit_fields(by, errors),
+                       **({"unreachable": unreachable} if unreachable else {})}
     rep["targets"] = targets_reached(pruner, keep, flops_target, latency_target, table, rep.get("latency_ms"))
     if measured_rounds is not None:
         rep["targets"]["latency"]["rounds"] = measured_rounds

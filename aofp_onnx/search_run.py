@@ -5,6 +5,7 @@ state machine itself is `search.aofp`; the exact oracle `oracle.oracle`."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -55,8 +56,8 @@ class CutErrors:
     """`errors(keeps) -> [len(keeps)]`: each cut's relative output error against the original
     (`oracle.OutputCheck`, the masked model without the removed channels) on the samples an output check of the
     search runs on (`check_batches`); each distinct keep is run once (`checks` counts them), at most `budget`
-    of them: past it, None (the caller values its steps otherwise). What `select.fit_to_target` values the
-    rounding's steps by with `--round-by output`."""
+    of them: past it, None (the caller values its steps otherwise); `seconds` sums the time its runs took. What
+    `select.fit_to_target` values the rounding's steps by with `--round-by output`."""
 
     def __init__(self, cmap, batches: list[dict[str, np.ndarray]], provider: str = "auto",
                  budget: int = FIT_FORWARDS):
@@ -66,6 +67,7 @@ class CutErrors:
         self.budget = budget
         self.spent = False  # a call was refused for the budget
         self.seen: dict[bytes, float] = {}
+        self.seconds = 0.0
 
     @property
     def checks(self) -> int:
@@ -76,11 +78,13 @@ class CutErrors:
         if len(self.seen) + len(new) > self.budget:
             self.spent = True
             return None
+        start = time.perf_counter()
         if new and self.measure is None:
             self.measure = OutputCheck(Runner(masked_model(self.cmap), self.provider))
         for keep in keeps:
             if keep.tobytes() not in self.seen:
                 self.seen[keep.tobytes()] = self.measure(self.batches, keep, np.zeros(0, np.int64))
+        self.seconds += time.perf_counter() - start
         return np.array([self.seen[keep.tobytes()] for keep in keeps])
 
 

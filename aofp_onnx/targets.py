@@ -5,8 +5,9 @@ kernels reward, and checked against the measured model.
 fast as 32-aligned ones (`LatencyTable.rewarded_multiple`). A latency target R selects with the table's
 estimate as the cost (the criterion's order; widths fitted where a step buys the most latency per unit
 of damage, `select.fit_to_target`). The estimate is then checked on the cut model: while the measured
-ratio r misses R by more than `TOLERANCE`, the internal target becomes R_int · R / r and the widths are
-reselected, at most `ROUNDS` times.
+ratio r misses R by more than `TOLERANCE`, the internal target becomes R_int · R / r and the widths move
+there from where they are, valued as the landing valued its steps, at most `ROUNDS` times; the measured cut
+closest to R is kept.
 
 With a latency table (a latency target, or `--round-to auto`) every target is hardware-aware
 (`latency_weights`). The scores the selection and the rounding order channels by (l1, random; for AOFP
@@ -25,7 +26,6 @@ errors no worse at 2 (a one-off sweep; benchmarks/latency_target.py measures the
 from __future__ import annotations
 
 import sys
-import time
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from .damage_point import resolve_norm
 from .errors import InputError
 from .latency import LatencyTable, measure_latency, weighted_median
 from .runtime import CPU, resolve_provider
-from .select import macs_cost, round_widths, select_by_score
+from .select import macs_cost, round_widths
 from .surgery import cut
 
 LATENCY_WEIGHT = 2  # the exponent α of e_g (see the module docstring)
@@ -87,26 +87,24 @@ def round_to_target(cmap, keep: np.ndarray, scores: np.ndarray, step: int, auto:
     return round_widths(cmap, keep, scores, 1, min_channels, target, cost, damage, weights), 1, step
 
 
-def land_on_target(pruner, keep: np.ndarray, scores: np.ndarray, step: int, auto: bool, min_channels: int,
-                   target: float | None, cost, round_by: str, weights: np.ndarray | None, provider: str,
-                   batch_size: int) -> tuple[np.ndarray, int, dict]:
-    """`round_to_target` with its steps valued as `round_by` resolves (`resolve_round_by`; `output`: the cut's
-    output error on the search's check samples, `search_run.CutErrors`): (keep, step used, the report's
-    round_to fields: `by`, and `unreachable`, `checks`, `seconds` where they apply)."""
+def step_errors(pruner, by: str, provider: str, batch_size: int):
+    """What values the rounding's steps when `by` (`resolve_round_by`) is `output`: the cut's output error on
+    the search's check samples (`search_run.CutErrors`, shared by the landing and a latency target's refits);
+    None for the scores."""
+    if by != "output" or not pruner.cmap.prunable:
+        return None
     from .search_run import CutErrors, calibration_batches  # sessions only when the output error is read
 
-    by = resolve_round_by(pruner.cmap, round_by)
-    errors = None
-    if by == "output" and pruner.cmap.prunable:
-        errors = CutErrors(pruner.cmap, calibration_batches(pruner, batch_size), provider)
-    start = time.perf_counter()
-    keep, step, unreachable = round_to_target(pruner.cmap, keep, scores, step, auto, min_channels, target, cost,
-                                              errors, weights)
-    info = {"by": by, **({"unreachable": unreachable} if unreachable else {})}
-    if errors is not None:
-        info.update(checks=errors.checks, seconds=time.perf_counter() - start,
-                    **({"budget_spent": True} if errors.spent else {}))
-    return keep, step, info
+    return CutErrors(pruner.cmap, calibration_batches(pruner, batch_size), provider)
+
+
+def fit_fields(by: str, errors) -> dict:
+    """The report's round_to fields of the fit: `by`, and `checks`, `seconds`, `budget_spent` where the output
+    error valued the steps."""
+    if errors is None:
+        return {"by": by}
+    return {"by": by, "checks": errors.checks, "seconds": errors.seconds,
+            **({"budget_spent": True} if errors.spent else {})}
 
 
 def check_round_by(round_by: str) -> None:
@@ -126,25 +124,34 @@ def resolve_round_by(cmap, round_by: str) -> str:
 
 
 def meet_measured(pruner, keep: np.ndarray, scores: np.ndarray, table: LatencyTable, target: float, step: int,
-                  min_channels: int, feeds: dict, provider: str, threads: int | None, progress=None):
-    """(keep, rounds of measurement) with the measured latency ratio brought within TOLERANCE of `target`:
-    each miss reselects from the scores (the criterion's order) at the corrected internal target. With one
-    CPU thread the check times the thread's CPU time, which other processes on the machine do not inflate."""
+                  min_channels: int, feeds: dict, provider: str, threads: int | None, damage=None,
+                  weights: np.ndarray | None = None, progress=None):
+    """(keep, rounds of measurement): the cut's latency ratio r is measured; while it misses `target` R by more
+    than TOLERANCE, the widths move from where they are to the corrected internal target R_int · R / r
+    (`select.round_widths` on the table's estimate, each step valued as the landing valued it: by `damage`, the
+    output error, or the scores), at most ROUNDS times. Of the measured cuts, the closest to R is kept (its
+    round says `kept`). With one CPU thread the check times the thread's CPU time, which other processes on the
+    machine do not inflate."""
     internal = target
-    history = []
-    for _ in range(ROUNDS):
+    history, cuts = [], []
+    for k in range(ROUNDS + 1):
         pruned = cut(pruner.cmap, keep)
         measured = measure_latency(pruner.graph.data, pruned, feeds, provider, repeats=REPEATS, threads=threads,
                                    cpu=threads == 1 and provider_is_cpu(provider))["ratio"]
         history.append({"internal_target": internal, "estimated": table.ratio(keep), "measured": measured})
+        cuts.append(keep)
         if progress:
             progress(f"latency target {target:.3f}: estimated x{table.ratio(keep):.3f}, measured x{measured:.3f}")
-        if abs(measured - target) <= TOLERANCE * target:
+        if abs(measured - target) <= TOLERANCE * target or k == ROUNDS:
             break
         internal = internal * target / max(measured, 1e-9)
-        keep = select_by_score(pruner.cmap, scores, internal, min_channels, cost=table.aligned_ratio)
-        keep = round_widths(pruner.cmap, keep, scores, step, min_channels, internal, table.ratio)
-    return keep, history
+        moved = round_widths(pruner.cmap, keep, scores, step, min_channels, internal, table.ratio, damage, weights)
+        if np.array_equal(moved, keep):
+            break
+        keep = moved
+    best = min(range(len(history)), key=lambda k: abs(history[k]["measured"] - target))
+    history[best]["kept"] = True
+    return cuts[best], history
 
 
 def latency_weights(cmap, table: LatencyTable) -> np.ndarray:

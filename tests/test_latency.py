@@ -210,19 +210,25 @@ def test_latency_weights_spend_a_macs_budget_where_it_buys_the_most_latency(chai
     assert table.ratio(weighted) < table.ratio(plain) - 0.05
 
 
-@pytest.mark.parametrize("criterion", ["l1", "aofp"])
-def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp_path, monkeypatch, criterion):
-    pruner = api.Pruner.load(chain, data="random:8")
-    monkeypatch.setattr(latency, "build_table", lambda cmap, *a, **k: fake_table(pruner))
-    measured = []
+def fake_measurements(ratios: list[float]):
+    """A measure_latency that returns `ratios` one by one (the last one from then on), and the list of calls."""
+    calls = []
 
     def fake_measure(before, after, feeds, provider, repeats=20, threads=None, cpu=False):
-        ratio = 0.7 if not measured else 0.6  # the first check misses: the widths are refitted once
-        measured.append(ratio)
+        ratio = ratios[min(len(calls), len(ratios) - 1)]
+        calls.append(ratio)
         return {"before": 10.0, "after": 10.0 * ratio, "ratio": ratio, "before_p10": 9.0, "before_p90": 11.0,
                 "after_p10": 9 * ratio, "after_p90": 11 * ratio, "provider": "fake", "threads": threads,
                 "batch_size": 2, "input_shapes": {}, "repeats": repeats, "slower": False}
 
+    return fake_measure, calls
+
+
+@pytest.mark.parametrize("criterion", ["l1", "aofp"])
+def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp_path, monkeypatch, criterion):
+    pruner = api.Pruner.load(chain, data="random:8")
+    monkeypatch.setattr(latency, "build_table", lambda cmap, *a, **k: fake_table(pruner))
+    fake_measure, _ = fake_measurements([0.45, 0.6])  # the first cut is faster than asked: the widths grow once
     monkeypatch.setattr(targets, "measure_latency", fake_measure)
     monkeypatch.setattr(api, "measure_latency", fake_measure)
     monkeypatch.setattr(api.Pruner, "load", classmethod(lambda cls, *a, **k: pruner))
@@ -230,13 +236,42 @@ def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp
                     round_to=8, batch_size=4, progress=False)
     lat = rep["targets"]["latency"]
     rounds = lat["rounds"]
-    assert [r["measured"] for r in rounds] == [0.7, 0.6] and rounds[1]["internal_target"] == pytest.approx(0.6 * 0.6 / 0.7)
-    assert lat["target"] == 0.6 and lat["measured"] == 0.6 and lat["estimated"] <= 0.6 * 0.6 / 0.7
+    assert [r["measured"] for r in rounds] == [0.45, 0.6] and rounds[1]["internal_target"] == pytest.approx(0.8)
+    assert rounds[1]["estimated"] > rounds[0]["estimated"] and rounds[1]["kept"] and "kept" not in rounds[0]
+    assert lat["target"] == 0.6 and lat["measured"] == 0.6 and lat["estimated"] == rounds[1]["estimated"] <= 0.8
     assert {k: v for k, v in rep["round_to"].items() if k != "tensorrt"} == \
         {"given": 8, "used": 8, "latency_weighted": True, "by": "scores"}
     assert rep["round_to"]["tensorrt"]["fp16"]["off"] == []
     assert rep["targets"]["macs"]["target"] is None
     assert all(g["width_after"] % 8 == 0 for g in rep["groups"] if g["width_after"] != g["width_before"])
+
+
+def test_latency_target_refits_from_the_cut_by_the_output_error_and_keeps_the_closest_measured_cut(tmp_path,
+                                                                                                 monkeypatch):
+    deep = conv_chain(tmp_path / "deep.onnx", widths=(96, 80, 64, 96, 80, 64, 48, 56))
+    pruner = api.Pruner.load(deep, data="random:4")
+    cmap, scores, table = pruner.cmap, l1_scores(pruner.cmap), fake_table(pruner)
+    first = cmap.prunable[0]
+    scores[first.slots] *= 1e-3  # by the scores, the first group is the cheapest to cut
+
+    def damage(keeps):  # the output error: every channel of the first group costs 100x any other
+        return np.array([100 * (~k[first.slots]).sum() + (~k).sum() for k in keeps], dtype=float)
+
+    start = select.round_widths(cmap, select.select_by_score(cmap, np.ones(cmap.n_slots), 0.7, cost=table.ratio),
+                                np.ones(cmap.n_slots), 8, 1, 0.7, table.ratio)
+    widths = lambda k: [int(k[g.slots].sum()) for g in cmap.prunable]  # noqa: E731
+    kept = {}
+    for name, valued in (("scores", None), ("output", damage)):
+        fake_measure, calls = fake_measurements([0.8, 0.65, 0.5])  # every cut misses 0.6: the closest is kept
+        monkeypatch.setattr(targets, "measure_latency", fake_measure)
+        keep, rounds = targets.meet_measured(pruner, start, scores, table, 0.6, 8, 1, {}, "cpu", None, valued)
+        assert [r["measured"] for r in rounds] == calls == [0.8, 0.65, 0.5]
+        assert [r.get("kept", False) for r in rounds] == [False, True, False]
+        assert rounds[2]["internal_target"] == pytest.approx(0.6 * 0.6 / 0.8 * 0.6 / 0.65)
+        assert table.ratio(keep) == rounds[1]["estimated"] <= 0.6 * 0.6 / 0.8
+        kept[name] = widths(keep)
+    assert kept["output"][0] > kept["scores"][0]  # the scores cut the first group; the output error spares it
+    assert widths(start)[0] == kept["output"][0]  # the refits went on from the cut and took nothing more from it
 
 
 def test_targets_are_checked():
