@@ -234,7 +234,8 @@ def _first_dims(model: onnx.ModelProto | None) -> dict[str, str | int | None]:
         dims = vi.type.tensor_type.shape.dim
         if dims:
             d = dims[0]
-            first[vi.name] = d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+            first[vi.name] = (d.dim_param if d.HasField("dim_param")
+                              else d.dim_value if d.HasField("dim_value") else None)
     return first
 
 

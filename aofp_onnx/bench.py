@@ -35,7 +35,8 @@ def model_feeds(model: onnx.ModelProto, batch_size: int | None, input_shapes: di
     for name, shape in (input_shapes or {}).items():
         shape = tuple(shape)
         spec = specs.get(name)
-        if batch_size and spec is not None and spec.shape and not (isinstance(spec.shape[0], int) and spec.shape[0] > 0):
+        if (batch_size and spec is not None and spec.shape
+                and not (isinstance(spec.shape[0], int) and spec.shape[0] > 0)):
             shape = (batch_size,) + shape[1:]  # a dynamic batch follows --batch-size
         given[name] = shape
     for spec in specs.values():

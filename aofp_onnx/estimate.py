@@ -5,8 +5,8 @@ the masks X [T, n] (X[t, c] = 1 when trial t removed channel c) and the damages 
 
 - **mean** (the paper): s_c = Σ_t X[t, c]·y_t / Σ_t X[t, c], the mean damage of the trials that removed c.
 - **ridge**: fit the additive model y_t ≈ b + Σ_c X[t, c]·d_c by ridge least squares on the centred
-  masks, d = argmin ‖X̃d − ỹ‖² + λ‖d‖² with λ = `RIDGE` · tr(X̃ᵀX̃)/n (scale-free; the half size is
-  fixed, so Σ_c X̃[t, c] = 0 and the plain least-squares problem has no unique answer), b = ȳ − x̄ᵀd.
+  masks, d = argmin ‖X̃d − ỹ‖² + λ‖d‖² with λ = `RIDGE` · tr(X̃ᵀX̃)/n (scale-free; the half size
+  is fixed, so Σ_c X̃[t, c] = 0 and the plain least-squares problem has no unique answer), b = ȳ − x̄ᵀd.
   Where the mean credits c with the damage of the h − 1 channels removed beside it, the fit shares
   each trial's damage among them. Its scores are put on the mean's scale (AOFP compares them to the
   threshold): the model's expected damage of a random half that holds c,

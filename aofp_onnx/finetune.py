@@ -164,7 +164,8 @@ def check_teacher(student: ModelData, teacher: ModelData) -> None:
     t_inits = {t.name for t in teacher.proto.graph.initializer}
     if names(student.proto.graph.input, s_inits) != names(teacher.proto.graph.input, t_inits):
         raise InputError("the teacher's inputs differ from the pruned model's "
-                         f"({names(teacher.proto.graph.input, t_inits)} vs {names(student.proto.graph.input, s_inits)})")
+                         f"({names(teacher.proto.graph.input, t_inits)} vs "
+                         f"{names(student.proto.graph.input, s_inits)})")
     if names(student.proto.graph.output) != names(teacher.proto.graph.output):
         raise InputError("the teacher's outputs differ from the pruned model's "
                          f"({names(teacher.proto.graph.output)} vs {names(student.proto.graph.output)})")
@@ -225,7 +226,8 @@ def split_validation(data: Data, seed: int, fraction: float = 0.1) -> tuple[Data
 
 def output_errors(models: list[ModelData], reference: ModelData, data: Data, provider: str,
                   batch_size: int = 64) -> list[float]:
-    """Σ_outputs ‖y − y_ref‖² / Σ ‖y_ref‖² over `data` for each model, run by onnxruntime (the reference once)."""
+    """Σ_outputs ‖y − y_ref‖² / Σ ‖y_ref‖² over `data` for each model, run by onnxruntime
+    (the reference once)."""
     from .runtime import Runner
 
     runners, ref = [Runner(m, provider) for m in models], Runner(reference, provider)

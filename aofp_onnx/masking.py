@@ -2,9 +2,9 @@
 
 A graph input `aofp_keep` of shape [K, S+1] (K = 1 or the batch; S = prunable slots; the last column
 is the always-kept slot of blocked channels) is gathered per sink tensor T with T's slot indices and
-reshaped to broadcast along T's channel axis: T' = T · keep[:, pos(T)] (the mask cast to T's element type, float16 too). With keep = the plan's keep
-vector this is the core invariant's reference: removed channels zeroed at every consumer. The search's
-trial graph builds on the same `MaskInserter`.
+reshaped to broadcast along T's channel axis: T' = T · keep[:, pos(T)] (the mask cast to T's element
+type, float16 too). With keep = the plan's keep vector this is the core invariant's reference: removed
+channels zeroed at every consumer. The search's trial graph builds on the same `MaskInserter`.
 """
 from __future__ import annotations
 

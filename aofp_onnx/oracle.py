@@ -80,7 +80,8 @@ def _record_passing(passing: dict, now: float, keep: np.ndarray, seconds: float,
 
 def output_damage(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
                   stack: int) -> np.ndarray:
-    """Σ‖y − y_c‖² / Σ‖y‖² over outputs and all batches, for removing each slot c alone on top of `keep`."""
+    """Σ‖y − y_c‖² / Σ‖y‖² over outputs and all batches, for removing each slot c alone on top of
+    `keep`."""
     num, den = squared_errors(runner, batches, keep, slots, stack)
     return num.sum(axis=1) / max(den.sum(), 1e-30)
 
@@ -106,14 +107,14 @@ def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: n
 
 
 class OutputCheck:
-    """`check(batches, keep, slots)`: Σ_o Σ‖y_o − y_o,K∖R‖² / Σ‖y_o‖² over `batches`, the relative error of the model
-    cut to `keep` without R = `slots` against the original outputs y (AOFP's `--accept-by output`: a half
-    passes while the whole cut with it stays under the threshold). One forward of the masked model per batch;
-    the original outputs are kept per batch. Measured against the cut so far instead, each accepted half adds
-    its error to the others': on RapidOCR's PP-LCNet orientation classifier at 0.5 of the MACs the cut kept
-    49.6 % accuracy (chance: 25 %) where against the original it kept 81.5 % (one seed). Each output's
-    relative error counts on its own, as each consumer's does in the trials (`trial`): pooled, a large output
-    would drown a small one (a detector's scores and boxes, MTCNN's landmarks)."""
+    """`check(batches, keep, slots)`: Σ_o Σ‖y_o − y_o,K∖R‖² / Σ‖y_o‖² over `batches`, the relative
+    error of the model cut to `keep` without R = `slots` against the original outputs y (AOFP's `--accept-by
+    output`: a half passes while the whole cut with it stays under the threshold). One forward of the masked
+    model per batch; the original outputs are kept per batch. Measured against the cut so far instead, each
+    accepted half adds its error to the others': on RapidOCR's PP-LCNet orientation classifier at 0.5 of the
+    MACs the cut kept 49.6 % accuracy (chance: 25 %) where against the original it kept 81.5 % (one seed).
+    Each output's relative error counts on its own, as each consumer's does in the trials (`trial`): pooled,
+    a large output would drown a small one (a detector's scores and boxes, MTCNN's landmarks)."""
 
     def __init__(self, runner: Runner):
         self.runner = runner

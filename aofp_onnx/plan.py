@@ -90,7 +90,8 @@ def keep_from_plan(cmap: ChannelMap, plan: Plan, label: str = "plan") -> np.ndar
         if len(np.unique(idx)) != len(idx):
             raise InputError(f"{label}: group {gid!r} lists a channel index twice")
         if idx.min() < 0 or idx.max() >= g.width:
-            raise InputError(f"{label}: group {gid!r} has index {int(idx.max() if idx.max() >= g.width else idx.min())} "
+            raise InputError(f"{label}: group {gid!r} has index "
+                             f"{int(idx.max() if idx.max() >= g.width else idx.min())} "
                              f"out of range 0..{g.width - 1}")
         mask = np.zeros(g.width, dtype=bool)
         mask[idx] = True

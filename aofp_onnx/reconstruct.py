@@ -312,7 +312,8 @@ def reconstruct(cmap: ChannelMap, keep: np.ndarray, pruned: ModelData, data: Dat
         result.check()
         checks["onnx_checker"] = True
     except Exception as exc:
-        raise VerificationError(f"the reconstructed model fails onnx.checker: {str(exc).splitlines()[0][:300]}") from None
+        raise VerificationError("the reconstructed model fails onnx.checker: "
+                                f"{str(exc).splitlines()[0][:300]}") from None
     final_out = _run(_runner(result, outputs, provider), data, outputs, batch_size)
     checks["ran"] = all(np.all(np.isfinite(o)) for o in final_out)
     if not checks["ran"]:

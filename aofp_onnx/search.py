@@ -1,22 +1,22 @@
 """AOFP: choosing which channels to remove from data (the search's state machine).
 
 AOFP (Ding et al. 2019), per prunable group g with kept set K_g and search space S_g (= K_g at start): each trial
-removes a random half R_g ⊂ S_g (|R_g| = ⌊|S_g|/2⌋) on top of K and records its damage t_g (relative squared errors
-downstream of g, read where `damage_at` says, see `trial`; `auto`: see `damage_point`) with R_g. After
+removes a random half R_g ⊂ S_g (|R_g| = ⌊|S_g|/2⌋) on top of K and records its damage t_g (relative squared
+errors downstream of g, read where `damage_at` says, see `trial`; `auto`: see `damage_point`) with R_g. After
 `trials_per_half` trials, S_g is ranked by the estimated damage per channel (`estimate`: the paper's mean over the
 trials that removed the channel, or a ridge fit of the damages to the trial masks); with granu = ⌊|S_g|/2⌋, if the
 granu-th smallest estimate is below the threshold those granu channels are pruned and the search restarts on K_g;
 else, if granu > 1, S_g shrinks to its granu best (binary search); else g is saturated. With `check`
 (`--accept-by output`, what `auto` picks on a classifier whose trials read the next layers: see `damage_point`),
 the half H_g of granu best channels passes when the cut with it, K ∖ H_g, stays under the threshold at the model
-outputs (Σ_o ‖y_o − y_o,K∖H‖² / ‖y_o‖² against the original outputs on the same calibration samples every time:
-`oracle.OutputCheck`, `search_run.check_batches`): the trials still rank the channels, but halves of different
-layers are accepted on one scale, and the threshold is a budget for the whole cut that a target raises only as far
-as it needs. All groups search at once; the run stops at the target (the last prune is trimmed to land on it), when
-every group is saturated (with a target, the threshold then grows by `THRESHOLD_GROWTH`, and the groups whose
-recorded trials (and checks) pass it search again, see `_Group.retrace`), or at `max_trials`. The target counts
-MACs, or whatever `cost(keep)` (the remaining fraction) counts: a latency table's estimate. The exact oracle is in
-`oracle`.
+outputs (Σ_o ‖y_o − y_o,K∖H‖² / ‖y_o‖² against the original outputs on the same calibration samples every
+time: `oracle.OutputCheck`, `search_run.check_batches`): the trials still rank the channels, but halves of
+different layers are accepted on one scale, and the threshold is a budget for the whole cut that a target raises
+only as far as it needs. All groups search at once; the run stops at the target (the last prune is trimmed to land
+on it), when every group is saturated (with a target, the threshold then grows by `THRESHOLD_GROWTH`, and the
+groups whose recorded trials (and checks) pass it search again, see `_Group.retrace`), or at `max_trials`. The
+target counts MACs, or whatever `cost(keep)` (the remaining fraction) counts: a latency table's estimate. The exact
+oracle is in `oracle`.
 
 The state machine takes a `damage(keep, rows) -> [T, G]` function, so it runs against onnxruntime
 (`trial.TrialEngine`) or against a fake in tests.

@@ -15,7 +15,8 @@ channels (the consumer's own removed filters do not count). With Z_n the base ch
 s and averaged over the N samples with `damage_norm="sample"` (what `auto` uses on classifiers, see
 `damage_point.resolve_norm`):
 
-    t_g[t] = Σ_n (1/N) Σ_s ‖(Z_n,s − Z_R,n[t, s])·K‖² / max(‖Z_n,s·K‖², SAMPLE_FLOOR · mean_s' ‖Z_n,s'·K‖²)
+    t_g[t] = Σ_n (1/N) Σ_s ‖(Z_n,s − Z_R,n[t, s])·K‖²
+             / max(‖Z_n,s·K‖², SAMPLE_FLOOR · mean_s' ‖Z_n,s'·K‖²)
 
 or, with `damage_norm="batch"`, the paper's Σ(base − ablated)² / Σ base² over the whole batch,
 t_g[t] = Σ_n ‖(Z_n − Z_R,n[t])·K‖² / ‖Z_n·K‖². Over the batch, the samples with the largest responses

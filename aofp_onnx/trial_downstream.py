@@ -19,7 +19,8 @@ Where the damage is read:
   BN, activations, residual adds) and through g's own sinks. Per read point Z,
       t_g[t] = Σ_Z ‖(Z − Z_R[t])·K‖² / ‖Z·K‖²  (summed per read point, as `trial` sums consumers);
   a model output reached without a mixing layer is a read point too.
-- `output`: at the model outputs, pooled as the oracle measures, t_g[t] = Σ_o ‖y_o − y_o,R[t]‖² / Σ_o ‖y_o‖².
+- `output`: at the model outputs, pooled as the oracle measures,
+  t_g[t] = Σ_o ‖y_o − y_o,R[t]‖² / Σ_o ‖y_o‖².
 Each ratio is relative per sample and averaged over the samples (floored as in `trial`), or over the
 whole batch with `damage_norm="batch"`.
 A float16 model's trial masks are cast to its type; its damages are summed in float32 (as in `trial`).

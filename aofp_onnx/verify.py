@@ -3,13 +3,13 @@
 Compared: every graph output on every batch, and the output of every MAC-counted node (Conv,
 ConvTranspose, Gemm, MatMul) restricted to its kept channels — so a cut is proven layer by layer even
 where the model's outputs saturate (a sigmoid map that is ~0 on the data says little). With k batches,
-batch i checks layers i, i+k, i+2k, …: every layer is checked, and only 1/k of them is held at once. For each compared tensor,
-d = max|y_masked − y_pruned| and s = max|y_masked|; the cut passes when d ≤ tol · max(s, 1) for every
-one (tol = 1e-4 by default), shapes agree and all values are finite. A float16 model is compared in
-float32: both models are widened alike (float16 initializers, Casts, inputs and outputs become float32),
-so the check sees the cut itself, not float16 rounding — which, compounded over a deep network's
-layers, flips saturated outputs between two float16 runs that differ only in summation order. The pruned model must also pass
-`onnx.checker` (full check) and build an onnxruntime
+batch i checks layers i, i+k, i+2k, …: every layer is checked, and only 1/k of them is held at once. For
+each compared tensor, d = max|y_masked − y_pruned| and s = max|y_masked|; the cut passes when
+d ≤ tol · max(s, 1) for every one (tol = 1e-4 by default), shapes agree and all values are finite. A
+float16 model is compared in float32: both models are widened alike (float16 initializers, Casts, inputs
+and outputs become float32), so the check sees the cut itself, not float16 rounding — which, compounded
+over a deep network's layers, flips saturated outputs between two float16 runs that differ only in
+summation order. The pruned model must also pass `onnx.checker` (full check) and build an onnxruntime
 session.
 """
 from __future__ import annotations
@@ -113,7 +113,8 @@ def widen(model: ModelData) -> ModelData:
             weights[init.name] = weights[init.name].astype(np.float32)
             g.initializer[k].CopyFrom(placeholder(init.name, weights[init.name]))
         else:
-            g.initializer[k].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+            g.initializer[k].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32),
+                                                              init.name))
     for node in g.node:
         for a in node.attribute:
             if a.name == "to" and a.i == FLOAT16:

@@ -129,7 +129,8 @@ def main():
     print("\n1. time to the oracle's MACs target "
           f"(x{target:.3f}; oracle step = 1/16 of the channels left, AOFP threshold {args.threshold}, "
           f"{args.trials_per_half} trials per half)")
-    print(f"   oracle  {oracle_s:8.1f} s   {stats_o.trials:6d} single-channel evaluations, {stats_o.rounds} re-rankings")
+    print(f"   oracle  {oracle_s:8.1f} s   {stats_o.trials:6d} single-channel evaluations, "
+          f"{stats_o.rounds} re-rankings")
     print(f"   AOFP    {aofp_s:8.1f} s   median of {len(times)} seeds "
           f"({', '.join(f'{t:.1f}' for t in times)} s); {results[args.seeds[0]][1].trials} trials, "
           f"{results[args.seeds[0]][1].rounds} runs")

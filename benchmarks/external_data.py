@@ -55,7 +55,8 @@ def build(path: Path, gb: float, width: int = 1024) -> int:
         nodes.append(helper.make_node("Conv", [prev, f"w{k}", f"b{k}"], [f"c{k}"], pads=[1, 1, 1, 1], name=f"conv{k}"))
         nodes.append(helper.make_node("Relu", [f"c{k}"], [f"r{k}"], name=f"relu{k}"))
         prev = f"r{k}"
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", width, 8, 8])],
+    graph = helper.make_graph(nodes, "big",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", width, 8, 8])],
                               [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["n", width, 8, 8])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -97,7 +98,8 @@ def main():
             print(f"{name:<8} {r['seconds']:>8.1f} {r['added_mb']:>14,.0f} {r['added_mb'] / weights_mb:>10.2f}")
         print(f"prune: MACs x{pru['macs_ratio']:.3f}, verified={pru['verified']}; output {out.name} "
               f"{os.path.getsize(out) / 1024:.0f} KB + {side.name} {side.stat().st_size / 2**20:,.0f} MB; "
-              f"reloaded ({len(pruned.graph.node)} nodes) and ran: output {y.shape}, finite={bool(np.isfinite(y).all())}")
+              f"reloaded ({len(pruned.graph.node)} nodes) and ran: output {y.shape}, "
+              f"finite={bool(np.isfinite(y).all())}")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def main():
                 warnings.simplefilter("ignore")
                 r50 = export_resnet((3, 4, 6, 3), Path(tmp) / "resnet50.onnx")
             results.append(measure("resnet50 (224x224)", r50, "random:8", "l1", tmp, args.repeats, 4, args.round_to))
-    print(f"batch 32, CPUExecutionProvider, widths rounded to {args.round_to}, median of {args.repeats} interleaved runs")
+    print(f"batch 32, CPUExecutionProvider, widths rounded to {args.round_to}, "
+          f"median of {args.repeats} interleaved runs")
     print(f"{'model':<26} {'criterion':<9} {'orig ms':>9} {'pruned ms':>10} {'latency x':>10} {'MACs x':>7} "
           f"{'latency/MACs':>13}")
     for name, crit, before, after, lat, macs in results:

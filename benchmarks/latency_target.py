@@ -186,7 +186,8 @@ def main():
               f"latency-target run's {r['run_s']:.1f} s ({100 * r['table_s'] / r['run_s']:.0f}%), "
               f"{r['table']['node_configs']} layer configurations, class penalties {r['table']['class_penalty']}")
     print("checks (wall / cpu): A latency <= 1.10 x MACs: " + ", ".join(
-        f"{r['model']} {r['A']['latency'] / r['A']['macs']:.2f} / {r['A']['cpu'] / r['A']['macs']:.2f}" for r in results))
+        f"{r['model']} {r['A']['latency'] / r['A']['macs']:.2f} / {r['A']['cpu'] / r['A']['macs']:.2f}"
+        for r in results))
     if args.aofp:
         print("        D (aofp) latency / MACs: " + ", ".join(
             f"{r['model']} {r['D']['latency'] / r['D']['macs']:.2f} / {r['D']['cpu'] / r['D']['macs']:.2f}"

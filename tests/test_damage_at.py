@@ -8,7 +8,8 @@ For keep state K and trial row r, group g's trial keeps K_R = K with r's zeros o
 - block: per read point Z (the first channel-mixing layer after g's consumers, or a model output),
   rel(‖(Z(K) − Z(K_R))·K‖², ‖Z(K)·K‖²), summed; on the hand-built chain below the read points are known:
 
-    x → conv1 (3→8) → relu → depthwise (8) → relu → conv2 (8→6) → relu → conv3 (6→4) → GAP → Flatten → Gemm (4→2)
+    x → conv1 (3→8) → relu → depthwise (8) → relu → conv2 (8→6) → relu → conv3 (6→4)
+      → GAP → Flatten → Gemm (4→2)
 
   group conv1 (8 channels, through the depthwise conv; consumer conv2): read at conv3's output;
   group conv2 (consumer conv3): read at the Gemm's output (the model output); group conv3 (consumer
@@ -100,7 +101,8 @@ def _direct(cm, keep, rows, feeds, reads):
             got = run(trial)
             terms = []
             for tensor, slots in reads(k):
-                own = 1.0 if slots is None else keep[slots].astype(np.float64).reshape(1, -1, *[1] * (base[tensor].ndim - 2))
+                own = (1.0 if slots is None
+                       else keep[slots].astype(np.float64).reshape(1, -1, *[1] * (base[tensor].ndim - 2)))
                 terms.append(relative([((base[tensor] - got[tensor]) * own, base[tensor] * own)]))
             want[t, k] = sum(terms)
     return want

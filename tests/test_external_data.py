@@ -26,7 +26,8 @@ L1_HALF = ("--calib", "random:4", "--criterion", "l1", "--flops-target", "0.5")
 
 
 def small_cnn() -> onnx.ModelProto:
-    """x[N,3,12,12] → Conv 3→32 → Relu → Conv 32→48 (stride 2) → BN → Relu → GAP → Flatten → Gemm 48→10."""
+    """x[N,3,12,12] → Conv 3→32 → Relu → Conv 32→48 (stride 2) → BN → Relu → GAP → Flatten
+    → Gemm 48→10."""
     rng = np.random.default_rng(7)
 
     def init(name, value):

@@ -163,7 +163,8 @@ def test_random_keep_keeps_a_nonempty_subset_of_every_group():
 def _model(nodes, inits, out_shape, opset=13, x_shape=(1, 3, 8, 8)):
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph(nodes, "regression", [helper.make_tensor_value_info(fg.INPUT, TensorProto.FLOAT, x_shape)],
+    graph = helper.make_graph(nodes, "regression",
+                              [helper.make_tensor_value_info(fg.INPUT, TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=fg.IR_VERSION)
 
@@ -243,8 +244,8 @@ def test_regression_blocked_conv_and_gemm_still_count_their_macs(variant):
 
 def test_regression_cut_adds_no_value_info_that_breaks_onnxruntime():
     """Shrunk from benchmark seed 700820: an old-style export (initializers also listed as graph
-    inputs, dynamic batch) with Conv → Transpose → MatMul → Transpose → Resize(roi, sizes) → ReduceMean → Gemm.
-    The file has no value_info and runs; the cut re-inferred value_info, and with those shapes
+    inputs, dynamic batch) with Conv → Transpose → MatMul → Transpose → Resize(roi, sizes) → ReduceMean
+    → Gemm. The file has no value_info and runs; the cut re-inferred value_info, and with those shapes
     onnxruntime's transpose optimizer (ORT_ENABLE_ALL, the default) pushed the Transpose through the
     Resize and gathered from its empty, non-constant roi: 'Gather ... indices element out of data
     bounds' at session run. The original with onnx-inferred value_info fails the same way (an
@@ -286,7 +287,8 @@ def test_regression_cut_adds_no_value_info_that_breaks_onnxruntime():
 
 def test_value_info_of_a_file_that_has_some_is_reinferred_after_the_cut():
     """The other side of the fix above: value_info present in the file is dropped and re-inferred."""
-    case = next(c for c in map(fg.random_case, range(100)) if "value_info" in c.description and len(c.model.graph.value_info) > 3)
+    case = next(c for c in map(fg.random_case, range(100))
+                if "value_info" in c.description and len(c.model.graph.value_info) > 3)
     from aofp_onnx.surgery import cut
 
     cm = _analysis(case.model, case.input_shape)

@@ -34,7 +34,8 @@ def conv_chain(path, widths=(64, 48, 40), size: int | str = 12, seed=0):
             nodes.append(helper.make_node("Relu", [out], [f"r{k}"]))
             out = f"r{k}"
         prev, cin = out, cout
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+    graph = helper.make_graph(nodes, "chain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
                               [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 10, size, size])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     onnx.save(model, path)

@@ -50,7 +50,7 @@ UNIMPORTANT = 1e-4
 TPH = 64  # trials per half for the hand-derived counts
 
 
-# --- a tiny model with two prunable groups: Conv(2→8) → ReLU → Conv(8→16) → ReLU → Conv(16→4) ------------
+# --- a tiny model with two prunable groups: Conv(2→8) → ReLU → Conv(8→16) → ReLU → Conv(16→4) -----------
 def _tiny_model(path: pathlib.Path, widths=(8, 16)) -> pathlib.Path:
     rng = np.random.default_rng(0)
     inits, nodes = [], []

@@ -5,9 +5,9 @@ domain). It ensures: every float initializer (float16/32/64) is an `nn.Parameter
 running mean/var inputs of BatchNormalization, which are float buffers; other initializers and the
 values of `Constant` nodes are constant buffers. float16 is computed in float32 (float16 weights,
 constants, inputs and Casts to float16 all become float32: master weights, since Adam's small steps
-and its eps vanish in float16); the write-back casts each value to its initializer's own type. `forward` walks the nodes in graph order with an
-environment name → tensor; a tensor is dropped from it after its last use. A failing handler raises
-`NodeError` naming the node.
+and its eps vanish in float16); the write-back casts each value to its initializer's own type.
+`forward` walks the nodes in graph order with an environment name → tensor; a tensor is dropped from
+it after its last use. A failing handler raises `NodeError` naming the node.
 
 Inputs a handler reads as Python numbers (Clip bounds, Resize scales, Pad pads, shapes) get no
 gradient, so training leaves those initializers as they are.
