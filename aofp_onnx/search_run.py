@@ -73,6 +73,10 @@ class CutErrors:
     def checks(self) -> int:
         return len(self.seen)
 
+    def allow(self, more: int) -> None:
+        """`more` forwards from now on (a latency target's refit after the landing spent its own)."""
+        self.budget = self.checks + more
+
     def __call__(self, keeps: list[np.ndarray]) -> np.ndarray | None:
         new = {keep.tobytes() for keep in keeps} - set(self.seen)
         if len(self.seen) + len(new) > self.budget:

@@ -5,9 +5,9 @@ kernels reward, and checked against the measured model.
 fast as 32-aligned ones (`LatencyTable.rewarded_multiple`). A latency target R selects with the table's
 estimate as the cost (the criterion's order; widths fitted where a step buys the most latency per unit
 of damage, `select.fit_to_target`). The estimate is then checked on the cut model: while the measured
-ratio r misses R by more than `TOLERANCE`, the internal target becomes R_int · R / r and the widths move
-there from where they are, valued as the landing valued its steps, at most `ROUNDS` times; the measured cut
-closest to R is kept.
+ratio r misses R by more than `TOLERANCE`, the internal target becomes R_int · R / r and the landed widths
+move there, valued as the landing valued its steps, at most `ROUNDS` times; the measured cut closest to R is
+kept.
 
 With a latency table (a latency target, or `--round-to auto`) every target is hardware-aware
 (`latency_weights`). The scores the selection and the rounding order channels by (l1, random; for AOFP
@@ -126,13 +126,16 @@ def resolve_round_by(cmap, round_by: str) -> str:
 def meet_measured(pruner, keep: np.ndarray, scores: np.ndarray, table: LatencyTable, target: float, step: int,
                   min_channels: int, feeds: dict, provider: str, threads: int | None, damage=None,
                   weights: np.ndarray | None = None, progress=None):
-    """(keep, rounds of measurement): the cut's latency ratio r is measured; while it misses `target` R by more
-    than TOLERANCE, the widths move from where they are to the corrected internal target R_int · R / r
+    """(keep, rounds of measurement): the landed cut's latency ratio r is measured; while it misses `target` R
+    by more than TOLERANCE, the landed widths move to the corrected internal target R_int · R / r
     (`select.round_widths` on the table's estimate, each step valued as the landing valued it: by `damage`, the
-    output error, or the scores), at most ROUNDS times. Of the measured cuts, the closest to R is kept (its
-    round says `kept`). With one CPU thread the check times the thread's CPU time, which other processes on the
-    machine do not inflate."""
-    internal = target
+    output error, with FIT_FORWARDS more forwards each time, or the scores), at most ROUNDS times. Each move
+    starts from the landing, not from the previous move: moved down and back up, the widths would drift by
+    the order of the steps. Of the measured cuts, the closest to R is kept (its round says `kept`). With one
+    CPU thread the check times the thread's CPU time, which other processes on the machine do not inflate."""
+    from .search_run import FIT_FORWARDS
+
+    landed, internal = keep, target
     history, cuts = [], []
     for k in range(ROUNDS + 1):
         pruned = cut(pruner.cmap, keep)
@@ -145,10 +148,11 @@ def meet_measured(pruner, keep: np.ndarray, scores: np.ndarray, table: LatencyTa
         if abs(measured - target) <= TOLERANCE * target or k == ROUNDS:
             break
         internal = internal * target / max(measured, 1e-9)
-        moved = round_widths(pruner.cmap, keep, scores, step, min_channels, internal, table.ratio, damage, weights)
-        if np.array_equal(moved, keep):
+        if damage is not None:
+            damage.allow(FIT_FORWARDS)
+        keep = round_widths(pruner.cmap, landed, scores, step, min_channels, internal, table.ratio, damage, weights)
+        if any(np.array_equal(keep, c) for c in cuts):
             break
-        keep = moved
     best = min(range(len(history)), key=lambda k: abs(history[k]["measured"] - target))
     history[best]["kept"] = True
     return cuts[best], history

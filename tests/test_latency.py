@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from aofp_onnx import api, latency, layertimes, select, targets
 from aofp_onnx.bench import bench_models, shape_settings
 from aofp_onnx.criteria import l1_scores
+from aofp_onnx.search_run import FIT_FORWARDS
 from aofp_onnx.latency import LatencyTable, build_table
 from aofp_onnx.layertimes import Curve, alignment, sample_widths
 from aofp_onnx.summary import target_lines
@@ -255,9 +256,16 @@ def test_latency_target_refits_from_the_cut_by_the_output_error_and_keeps_the_cl
     first = cmap.prunable[0]
     scores[first.slots] *= 1e-3  # by the scores, the first group is the cheapest to cut
 
-    def damage(keeps):  # the output error: every channel of the first group costs 100x any other
-        return np.array([100 * (~k[first.slots]).sum() + (~k).sum() for k in keeps], dtype=float)
+    class Damage:  # the output error: every channel of the first group costs 100x any other
+        allowed: list[int] = []
 
+        def __call__(self, keeps):
+            return np.array([100 * (~k[first.slots]).sum() + (~k).sum() for k in keeps], dtype=float)
+
+        def allow(self, more):
+            self.allowed.append(more)
+
+    damage = Damage()
     start = select.round_widths(cmap, select.select_by_score(cmap, np.ones(cmap.n_slots), 0.7, cost=table.ratio),
                                 np.ones(cmap.n_slots), 8, 1, 0.7, table.ratio)
     widths = lambda k: [int(k[g.slots].sum()) for g in cmap.prunable]  # noqa: E731
@@ -272,6 +280,7 @@ def test_latency_target_refits_from_the_cut_by_the_output_error_and_keeps_the_cl
         assert table.ratio(keep) == rounds[1]["estimated"] <= 0.6 * 0.6 / 0.8
         kept[name] = widths(keep)
     assert kept["output"][0] > kept["scores"][0]  # the scores cut the first group; the output error spares it
+    assert damage.allowed == [FIT_FORWARDS] * 2  # each refit runs on a fresh budget of forwards
     assert widths(start)[0] == kept["output"][0]  # the refits went on from the cut and took nothing more from it
 
 
@@ -432,3 +441,6 @@ def test_rounding_by_output_error_goes_on_by_the_scores_once_its_budget_is_spent
     assert plenty.measure is None  # no session until a cut is run (a fit without a target runs none)
     again = plenty([keep, keep, fitted])
     assert not plenty.spent and plenty.checks == 2 and again[0] == again[1] and np.all(again >= 0)
+    errors.allow(1)  # a latency target's refit: one more forward from now
+    assert errors([select.select_by_score(cmap, scores, 0.3)]) is not None
+    assert errors([select.select_by_score(cmap, scores, 0.2)]) is None
