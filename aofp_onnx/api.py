@@ -31,9 +31,9 @@ from .latency import measure_latency
 from .runtime import Runner
 from .save import check_output_path, check_outputs, save_model  # noqa: F401 (the CLI checks paths through api)
 from .select import select_by_score
-from .targets import (check_round_by, check_targets, fit_fields, latency_weights, meet_measured, parse_round_to,
-                      resolve_round_by, resolve_round_to, round_to_target, slower_hint, stderr_line, step_errors,
-                      targets_reached, tensorrt_widths)
+from .targets import (check_round_by, check_targets, fit_fields, latency_weights, meet_measured, missed_note,
+                      parse_round_to, resolve_round_by, resolve_round_to, round_to_target, slower_hint, stderr_line,
+                      step_errors, targets_reached, tensorrt_widths)
 from .pruner import VERIFY_SAMPLES, Pruner
 from .verify import Verification, verify
 
@@ -299,6 +299,9 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     rep["targets"] = targets_reached(pruner, keep, flops_target, latency_target, table, rep.get("latency_ms"))
     if measured_rounds is not None:
         rep["targets"]["latency"]["rounds"] = measured_rounds
+        note = missed_note(measured_rounds, latency_target, threads, provider)
+        if note:
+            rep["targets"]["latency"]["note"] = note
     if table is not None:
         rep["latency_table"] = table.summary()
     if labelled is not None:

@@ -47,7 +47,7 @@ def target_lines(rep: dict) -> list[str]:
                 else t["estimated"]
             out.append(f"target  {what} x{t['target']:.3f}, reached x{reached:.3f}"
                        + (f" (estimated x{t['estimated']:.3f})" if what == "latency" else "")
-                       + (f", the closest of {len(t['rounds'])} measured cuts" if len(t.get("rounds") or ()) > 1
+                       + (f", {len(t['rounds'])} cuts measured" if len(t.get("rounds") or ()) > 1
                           else "")
                        + (f", latency/MACs {t['latency_per_macs']:.2f}" if "latency_per_macs" in t else ""))
             if t.get("note"):

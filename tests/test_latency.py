@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from aofp_onnx import api, latency, layertimes, select, targets
+from aofp_onnx import api, latency, layertimes, select, summary, targets
 from aofp_onnx.bench import bench_models, shape_settings
 from aofp_onnx.criteria import l1_scores
 from aofp_onnx.search_run import FIT_FORWARDS
@@ -248,7 +248,7 @@ def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp
     assert all(g["width_after"] % 8 == 0 for g in rep["groups"] if g["width_after"] != g["width_before"])
 
 
-def test_latency_target_refits_from_the_cut_by_the_output_error_and_keeps_the_closest_measured_cut(tmp_path,
+def test_latency_target_refits_from_the_landing_by_the_output_error_and_keeps_a_cut_that_met_it(tmp_path,
                                                                                                  monkeypatch):
     deep = conv_chain(tmp_path / "deep.onnx", widths=(96, 80, 64, 96, 80, 64, 48, 56))
     pruner = api.Pruner.load(deep, data="random:4")
@@ -271,17 +271,32 @@ def test_latency_target_refits_from_the_cut_by_the_output_error_and_keeps_the_cl
     widths = lambda k: [int(k[g.slots].sum()) for g in cmap.prunable]  # noqa: E731
     kept = {}
     for name, valued in (("scores", None), ("output", damage)):
-        fake_measure, calls = fake_measurements([0.8, 0.65, 0.5])  # every cut misses 0.6: the closest is kept
+        fake_measure, calls = fake_measurements([0.8, 0.65, 0.5])  # every cut misses 0.6: the one under it is kept
         monkeypatch.setattr(targets, "measure_latency", fake_measure)
         keep, rounds = targets.meet_measured(pruner, start, scores, table, 0.6, 8, 1, {}, "cpu", None, valued)
         assert [r["measured"] for r in rounds] == calls == [0.8, 0.65, 0.5]
-        assert [r.get("kept", False) for r in rounds] == [False, True, False]
+        assert [r.get("kept", False) for r in rounds] == [False, False, True]
         assert rounds[2]["internal_target"] == pytest.approx(0.6 * 0.6 / 0.8 * 0.6 / 0.65)
-        assert table.ratio(keep) == rounds[1]["estimated"] <= 0.6 * 0.6 / 0.8
+        assert table.ratio(keep) == rounds[2]["estimated"] <= 0.6 * 0.6 / 0.8
         kept[name] = widths(keep)
     assert kept["output"][0] > kept["scores"][0]  # the scores cut the first group; the output error spares it
     assert damage.allowed == [FIT_FORWARDS] * 2  # each refit runs on a fresh budget of forwards
     assert widths(start)[0] == kept["output"][0]  # the refits went on from the cut and took nothing more from it
+
+
+def test_a_latency_target_that_no_measured_cut_met_says_so_and_names_one_thread_on_a_cpu():
+    met = [{"measured": 0.70}, {"measured": 0.61}]
+    missed = [{"measured": 0.70}, {"measured": 0.52}, {"measured": 0.66}]
+    assert targets.missed_note(met, 0.6, None, "cpu") is None  # 0.61 is within 3 %
+    note = targets.missed_note(missed, 0.6, None, "cpu")
+    assert "x0.700, x0.520, x0.660" in note and "--threads 1" in note
+    assert "--threads 1" not in targets.missed_note(missed, 0.6, 1, "cpu")  # it timed CPU time already
+    assert "written: the one measured x0.520;" in note  # a target is a bound: the cut that met it
+    assert targets.kept_round(missed, 0.6) == 1 and targets.kept_round(missed[:1] + missed[2:], 0.6) == 1
+    assert targets.kept_round([{"measured": 0.55}, {"measured": 0.615}, {"measured": 0.5}], 0.6) == 1  # within 3 %
+    line = summary.target_lines({"targets": {"latency": {"target": 0.6, "measured": 0.52, "estimated": 0.6,
+                                                         "rounds": missed, "note": note}}})
+    assert line[0].endswith("3 cuts measured") and line[1] == f"note    {note}"
 
 
 def test_targets_are_checked():
