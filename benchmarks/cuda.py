@@ -81,7 +81,7 @@ def describe(tag: str, rep: dict) -> str:
             f"fidelity rel.err {rel:.3f}, TensorRT off FP16 8: {len(trt['fp16']['off'])}/{trt['fp16']['narrowed']}, "
             f"INT8 32: {len(trt['int8']['off'])}/{trt['int8']['narrowed']}, table {table.get('seconds', 0):.1f} s "
             f"of {rep['wall_s']:.1f} s" + (f", latency target 0.6: estimated x{lat['estimated']:.3f}, measured "
-                                           f"x{lat['rounds'][-1]['measured']:.3f}" if lat else ""))
+                                           f"x{next(r for r in lat['rounds'] if r.get('kept'))['measured']:.3f}" if lat else ""))
 
 
 def main():
