@@ -75,13 +75,14 @@ def describe(tag: str, rep: dict) -> str:
     rel = max((o["rel_error"] for o in fid.get("outputs", [])), default=float("nan"))
     table = rep.get("latency_table") or {}
     lat = rep["targets"].get("latency")
+    kept = next(r for r in lat["rounds"] if r.get("kept")) if lat else None
     return (f"  cut {tag:<9} MACs x{rep['targets']['macs']['reached']:.3f}, round_to {rep['round_to']['used']} "
             f"(penalties {table.get('class_penalty')}), verify max diff {rep['verification']['max_abs_diff']:.2e} "
             f"({rep['verification']['provider']}), "
             f"fidelity rel.err {rel:.3f}, TensorRT off FP16 8: {len(trt['fp16']['off'])}/{trt['fp16']['narrowed']}, "
             f"INT8 32: {len(trt['int8']['off'])}/{trt['int8']['narrowed']}, table {table.get('seconds', 0):.1f} s "
             f"of {rep['wall_s']:.1f} s" + (f", latency target 0.6: estimated x{lat['estimated']:.3f}, measured "
-                                           f"x{next(r for r in lat['rounds'] if r.get('kept'))['measured']:.3f}" if lat else ""))
+                                           f"x{kept['measured']:.3f}" if lat else ""))
 
 
 def main():
