@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from aofp_onnx import api, latency, layertimes, select, summary, targets
+from aofp_onnx import api, latency, layertimes, select, targets
 from aofp_onnx.bench import bench_models, shape_settings
 from aofp_onnx.criteria import l1_scores
 from aofp_onnx.search_run import FIT_FORWARDS
@@ -257,7 +257,8 @@ def test_latency_target_refits_from_the_landing_by_the_output_error_and_keeps_a_
     scores[first.slots] *= 1e-3  # by the scores, the first group is the cheapest to cut
 
     class Damage:  # the output error: every channel of the first group costs 100x any other
-        allowed: list[int] = []
+        def __init__(self):
+            self.allowed = []
 
         def __call__(self, keeps):
             return np.array([100 * (~k[first.slots]).sum() + (~k).sum() for k in keeps], dtype=float)
@@ -282,6 +283,12 @@ def test_latency_target_refits_from_the_landing_by_the_output_error_and_keeps_a_
     assert kept["output"][0] > kept["scores"][0]  # the scores cut the first group; the output error spares it
     assert damage.allowed == [FIT_FORWARDS] * 2  # each refit runs on a fresh budget of forwards
     assert widths(start)[0] == kept["output"][0]  # the refits went on from the cut and took nothing more from it
+    fake_measure, _ = fake_measurements([0.7, 0.5, 0.6])  # too slow, then too fast, then met
+    monkeypatch.setattr(targets, "measure_latency", fake_measure)
+    keep, rounds = targets.meet_measured(pruner, start, scores, table, 0.6, 8, 1, {}, "cpu", None, damage)
+    assert rounds[2]["kept"] and rounds[1]["estimated"] < rounds[2]["estimated"] < rounds[0]["estimated"]
+    again = select.round_widths(cmap, start, scores, 8, 1, rounds[2]["internal_target"], table.ratio, damage)
+    assert np.array_equal(keep, again)  # the second move, too, went from the landing
 
 
 def test_a_latency_target_that_no_measured_cut_met_says_so_and_names_one_thread_on_a_cpu():
@@ -294,8 +301,8 @@ def test_a_latency_target_that_no_measured_cut_met_says_so_and_names_one_thread_
     assert "written: the one measured x0.520;" in note  # a target is a bound: the cut that met it
     assert targets.kept_round(missed, 0.6) == 1 and targets.kept_round(missed[:1] + missed[2:], 0.6) == 1
     assert targets.kept_round([{"measured": 0.55}, {"measured": 0.615}, {"measured": 0.5}], 0.6) == 1  # within 3 %
-    line = summary.target_lines({"targets": {"latency": {"target": 0.6, "measured": 0.52, "estimated": 0.6,
-                                                         "rounds": missed, "note": note}}})
+    line = target_lines({"targets": {"latency": {"target": 0.6, "measured": 0.52, "estimated": 0.6,
+                                                 "rounds": missed, "note": note}}})
     assert line[0].endswith("3 cuts measured") and line[1] == f"note    {note}"
 
 
