@@ -42,7 +42,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's aofp_onnx; th
 from aofp_onnx import api  # noqa: E402
 from aofp_onnx.bench import bench_models  # noqa: E402
 from aofp_onnx.runtime import Runner, latency_ms  # noqa: E402
-from realmodels import BY_ID, RealModelUnavailable, corpus_model_path  # noqa: E402
+from realmodels import BY_ID  # noqa: E402
+from textlines import corpus_model  # noqa: E402
 
 MODELS = {  # id: (the corpus's id, (mean, std) applied to [0, 1] pixels)
     "nudenet": ("nudenet_yolov8n_320", (0.0, 1.0)),
@@ -51,13 +52,6 @@ MODELS = {  # id: (the corpus's id, (mean, std) applied to [0, 1] pixels)
 }
 SIZE = 320
 HELD = 32  # held-out images of the fidelity (8 could not separate cuts that differ in a few channels)
-
-
-def fetch(model_id: str) -> Path:
-    try:
-        return corpus_model_path(MODELS[model_id][0])
-    except RealModelUnavailable as exc:
-        raise SystemExit(f"{model_id}: {exc}") from None
 
 
 def images(n: int, seed: int, mean: float, std: float) -> np.ndarray:
@@ -157,7 +151,7 @@ def main():
     parser.add_argument("--batch", type=int, default=1, help="batch of the latency tables, targets and timings")
     parser.add_argument("--aofp", action="store_true", help="also D: the default criterion (AOFP) at 0.6 of the MACs")
     args = parser.parse_args()
-    paths = {m: fetch(m) for m in args.models.split(",")}
+    paths = {m: corpus_model(MODELS[m][0]) for m in args.models.split(",")}
     start = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
