@@ -125,7 +125,7 @@ def resolve_round_by(cmap, round_by: str) -> str:
 
 def meet_measured(pruner, keep: np.ndarray, scores: np.ndarray, table: LatencyTable, target: float, step: int,
                   min_channels: int, feeds: dict, provider: str, threads: int | None, damage=None,
-                  weights: np.ndarray | None = None, progress=None):
+                  weights: np.ndarray | None = None):
     """(keep, rounds of measurement): the landed cut's latency ratio r is measured; while it misses `target` R
     by more than TOLERANCE, the landed widths move to the corrected internal target R_int · R / r
     (`select.round_widths` on the table's estimate, each step valued as the landing valued it: by `damage`, the
@@ -143,9 +143,7 @@ def meet_measured(pruner, keep: np.ndarray, scores: np.ndarray, table: LatencyTa
                                    cpu=threads == 1 and provider_is_cpu(provider))["ratio"]
         history.append({"internal_target": internal, "estimated": table.ratio(keep), "measured": measured})
         cuts.append(keep)
-        if progress:
-            progress(f"latency target {target:.3f}: estimated x{table.ratio(keep):.3f}, measured x{measured:.3f}")
-        if abs(measured - target) <= TOLERANCE * target or k == ROUNDS:
+        if within(measured, target) or k == ROUNDS:
             break
         internal = internal * target / max(measured, 1e-9)
         if damage is not None:
@@ -156,6 +154,11 @@ def meet_measured(pruner, keep: np.ndarray, scores: np.ndarray, table: LatencyTa
     best = kept_round(history, target)
     history[best]["kept"] = True
     return cuts[best], history
+
+
+def within(measured: float, target: float) -> bool:
+    """Whether a measured latency ratio met the target within TOLERANCE (either side)."""
+    return abs(measured - target) <= TOLERANCE * target
 
 
 def kept_round(rounds: list[dict], target: float) -> int:
@@ -171,7 +174,7 @@ def missed_note(rounds: list[dict], target: float, threads: int | None, provider
     """The report's note when no measured cut came within TOLERANCE of the target: what each measured, and on a
     CPU timed by the wall clock with several threads, `--threads 1` (one thread's CPU time, which other work on
     the machine moves far less: on 2 cores, cuts estimated at x0.52 measured x0.41-x0.66 by the wall clock)."""
-    if any(abs(r["measured"] - target) <= TOLERANCE * target for r in rounds):
+    if any(within(r["measured"], target) for r in rounds):
         return None
     note = (f"no measured cut came within {TOLERANCE:.0%} of the latency target x{target:.3f} (measured "
             + ", ".join(f"x{r['measured']:.3f}" for r in rounds) + f"); written: the one measured "
