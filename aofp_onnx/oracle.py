@@ -107,41 +107,29 @@ def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: n
 
 
 class OutputCheck:
-    """`check(batches, keep, slots, bound)`: Σ_o Σ‖y_o − y_o,K∖R‖² / Σ‖y_o‖² over `batches`, the
-    relative error of the model cut to `keep` without R = `slots` against the original outputs y (AOFP's
-    `--accept-by output`: a half passes while the whole cut with it stays under the threshold). One forward of
-    the masked model per batch; the original outputs are kept per batch. Measured against the cut so far
-    instead, each accepted half adds its error to the others': on RapidOCR's PP-LCNet orientation classifier at
-    0.5 of the MACs the cut kept 49.6 % accuracy (chance: 25 %) where against the original it kept 81.5 % (one
-    seed). Each output's relative error counts on its own, as each consumer's does in the trials (`trial`):
-    pooled, a large output would drown a small one (a detector's scores and boxes, MTCNN's landmarks).
-
-    With `bound` (the search's threshold) the batches stop once the error is sure to reach it: each batch only
-    adds to the numerators, so Σ_o num_o / den_o with the numerators of the batches run and the energies of
-    all batches is a lower bound of the whole. Stopped, it returns the error of the batches run (at least that
-    bound, so the half fails as it would have; a threshold raised later compares with that estimate). Most
-    halves fail by far: on the PP-OCR classifier at 0.5 of the MACs half of the failed checks were 2x the
-    threshold or more."""
+    """`check(batches, keep, slots)`: Σ_o Σ‖y_o − y_o,K∖R‖² / Σ‖y_o‖² over `batches`, the relative
+    error of the model cut to `keep` without R = `slots` against the original outputs y (AOFP's `--accept-by
+    output`: a half passes while the whole cut with it stays under the threshold). One forward of the masked
+    model per batch; the original outputs are kept per batch. Measured against the cut so far instead, each
+    accepted half adds its error to the others': on RapidOCR's PP-LCNet orientation classifier at 0.5 of the
+    MACs the cut kept 49.6 % accuracy (chance: 25 %) where against the original it kept 81.5 % (one seed).
+    Each output's relative error counts on its own, as each consumer's does in the trials (`trial`): pooled,
+    a large output would drown a small one (a detector's scores and boxes, MTCNN's landmarks)."""
 
     def __init__(self, runner: Runner):
         self.runner = runner
         self._base = {}  # id of a batch (the caller's batches live as long as the search) -> (y, Σ‖y_o‖²)
 
-    def __call__(self, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
-                 bound: float = np.inf) -> float:
+    def __call__(self, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray) -> float:
         removed = keep.copy()
         removed[slots] = False
+        num, den = np.zeros(len(self.runner.outputs)), np.zeros(len(self.runner.outputs))
         for feeds in batches:
             if id(feeds) not in self._base:
                 base = self.runner.run({**feeds, KEEP_INPUT: keep_feed(np.ones_like(keep))})
                 self._base[id(feeds)] = base, [np.square(y0, dtype=np.float64).sum() for y0 in base]
-        total = np.maximum(sum(np.asarray(self._base[id(feeds)][1]) for feeds in batches), 1e-30)
-        num, den = np.zeros(len(self.runner.outputs)), np.zeros(len(self.runner.outputs))
-        for feeds in batches:
             base, energy = self._base[id(feeds)]
             ys = self.runner.run({**feeds, KEEP_INPUT: keep_feed(removed)})
             num += [np.square(y - y0, dtype=np.float64).sum() for y, y0 in zip(ys, base)]
             den += energy
-            if (num / total).sum() >= bound:
-                break
         return float((num / np.maximum(den, 1e-30)).sum())

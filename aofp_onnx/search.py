@@ -10,13 +10,13 @@ else, if granu > 1, S_g shrinks to its granu best (binary search); else g is sat
 (`--accept-by output`, what `auto` picks on a classifier whose trials read the next layers: see `damage_point`),
 the half H_g of granu best channels passes when the cut with it, K ∖ H_g, stays under the threshold at the model
 outputs (Σ_o ‖y_o − y_o,K∖H‖² / ‖y_o‖² against the original outputs on the same calibration samples every
-time: `oracle.OutputCheck`, `search_run.check_batches`, stopped once that error is sure to pass the threshold):
-the trials still rank the channels, but halves of different layers are accepted on one scale, and the threshold
-is a budget for the whole cut that a target raises only as far as it needs. All groups search at once; the run
-stops at the target (the last prune is trimmed to land on it), when every group is saturated (with a target, the
-threshold then grows by `THRESHOLD_GROWTH`, and the groups whose recorded trials (and checks) pass it search again,
-see `_Group.retrace`), or at `max_trials`. The target counts MACs, or whatever `cost(keep)` (the remaining
-fraction) counts: a latency table's estimate. The exact oracle is in `oracle`.
+time: `oracle.OutputCheck`, `search_run.check_batches`): the trials still rank the channels, but halves of
+different layers are accepted on one scale, and the threshold is a budget for the whole cut that a target raises
+only as far as it needs. All groups search at once; the run stops at the target (the last prune is trimmed to land
+on it), when every group is saturated (with a target, the threshold then grows by `THRESHOLD_GROWTH`, and the
+groups whose recorded trials (and checks) pass it search again, see `_Group.retrace`), or at `max_trials`. The
+target counts MACs, or whatever `cost(keep)` (the remaining fraction) counts: a latency table's estimate. The exact
+oracle is in `oracle`.
 
 The state machine takes a `damage(keep, rows) -> [T, G]` function, so it runs against onnxruntime
 (`trial.TrialEngine`) or against a fake in tests.
@@ -177,9 +177,8 @@ def aofp(cmap: ChannelMap, damage, *, threshold: float = DEFAULT_THRESHOLD, tria
          resume: dict | None = None, after_half=None, cost=None,
          check=None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """The AOFP binary search over all prunable groups; `damage(keep, rows) -> [T, G]`; halves ranked by
-    `estimator` ('mean' or 'ridge'); with `check(keep, slots, threshold) -> float`, a half passes by the output
-    error of the cut without it (`--accept-by output`), checked in turn on top of the prunes decided before it
-    (the check may stop once that error is sure to reach the threshold).
+    `estimator` ('mean' or 'ridge'); with `check(keep, slots) -> float`, a half passes by the output error of
+    the cut without it (`--accept-by output`), checked in turn on top of the prunes decided before it.
 
     `checkpoint(state)` is called after every round with the whole search state (a dict of arrays
     and plain values); `resume=state` continues from one, giving what the uninterrupted run gives.
@@ -260,7 +259,7 @@ def _decide(g: _Group, keep: np.ndarray, cost, threshold: float, goal: float | N
     best = g.best(means)
     checked = check is not None and g.may_prune(best)
     if checked:
-        g.checked[g.level] = check(keep, g.slots[best], threshold)
+        g.checked[g.level] = check(keep, g.slots[best])
     cand, passes = g.half(means, threshold)
     if passes:
         if goal is not None:

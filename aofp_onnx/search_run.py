@@ -21,10 +21,6 @@ from .statefile import STATE_FORMAT, data_digest, load_state, save_state
 from .trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY_BUDGET, TrialEngine, activation_bytes
 
 CHECK_SAMPLES = 64  # calibration samples every output check runs on (at most; the leading batches)
-# samples per forward of a search's output check, which stops once its error is sure to reach the threshold
-# (oracle.OutputCheck): on the PP-OCR classifier at 0.5 of the MACs, 103 k samples run in checks in chunks of 16
-# against 134 k in the batches of 32 (and 166 k without stopping), 108 against 119 s of search
-CHECK_CHUNK = 16
 # the most cuts `--round-by output` runs (CutErrors): 17-348 on the digits nets and the PP-OCR classifier, where
 # PP-LCNet (224², 17 groups) asked 1437 at 0.8 of the MACs: 66 s, most of its prune
 FIT_FORWARDS = 512
@@ -44,12 +40,6 @@ def check_batches(batches: list[dict[str, np.ndarray]], limit: int = CHECK_SAMPL
         out.append(feeds)
         total += n
     return out
-
-
-def in_chunks(batches: list[dict[str, np.ndarray]], size: int = CHECK_CHUNK) -> list[dict[str, np.ndarray]]:
-    """The same samples in the same order, in batches of at most `size` (batches pinned smaller stay whole)."""
-    return [{name: value[start:start + size] for name, value in feeds.items()}
-            for feeds in batches for start in range(0, len(next(iter(feeds.values()))), size)]
 
 
 def calibration_batches(pruner, batch_size: int) -> list[dict[str, np.ndarray]]:
@@ -180,10 +170,10 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
             chosen = rounds[next(counter) % len(rounds)]
             return sum(engine.damage(keep, rows, feeds) for feeds in chosen) / len(chosen)
 
-        checked_on = in_chunks(check_batches(batches))
+        checked_on = check_batches(batches)
 
-        def check(keep, slots, bound):  # --accept-by output
-            return measure(checked_on, keep, slots, bound)
+        def check(keep, slots):  # --accept-by output
+            return measure(checked_on, keep, slots)
 
         def adapt(keep):
             nonlocal engine, measure

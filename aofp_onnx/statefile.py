@@ -11,10 +11,9 @@ import numpy as np
 from .errors import InputError
 from .io import write_atomic
 
-STATE_FORMAT = 6  # 2: each group's trials of every depth since its last prune (the search's retrace); 3: and
+STATE_FORMAT = 5  # 2: each group's trials of every depth since its last prune (the search's retrace); 3: and
 # the output damage of each depth's half (--accept-by output); 4: that damage is the cut's against the original;
-# 5: measured on the same leading calibration samples every time (search_run.check_batches); 6: in chunks, and
-# where the check stopped early, the error of the chunks run (oracle.OutputCheck)
+# 5: measured on the same leading calibration samples every time (search_run.check_batches)
 _GROUP_FIELDS = ("kept", "space", "masks", "damage", "levels", "score", "checked")
 
 

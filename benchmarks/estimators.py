@@ -51,7 +51,7 @@ from aofp_onnx.oracle import OutputCheck, oracle, output_damage
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.runtime import Runner
 from aofp_onnx.search import ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp, default_threshold
-from aofp_onnx.search_run import CutErrors, check_batches, in_chunks
+from aofp_onnx.search_run import CutErrors, check_batches
 from aofp_onnx.select import round_widths, select_by_score
 from aofp_onnx.statefile import data_digest
 from aofp_onnx.surgery import cut
@@ -115,10 +115,10 @@ def run_task(name: str, args) -> list[str]:
         def damage(keep, rows):
             return engine.damage(keep, rows, batches[next(counter) % len(batches)])
 
-        measure, checked_on = OutputCheck(masked), in_chunks(check_batches(batches))
+        measure, checked_on = OutputCheck(masked), check_batches(batches)
 
-        def check(keep, slots, bound):  # --accept-by output, on the samples search_run.run checks on
-            return measure(checked_on, keep, slots, bound)
+        def check(keep, slots):  # --accept-by output, on the samples search_run.run checks on
+            return measure(checked_on, keep, slots)
 
         keep, scores, stats = aofp(cmap, damage, threshold=t, trials_per_half=trials_per_half, flops_target=target,
                                    max_trials=max_trials, seed=seed, stack=stack, estimator=est,

@@ -110,7 +110,7 @@ def test_resume_with_output_checks_matches_the_uninterrupted_search():
     cmap = Pruner.load(ROOT / "models" / "mnist_cnn.onnx").cmap
     damage, v = fake_damage(cmap), np.random.default_rng(7).random(cmap.n_slots + 1) ** 3
 
-    def check(keep, slots, bound):
+    def check(keep, slots):
         return v[slots].sum() / v[keep].sum()
 
     full_keep, _, full = search.aofp(cmap, damage, threshold=0.001, flops_target=0.2, seed=3, stack=4, check=check)
