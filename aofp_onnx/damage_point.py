@@ -33,7 +33,7 @@ layers or a block and whose cut ships as it is; `estimate` where the trials read
 check runs the whole model (PP-OCRv4 det at 320², 48 pages, 0.8 of the MACs: over 15 minutes on 2 cores). A
 next-layer relative error is worth more at the outputs in one layer than in another, so with a MACs target the
 trials' estimates decide which layers lose width on scales that do not compare; the output check
-(`oracle.OutputCheck`) puts every half on the outputs' scale. Where the trials read the outputs their
+(`check.OutputCheck`) puts every half on the outputs' scale. Where the trials read the outputs their
 estimates are on that scale already, and the check would cost a forward per decision. A least-squares refit
 repairs what the next layers see, and there the estimate's cuts kept as much or more. Measured (PP-OCR
 classifier, 3 seeds, at 0.7 / 0.5 of the MACs; see README, Measured): without recovery 89.5 / 82.8 % against

@@ -28,6 +28,7 @@ class MaskInserter:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._done: dict[tuple[str, bytes], str] = {}
+        self.masks: dict[str, tuple[np.ndarray, str]] = {}  # each Mul's output -> (slots it masks, the mask)
 
     def masked(self, tensor: str, index: np.ndarray | None = None, source: str | None = None) -> str:
         """Name of `source` (default: `tensor`) multiplied by the mask gathered at `index` (default: T's slots)."""
@@ -51,6 +52,7 @@ class MaskInserter:
         mask = cast_to(self.nodes, f"{base}_m", self.cmap.graph.dtype(tensor))
         self.nodes.append(helper.make_node("Mul", [source, mask], [f"{base}_out"], name=f"{base}_mul"))
         self._done[key] = f"{base}_out"
+        self.masks[f"{base}_out"] = index, mask
         return f"{base}_out"
 
     def take_nodes(self) -> list[onnx.NodeProto]:
@@ -70,8 +72,9 @@ def mask_input(name: str, n_slots: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"{name}_rows", n_slots + 1])
 
 
-def masked_model(cmap: ChannelMap) -> ModelData:
-    """The working model with `aofp_keep` applied at every sink of a prunable group."""
+def masked_model(cmap: ChannelMap, with_masks: bool = False):
+    """The working model with `aofp_keep` applied at every sink of a prunable group; `with_masks`: also
+    `MaskInserter.masks`, what each mask node multiplies in."""
     model = onnx.ModelProto()
     model.CopyFrom(cmap.graph.model)
     graph = model.graph
@@ -91,7 +94,8 @@ def masked_model(cmap: ChannelMap) -> ModelData:
     graph.initializer.extend(inserter.inits)
     graph.input.append(mask_input(KEEP_INPUT, cmap.n_slots))
     del graph.value_info[:]
-    return ModelData(model, cmap.graph.weights)
+    data = ModelData(model, cmap.graph.weights)
+    return (data, inserter.masks) if with_masks else data
 
 
 def keep_feed(keep: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ ranking is repeated until the MACs target holds. It is the reference AOFP approx
 forward per channel per round) and the measure `benchmarks/` compares rankings with. Since the oracle is
 greedy, the run to a target passes through the runs to every milder one: `passing` records the keep
 vector (and the wall and CPU seconds) at which each milder target was first met, identical to a run to
-that target. `OutputCheck` measures the same damage for a cut and a set of channels more, against the
+that target. `check.OutputCheck` measures the same damage for a cut and a set of channels more, against the
 original outputs (AOFP's `--accept-by output`).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from .check import DownstreamParts
 from .estimate import UNMEASURED
 from .groups import ChannelMap
 from .masking import KEEP_INPUT, keep_feed
@@ -31,10 +32,12 @@ def _tile(feeds: dict[str, np.ndarray], times: int) -> dict[str, np.ndarray]:
 
 def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]], *, flops_target: float,
            oracle_step: int | None = None, min_channels: int = 1, stack: int = 8,
-           progress=None, cost=None, passing: dict | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+           progress=None, cost=None, passing: dict | None = None,
+           parts: DownstreamParts | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Exact oracle pruning: rank single-channel ablations at the outputs over all `batches` of the
-    calibration data, remove the least damaging, repeat. `passing` {target: None} (targets above
-    `flops_target`) is filled with {target: (keep, wall seconds, CPU seconds)} as the run passes them."""
+    calibration data, remove the least damaging, repeat; with `parts`, each group's ablations run on its
+    downstream part (`squared_errors`). `passing` {target: None} (targets above `flops_target`) is filled with
+    {target: (keep, wall seconds, CPU seconds)} as the run passes them."""
     cost = cost or macs_ratio_of(cmap)
     goal = flops_target
     keep = cmap.full_keep()
@@ -47,7 +50,7 @@ def oracle(cmap: ChannelMap, runner: Runner, batches: list[dict[str, np.ndarray]
                                    [np.zeros(0, np.int64)])
         if len(removable) == 0:
             break
-        dmg = output_damage(runner, batches, keep, removable, stack)
+        dmg = output_damage(runner, batches, keep, removable, stack, parts)
         stats.trials += len(removable)
         stats.rounds += 1
         scores[removable] = dmg
@@ -79,57 +82,52 @@ def _record_passing(passing: dict, now: float, keep: np.ndarray, seconds: float,
 
 
 def output_damage(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
-                  stack: int) -> np.ndarray:
+                  stack: int, parts: DownstreamParts | None = None) -> np.ndarray:
     """Σ‖y − y_c‖² / Σ‖y‖² over outputs and all batches, for removing each slot c alone on top of
     `keep`."""
-    num, den = squared_errors(runner, batches, keep, slots, stack)
+    num, den = squared_errors(runner, batches, keep, slots, stack, parts)
     return num.sum(axis=1) / max(den.sum(), 1e-30)
 
 
 def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
-                   stack: int) -> tuple[np.ndarray, np.ndarray]:
+                   stack: int, parts: DownstreamParts | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per runner output o: num[c, o] = Σ‖y_o − y_o,c‖² for removing slot c alone on top of `keep`, and
-    den[o] = Σ‖y_o‖², summed over all batches."""
-    num, den = np.zeros((len(slots), len(runner.outputs))), np.zeros(len(runner.outputs))
+    den[o] = Σ‖y_o‖², summed over all batches. With `parts` (`check.DownstreamParts`, whose runner then runs
+    the cut), each group's slots run on its downstream part, stacked, fed `keep`'s boundary tensors."""
+    parts = parts if parts is not None and parts.parts else None
+    outputs = runner.outputs if parts is None else parts.outputs
+    num, den = np.zeros((len(slots), len(outputs))), np.zeros(len(outputs))
+    groups = [(None, np.arange(len(slots)))] if parts is None else _by_part(parts, slots)
     for feeds in batches:
         n = len(next(iter(feeds.values())))
-        base = runner.run({**feeds, KEEP_INPUT: keep_feed(keep)})
+        if parts is None:
+            base, values = runner.run({**feeds, KEEP_INPUT: keep_feed(keep)}), feeds
+        else:
+            names = parts.outputs + parts.boundary
+            values = {**feeds, **dict(zip(names, parts.runner.run({**feeds, KEEP_INPUT: keep_feed(keep)}, names)))}
+            base = [values[name] for name in outputs]
         den += [np.sum(np.square(y, dtype=np.float64)) for y in base]
-        for start in range(0, len(slots), stack):
-            chunk = slots[start:start + stack]
-            rows = np.repeat(keep.astype(np.float32)[None], len(chunk), axis=0)
-            rows[np.arange(len(chunk)), chunk] = 0.0
-            ys = runner.run({**_tile(feeds, len(chunk)), KEEP_INPUT: np.repeat(rows, n, axis=0)})
-            for o, (y, y0) in enumerate(zip(ys, base)):
-                diff = y.reshape(len(chunk), n, -1) - y0.reshape(1, n, -1)
-                num[start:start + len(chunk), o] += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
+        for part, index in groups:
+            for start in range(0, len(index), stack):
+                at = index[start:start + stack]
+                rows = np.repeat(keep.astype(np.float32)[None], len(at), axis=0)
+                rows[np.arange(len(at)), slots[at]] = 0.0
+                rows = np.repeat(rows, n, axis=0)
+                if part is None:
+                    got = zip(outputs, (parts.runner if parts else runner).run(
+                        {**_tile(feeds, len(at)), KEEP_INPUT: rows}))
+                else:
+                    got = zip(part.outputs, part.runner.run(
+                        {**_tile({k: values[k] for k in part.inputs}, len(at)), KEEP_INPUT: rows}))
+                for name, y in got:
+                    o = outputs.index(name)
+                    diff = y.reshape(len(at), n, -1) - base[o].reshape(1, n, -1)
+                    num[at, o] += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
     return num, den
 
 
-class OutputCheck:
-    """`check(batches, keep, slots)`: Σ_o Σ‖y_o − y_o,K∖R‖² / Σ‖y_o‖² over `batches`, the relative
-    error of the model cut to `keep` without R = `slots` against the original outputs y (AOFP's `--accept-by
-    output`: a half passes while the whole cut with it stays under the threshold). One forward of the masked
-    model per batch; the original outputs are kept per batch. Measured against the cut so far instead, each
-    accepted half adds its error to the others': on RapidOCR's PP-LCNet orientation classifier at 0.5 of the
-    MACs the cut kept 49.6 % accuracy (chance: 25 %) where against the original it kept 81.5 % (one seed).
-    Each output's relative error counts on its own, as each consumer's does in the trials (`trial`): pooled,
-    a large output would drown a small one (a detector's scores and boxes, MTCNN's landmarks)."""
-
-    def __init__(self, runner: Runner):
-        self.runner = runner
-        self._base = {}  # id of a batch (the caller's batches live as long as the search) -> (y, Σ‖y_o‖²)
-
-    def __call__(self, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray) -> float:
-        removed = keep.copy()
-        removed[slots] = False
-        num, den = np.zeros(len(self.runner.outputs)), np.zeros(len(self.runner.outputs))
-        for feeds in batches:
-            if id(feeds) not in self._base:
-                base = self.runner.run({**feeds, KEEP_INPUT: keep_feed(np.ones_like(keep))})
-                self._base[id(feeds)] = base, [np.square(y0, dtype=np.float64).sum() for y0 in base]
-            base, energy = self._base[id(feeds)]
-            ys = self.runner.run({**feeds, KEEP_INPUT: keep_feed(removed)})
-            num += [np.square(y - y0, dtype=np.float64).sum() for y, y0 in zip(ys, base)]
-            den += energy
-        return float((num / np.maximum(den, 1e-30)).sum())
+def _by_part(parts: DownstreamParts, slots: np.ndarray) -> list[tuple]:
+    """The positions of `slots` per group part (None: those off the parts), each in the given order."""
+    groups = parts.slot_group[slots]
+    return [(parts.parts.get(int(k)), np.flatnonzero(groups == k)) for k in dict.fromkeys(groups.tolist())
+            if int(k) in parts.parts] + [(None, np.flatnonzero(~np.isin(groups, list(parts.parts))))]

@@ -10,7 +10,7 @@ else, if granu > 1, S_g shrinks to its granu best (binary search); else g is sat
 (`--accept-by output`, what `auto` picks on a classifier whose trials read the next layers: see `damage_point`),
 the half H_g of granu best channels passes when the cut with it, K ∖ H_g, stays under the threshold at the model
 outputs (Σ_o ‖y_o − y_o,K∖H‖² / ‖y_o‖² against the original outputs on the same calibration samples every
-time: `oracle.OutputCheck`, `search_run.check_batches`): the trials still rank the channels, but halves of
+time: `check.OutputCheck`, `search_run.check_batches`): the trials still rank the channels, but halves of
 different layers are accepted on one scale, and the threshold is a budget for the whole cut that a target raises
 only as far as it needs. All groups search at once; the run stops at the target (the last prune is trimmed to land
 on it), when every group is saturated (with a target, the threshold then grows by `THRESHOLD_GROWTH`, and the

@@ -11,10 +11,9 @@ import numpy as np
 
 from . import damage_point, estimate
 from .errors import InputError
-from .masking import masked_model
-from .oracle import OutputCheck, oracle
+from .check import DownstreamParts
+from .oracle import oracle
 from .progress import SearchProgress
-from .runtime import Runner
 from .search import (ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp, default_threshold,
                      macs_ratio_of)
 from .statefile import STATE_FORMAT, data_digest, load_state, save_state
@@ -54,10 +53,11 @@ def calibration_batches(pruner, batch_size: int) -> list[dict[str, np.ndarray]]:
 
 class CutErrors:
     """`errors(keeps) -> [len(keeps)]`: each cut's relative output error against the original
-    (`oracle.OutputCheck`, the masked model without the removed channels) on the samples an output check of the
-    search runs on (`check_batches`); each distinct keep is run once (`checks` counts them), at most `budget`
-    of them: past it, None (the caller values its steps otherwise); `seconds` sums the time its runs took. What
-    `select.fit_to_target` values the rounding's steps by with `--round-by output`."""
+    (`check.OutputCheck`, the masked model without the removed channels) on the samples an output check of the
+    search runs on (`check_batches`); a keep that differs from the first of its call within one group runs that
+    group's downstream part (`check.DownstreamParts`; a fit's steps do); each distinct keep is run once (`checks`
+    counts them), at most `budget` of them: past it, None (the caller values its steps otherwise); `seconds` sums
+    the time its runs took. What `select.fit_to_target` values the rounding's steps by with `--round-by output`."""
 
     def __init__(self, cmap, batches: list[dict[str, np.ndarray]], provider: str = "auto",
                  budget: int = FIT_FORWARDS):
@@ -84,10 +84,10 @@ class CutErrors:
             return None
         start = time.perf_counter()
         if new and self.measure is None:
-            self.measure = OutputCheck(Runner(masked_model(self.cmap), self.provider))
+            self.measure = DownstreamParts(self.cmap, self.provider).check()
         for keep in keeps:
             if keep.tobytes() not in self.seen:
-                self.seen[keep.tobytes()] = self.measure(self.batches, keep, np.zeros(0, np.int64))
+                self.seen[keep.tobytes()] = self.measure.error(self.batches, keeps[0], keep)
         self.seconds += time.perf_counter() - start
         return np.array([self.seen[keep.tobytes()] for keep in keeps])
 
@@ -140,10 +140,12 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     if criterion == "oracle":
         if flops_target is None:
             raise InputError("--criterion oracle needs --flops-target")
-        runner = Runner(masked_model(cmap), provider)
+        parts = DownstreamParts(cmap, provider, budget)
+        runner = parts.runner
         stack = 1 if pinned else max(1, int(budget // (activation_bytes(cmap) * len(next(iter(batches[0].values()))))))
         keep, scores, stats = oracle(cmap, runner, batches, flops_target=flops_target, oracle_step=oracle_step,
-                                     min_channels=min_channels, stack=min(stack, 64), progress=show, cost=cost)
+                                     min_channels=min_channels, stack=min(stack, 64), progress=show, cost=cost,
+                                     parts=parts)
         used = runner.provider
     else:
         if tuner is not None:
@@ -180,10 +182,10 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
             tuner(keep)
             # the sessions hold their weights
             engine = TrialEngine(cmap, provider, budget, devices, damage_at, damage_norm)
-            measure = measure and OutputCheck(Runner(masked_model(cmap), provider))
+            measure = measure and DownstreamParts(cmap, provider, budget).check()
 
         if accept_by == "output":
-            measure = OutputCheck(Runner(masked_model(cmap), provider))
+            measure = DownstreamParts(cmap, provider, budget).check()
 
         save = (lambda st: save_state(checkpoint, st, options)) if checkpoint else None
         keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,

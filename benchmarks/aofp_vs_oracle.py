@@ -28,6 +28,7 @@ from aofp_onnx.calib import input_specs, load_data
 from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.masking import masked_model
 from aofp_onnx.runtime import Runner
+from aofp_onnx.check import DownstreamParts
 from aofp_onnx.oracle import oracle, output_damage
 from aofp_onnx.search import DEFAULT_THRESHOLD, aofp
 from aofp_onnx.trial import TrialEngine
@@ -113,7 +114,8 @@ def main():
     # 1. oracle vs AOFP to the same target
     masked = Runner(masked_model(cmap), args.provider)
     start = time.perf_counter()
-    keep_o, _, stats_o = oracle(cmap, masked, batches, flops_target=args.target, stack=8)
+    keep_o, _, stats_o = oracle(cmap, masked, batches, flops_target=args.target, stack=8,
+                                parts=DownstreamParts(cmap, args.provider))  # built in its time, as prune's
     oracle_s = time.perf_counter() - start
     target = cmap.macs(keep_o) / cmap.total_macs
     times, results = [], {}

@@ -47,7 +47,8 @@ from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.damage_point import resolve, resolve_accept, resolve_norm
 from aofp_onnx.estimate import ESTIMATORS, RIDGE, mean_scores, ridge_scores
 from aofp_onnx.masking import masked_model
-from aofp_onnx.oracle import OutputCheck, oracle, output_damage
+from aofp_onnx.check import DownstreamParts
+from aofp_onnx.oracle import oracle, output_damage
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.runtime import Runner
 from aofp_onnx.search import ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp, default_threshold
@@ -115,7 +116,7 @@ def run_task(name: str, args) -> list[str]:
         def damage(keep, rows):
             return engine.damage(keep, rows, batches[next(counter) % len(batches)])
 
-        measure, checked_on = OutputCheck(masked), check_batches(batches)
+        measure, checked_on = DownstreamParts(cmap, args.provider).check(), check_batches(batches)
 
         def check(keep, slots):  # --accept-by output, on the samples search_run.run checks on
             return measure(checked_on, keep, slots)
@@ -163,6 +164,7 @@ def run_task(name: str, args) -> list[str]:
         start, cpu = time.perf_counter(), time.process_time()
         keep_o, _, stats_o = oracle(cmap, masked, batches, flops_target=targets[-1], stack=8,
                                     oracle_step=args.oracle_step, passing=passing,
+                                    parts=DownstreamParts(cmap, args.provider),
                                     progress=lambda st, macs, n, _: print(f"   [{name}] oracle ranking {st.rounds}: "
                                                                            f"{n} candidates, MACs x{macs:.3f}, "
                                                                            f"{time.perf_counter() - start:.0f} s",
@@ -251,7 +253,8 @@ def oracle_cache(args, model: str, batches, targets) -> pathlib.Path | None:
     import textlines
 
     h = hashlib.sha256(pathlib.Path(model).read_bytes())
-    h.update(f"{data_digest(batches)} {targets} {args.oracle_step} {args.provider}".encode())
+    # "parts": the oracle's runs since it ablates on each group's downstream part (earlier runs timed the whole)
+    h.update(f"{data_digest(batches)} {targets} {args.oracle_step} {args.provider} parts".encode())
     return textlines.cache_dir() / f"oracle_{h.hexdigest()[:16]}.npz"
 
 

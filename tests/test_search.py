@@ -38,7 +38,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import zoo
-from aofp_onnx import oracle, search, search_run
+from aofp_onnx import check, oracle, search, search_run
 from aofp_onnx.api import Pruner
 from aofp_onnx.errors import InputError
 from aofp_onnx.masking import KEEP_INPUT, keep_feed, masked_model
@@ -360,13 +360,13 @@ def test_every_output_check_runs_on_the_same_leading_samples(vgg_path, monkeypat
     """The output checks of a search all run on the leading batches up to CHECK_SAMPLES samples, whichever
     batch the round's trials drew (checked on the round's batch, a short batch drove the cut alone)."""
     seen = []
-    measure = oracle.OutputCheck.__call__
+    measure = check.OutputCheck.__call__
 
     def recording(self, batches, keep, slots):
         seen.append([len(b["input"]) for b in batches])
         return measure(self, batches, keep, slots)
 
-    monkeypatch.setattr(oracle.OutputCheck, "__call__", recording)
+    monkeypatch.setattr(check.OutputCheck, "__call__", recording)
     p = Pruner.load(vgg_path, data="random:11")
     search_run.run(p, "aofp", flops_target=0.5, trials_per_half=4, batch_size=8, provider="cpu", accept_by="output")
     assert len(seen) > 2 and all(sizes == [8, 3] for sizes in seen)
@@ -448,7 +448,7 @@ def test_output_check_measures_the_cut_with_the_half_against_the_original(vgg_or
     p, feeds, _, _, _ = vgg_oracle
     cm = p.cmap
     runner = Runner(masked_model(cm), "cpu")
-    check = oracle.OutputCheck(runner)
+    measure = check.OutputCheck(runner)
     rng = np.random.default_rng(1)
     keep = cm.full_keep()
     keep[rng.choice(cm.n_slots, cm.n_slots // 4, replace=False)] = False
@@ -458,8 +458,8 @@ def test_output_check_measures_the_cut_with_the_half_against_the_original(vgg_or
     (y,), (y_cut,) = (runner.run({**feeds, KEEP_INPUT: keep_feed(k)}) for k in (cm.full_keep(), cut))
     direct = np.sum((y.astype(np.float64) - y_cut) ** 2) / np.sum(y.astype(np.float64) ** 2)
     assert direct > 1e-6
-    np.testing.assert_allclose(check([feeds], keep, half), direct, rtol=1e-6)
-    np.testing.assert_allclose(check([feeds], cut, []), direct, rtol=1e-6)  # the same cut, reached otherwise
+    np.testing.assert_allclose(measure([feeds], keep, half), direct, rtol=1e-6)
+    np.testing.assert_allclose(measure([feeds], cut, []), direct, rtol=1e-6)  # the same cut, reached otherwise
 
 
 # --- end to end through the CLI ------------------------------------------------------------------------
