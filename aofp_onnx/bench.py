@@ -73,7 +73,7 @@ def bench_models(paths: list[str], *, provider: str = "auto", batch_size: int | 
     if not paths or any(b is not None and b < 1 for b in batches):
         raise InputError("bench needs at least one model and batch sizes of at least 1")
     models = [load_model(p) for p in paths]
-    runners = [Runner(m, provider, threads=threads, exact=False) for m in models]
+    runners = [Runner(m, provider, threads=threads, exact=False, spin=True) for m in models]
     rows = []
     for batch, shapes in itertools.product(batches, shape_settings(input_shapes)):
         feeds = [model_feeds(m, batch, shapes, follow=len(batches) > 1) for m in models]

@@ -69,7 +69,7 @@ def measure_latency(before: ModelData, after: ModelData, feeds: dict, provider: 
                     repeats: int = 20, threads: int | None = None, cpu: bool = False) -> dict:
     """Original and pruned timed interleaved: medians with p10-p90, and whether the pruned one is slower
     (`cpu`: thread CPU time, see `runtime.latency_ms`)."""
-    runners = [Runner(m, provider, threads=threads, exact=False) for m in (before, after)]
+    runners = [Runner(m, provider, threads=threads, exact=False, spin=True) for m in (before, after)]
     stats = latency_ms(runners, [feeds, feeds], repeats=repeats, cpu=cpu)
     b, a = stats
     return {"before": b["median"], "after": a["median"], "ratio": a["median"] / b["median"],
@@ -204,7 +204,7 @@ def build_table(cmap: ChannelMap, feeds: dict[str, np.ndarray], provider: str = 
     enough for the rewarded multiple, not for a latency target."""
     start = time.perf_counter()
     batch = int(len(next(iter(feeds.values()))))
-    runner = Runner(cmap.graph.data, provider, threads=threads, exact=False)
+    runner = Runner(cmap.graph.data, provider, threads=threads, exact=False, spin=True)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     key = {"fingerprint": cmap.graph.fingerprint(), "provider": runner.provider, "input_shapes": shapes,
            "batch": batch, "threads": threads, "machine": machine()}
@@ -270,7 +270,7 @@ def _measure_model(cmap: ChannelMap, runner: Runner, feeds: dict, provider: str,
     if cmap.prunable:
         keeps["half"] = half_keep(cmap)
         keeps.update(probe_keeps(cmap))
-    runners = [runner] + [Runner(cut(cmap, keep), provider, threads=threads, exact=False)
+    runners = [runner] + [Runner(cut(cmap, keep), provider, threads=threads, exact=False, spin=True)
                           for name, keep in keeps.items() if name != "full"]
     times = dict(zip(keeps, timings(runners, [feeds] * len(runners), threads)))
     data["full_ms"], data["half_ms"] = times["full"], times.get("half")

@@ -155,7 +155,7 @@ def measure_node(kind: NodeKind, batch: int, opset: int, provider: str, threads:
     runners, feeds = [], []
     for cin, cout in settings:
         model, feed = kind.model(cin, cout, batch, opset)
-        runners.append(Runner(model, provider, threads=threads, exact=False))
+        runners.append(Runner(model, provider, threads=threads, exact=False, spin=True))
         feeds.append(feed)
     times = dict(zip(settings, timings(runners, feeds, threads)))
 

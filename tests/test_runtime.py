@@ -240,3 +240,17 @@ def test_latency_ms_refusals():
         latency_ms([runner], [{"x": X}, {"x": X}])
     with pytest.raises(ValueError, match="need warmup >= 0 and repeats >= 1"):
         latency_ms([runner], [{"x": X}], repeats=0)
+
+
+def test_work_sessions_do_not_spin_and_timing_sessions_do():
+    """Sessions that take turns (trials, checks, parts) leave the cores to the next; timing runners measure a
+    deployment's default, whose threads spin."""
+    def spinning(runner) -> bool:
+        try:
+            entry = runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return True
+        return entry != "0"
+
+    assert not spinning(Runner(gemm_relu_model(), "cpu"))
+    assert spinning(Runner(gemm_relu_model(), "cpu", exact=False, spin=True))
