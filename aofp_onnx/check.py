@@ -118,7 +118,6 @@ class DownstreamParts:
         proto = onnx.shape_inference.infer_shapes(data.copy_proto())
         extractor = Extractor(proto)
         graph_inputs = {i.name for i in proto.graph.input}
-        outputs = [o.name for o in proto.graph.output]
         nodes = list(proto.graph.node)
         consumers: dict[str, list[int]] = {}
         for i, node in enumerate(nodes):
@@ -143,7 +142,7 @@ class DownstreamParts:
             made = {name for i in reached for name in nodes[i].output}
             needs = {name for i in reached for name in nodes[i].input if name and name not in made}
             inputs = sorted(needs - set(extractor.initializers) - mask_values - {KEEP_INPUT})
-            outs = [name for name in outputs if name in made]
+            outs = [name for name in self.outputs if name in made]
             if not outs or any(sample_bytes(n) is None for n in inputs):
                 continue
             try:
