@@ -51,36 +51,34 @@ class OutputCheck:
         """The relative output error of `cut`; on a group's part when it differs from `base` within that group
         (its boundary from `base`'s forward, cached for the next call on the same base)."""
         part = self.parts.part(np.flatnonzero(base != cut)) if self.parts is not None else None
+        on_parts = self.parts is not None and (part is not None or np.array_equal(base, cut))
         num, den = np.zeros(len(self.runner.outputs)), np.zeros(len(self.runner.outputs))
         for feeds in batches:
             if id(feeds) not in self._original:
-                y0 = self._run(feeds, np.ones_like(cut), self.runner.outputs)
+                y0 = self._run(feeds, np.ones_like(cut))
                 self._original[id(feeds)] = y0, [np.square(y, dtype=np.float64).sum() for y in y0]
             original, energy = self._original[id(feeds)]
-            ys = self._run(feeds, cut, self.runner.outputs) if part is None and self.parts is None else \
-                self._run_part(feeds, base, cut, part)
+            ys = self._run_part(feeds, base, cut, part) if on_parts else self._run(feeds, cut)
             num += [np.square(y - y0, dtype=np.float64).sum() for y, y0 in zip(ys, original)]
             den += energy
         return float((num / np.maximum(den, 1e-30)).sum())
 
-    def _run(self, feeds: dict, keep: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    def _run(self, feeds: dict, keep: np.ndarray) -> list[np.ndarray]:
         self.forwards += 1
-        return self.runner.run({**feeds, KEEP_INPUT: keep_feed(keep)}, names)
+        return self.runner.run({**feeds, KEEP_INPUT: keep_feed(keep)})
 
     def _run_part(self, feeds: dict, base: np.ndarray, cut: np.ndarray, part: "_Part | None") -> list[np.ndarray]:
         """The outputs of `cut`: its group's part on the base cut's boundary tensors, the base's own outputs
-        where the group does not reach (all of them for the base itself; a cut off the parts runs whole)."""
-        if part is None and (base != cut).any():
-            return self._run(feeds, cut, self.runner.outputs)
+        where the group does not reach (all of them for the base itself)."""
         if self._cut[0] != base.tobytes():
             self._cut = base.tobytes(), {}
         cached = self._cut[1]
         if id(feeds) not in cached:
-            names = self.runner.outputs + self.parts.boundary
-            cached[id(feeds)] = dict(zip(names, self._run(feeds, base, names)))
-        values = {**feeds, **cached[id(feeds)]}
+            self.forwards += 1
+            cached[id(feeds)] = self.parts.forward(feeds, base)
+        values = cached[id(feeds)]
         got = {} if part is None else dict(zip(part.outputs, part.runner.run(
-            {**{n: values[n] for n in part.inputs}, KEEP_INPUT: keep_feed(cut)})))
+            {**part.feeds(values), KEEP_INPUT: keep_feed(cut)})))
         return [got.get(name, values[name]) for name in self.runner.outputs]
 
 
@@ -96,6 +94,10 @@ class _Part:
         if self._runner is None:
             self._runner = Runner(self.model, self.provider)
         return self._runner
+
+    def feeds(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Its inputs, from a cut's `DownstreamParts.forward`."""
+        return {n: values[n] for n in self.inputs}
 
 
 class DownstreamParts:
@@ -162,6 +164,11 @@ class DownstreamParts:
         if self._runner is None:
             self._runner = Runner(self.model, self.provider, outputs=self.outputs)
         return self._runner
+
+    def forward(self, feeds: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+        """The cut `keep`'s outputs and boundary tensors on `feeds` (one forward), beside the feeds."""
+        names = self.outputs + self.boundary
+        return {**feeds, **dict(zip(names, self.runner.run({**feeds, KEEP_INPUT: keep_feed(keep)}, names)))}
 
     def check(self) -> OutputCheck:
         """An `OutputCheck` that runs these parts."""

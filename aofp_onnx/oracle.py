@@ -95,16 +95,16 @@ def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: n
     den[o] = Σ‖y_o‖², summed over all batches. With `parts` (`check.DownstreamParts`, whose runner then runs
     the cut), each group's slots run on its downstream part, stacked, fed `keep`'s boundary tensors."""
     parts = parts if parts is not None and parts.parts else None
-    outputs = runner.outputs if parts is None else parts.outputs
+    runner = parts.runner if parts is not None else runner
+    outputs = runner.outputs
     num, den = np.zeros((len(slots), len(outputs))), np.zeros(len(outputs))
     groups = [(None, np.arange(len(slots)))] if parts is None else _by_part(parts, slots)
     for feeds in batches:
         n = len(next(iter(feeds.values())))
         if parts is None:
-            base, values = runner.run({**feeds, KEEP_INPUT: keep_feed(keep)}), feeds
+            base = runner.run({**feeds, KEEP_INPUT: keep_feed(keep)})
         else:
-            names = parts.outputs + parts.boundary
-            values = {**feeds, **dict(zip(names, parts.runner.run({**feeds, KEEP_INPUT: keep_feed(keep)}, names)))}
+            values = parts.forward(feeds, keep)
             base = [values[name] for name in outputs]
         den += [np.sum(np.square(y, dtype=np.float64)) for y in base]
         for part, index in groups:
@@ -114,11 +114,9 @@ def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: n
                 rows[np.arange(len(at)), slots[at]] = 0.0
                 rows = np.repeat(rows, n, axis=0)
                 if part is None:
-                    got = zip(outputs, (parts.runner if parts else runner).run(
-                        {**_tile(feeds, len(at)), KEEP_INPUT: rows}))
+                    got = zip(outputs, runner.run({**_tile(feeds, len(at)), KEEP_INPUT: rows}))
                 else:
-                    got = zip(part.outputs, part.runner.run(
-                        {**_tile({k: values[k] for k in part.inputs}, len(at)), KEEP_INPUT: rows}))
+                    got = zip(part.outputs, part.runner.run({**_tile(part.feeds(values), len(at)), KEEP_INPUT: rows}))
                 for name, y in got:
                     o = outputs.index(name)
                     diff = y.reshape(len(at), n, -1) - base[o].reshape(1, n, -1)

@@ -25,10 +25,10 @@ import numpy as np
 
 from aofp_onnx.api import Pruner, accuracy
 from aofp_onnx.calib import input_specs, load_data
+from aofp_onnx.check import DownstreamParts
 from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.masking import masked_model
 from aofp_onnx.runtime import Runner
-from aofp_onnx.check import DownstreamParts
 from aofp_onnx.oracle import oracle, output_damage
 from aofp_onnx.search import DEFAULT_THRESHOLD, aofp
 from aofp_onnx.trial import TrialEngine

@@ -43,11 +43,11 @@ import numpy as np
 
 from aofp_onnx.api import Pruner, accuracy
 from aofp_onnx.calib import input_specs, load_data
+from aofp_onnx.check import DownstreamParts
 from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.damage_point import resolve, resolve_accept, resolve_norm
 from aofp_onnx.estimate import ESTIMATORS, RIDGE, mean_scores, ridge_scores
 from aofp_onnx.masking import masked_model
-from aofp_onnx.check import DownstreamParts
 from aofp_onnx.oracle import oracle, output_damage
 from aofp_onnx.reconstruct import reconstruct
 from aofp_onnx.runtime import Runner
