@@ -429,6 +429,46 @@ def test_rounding_by_output_error_spares_the_group_whose_steps_cost_the_outputs_
     assert seen and all(n <= len(cmap.prunable) + 1 for n in seen)  # one forward per group and step (and now)
 
 
+def _cut_to(cmap, scores, widths):
+    """Each group at its width, keeping its highest-scored channels."""
+    keep = cmap.full_keep()
+    for g, width in zip(cmap.prunable, widths):
+        keep[g.slots[np.argsort(-scores[g.slots], kind="stable")[width:]]] = False
+    return keep
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7, None])
+def test_rounding_moves_widths_from_the_kept_channels_and_never_swaps_them(tmp_path, target):
+    """A criterion's cut need not be the top of its scores (AOFP's scores come from different depths and cuts):
+    a group whose width stays keeps its channels, a narrower one a subset of them, a wider one a superset."""
+    deep = conv_chain(tmp_path / "deep.onnx", widths=(96, 80, 64, 96, 80, 64, 48, 56))
+    cmap = api.Pruner.load(deep).cmap
+    scores = l1_scores(cmap)
+    keep = _cut_to(cmap, -scores, (72, 61, 48, 70, 56, 37, 40, 33))  # it removed the highest-scored channels
+    for damage in (None, lambda keeps: np.array([float((~k).sum()) for k in keeps])):
+        fitted = select.round_widths(cmap, keep, scores, 8, 1, target, damage=damage)
+        same = [g for g in cmap.prunable if keep[g.slots].sum() == fitted[g.slots].sum()]
+        assert 0 < len(same) < len(cmap.prunable)  # some widths moved, some stayed (else this asserts nothing)
+        assert all(np.array_equal(keep[g.slots], fitted[g.slots]) for g in same)
+    rounded = select.round_widths(cmap, keep, scores, 8, 1)  # moved only: a narrower group keeps a subset
+    for g in cmap.prunable:
+        before, after = keep[g.slots], rounded[g.slots]
+        assert np.all(after <= before) or np.all(before <= after), g.id
+
+
+def test_filling_by_output_error_takes_no_step_that_adds_error(tmp_path):
+    deep = conv_chain(tmp_path / "deep.onnx", widths=(96, 80, 64, 96, 80, 64, 48, 56))
+    cmap = api.Pruner.load(deep).cmap
+    scores, first = l1_scores(cmap), cmap.prunable[0]
+    keep = _cut_to(cmap, scores, (48, 72, 56, 88, 72, 56, 40, 48))
+
+    def damage(keeps):  # channels of the first group back raise the error; any other's lower it
+        return np.array([float((~k).sum() - 2 * (~k[first.slots]).sum()) for k in keeps])
+
+    fitted = select.fit_to_target(cmap, keep, scores, 1.0, 8, damage=damage)  # room to fill every group
+    assert [int(fitted[g.slots].sum()) for g in cmap.prunable] == [48, 80, 64, 96, 80, 64, 48, 56]
+
+
 def test_round_by_auto_reads_the_output_error_on_a_classifier_and_the_scores_elsewhere(tmp_path):
     models = pathlib.Path(__file__).resolve().parents[1] / "models"
     cnn, calib = models / "mnist_cnn.onnx", models / "mnist_calib.npz"
@@ -436,7 +476,8 @@ def test_round_by_auto_reads_the_output_error_on_a_classifier_and_the_scores_els
                     batch_size=16, calib_limit=64, latency=False)
     rounded = rep["round_to"]
     assert rounded["by"] == "output" and rounded["checks"] > len(rep["groups"]) and rounded["seconds"] > 0
-    assert rep["verification"]["passed"] and 0.49 <= rep["targets"]["macs"]["reached"] <= 0.5
+    # the fill takes no step that adds output error: here it stops at 0.488 (0.491 when it took them)
+    assert rep["verification"]["passed"] and 0.47 <= rep["targets"]["macs"]["reached"] <= 0.5
     scores = api.prune(cnn, tmp_path / "s.onnx", calib=str(calib), criterion="l1", flops_target=0.5, round_to=8,
                        round_by="scores", batch_size=16, calib_limit=64, latency=False)["round_to"]
     assert scores["by"] == "scores" and "checks" not in scores
