@@ -7,17 +7,19 @@ Scores must be comparable across groups (criteria normalize them). The removal c
 bisection on the sorted order, since the cost only falls as more channels go.
 
 `round_widths` then moves each group's width to the nearest multiple of `round_to` (adding back the best
-removed channels or removing the worst kept ones), and `fit_to_target` lands on the target in steps of
-`round_to`: while the cost exceeds the target it removes a step from the group where that gives up the
-least score per unit of cost saved; then, while a step back fits under the target, it adds back the step
-that brings the most score per unit of cost (so the result ends within one step of the target, below it).
+removed channels or removing the worst kept ones, never swapping: `_set_width`), and `fit_to_target` lands
+on the target in steps of `round_to`: while the cost exceeds the target it removes a step from the group
+where that gives up the least score per unit of cost saved; then, while a step back fits under the target,
+it adds back the step that brings the most score per unit of cost (so the result ends within one step of
+the target, below it; by the output error, it adds back no step that adds error, and may end lower).
 With `damage` (keeps → the cut's relative output error, `search_run.CutErrors`), a step's value is the
 output error it adds (or removes) instead of its score: scores of different groups need not compare (AOFP's
 trials read each group's next layers on its own scale), the output error does. Measured through `prune` on
 the PP-OCR text-orientation classifier (`--round-to auto`: 8, 48 search samples, 3 seeds, accuracy on 512
-held-out text lines, 97.7 % before): at 0.7 of the MACs 95.4 % (the default search) and 97.0 %
-(`--accept-by auto`: output) against 82.8 and 84.8 % by scores, at 0.5 67.5 and 78.4 % against 61.7 and
-65.0 %, for 85-348 forwards (2-12 s) on 48 samples.
+held-out text lines, 97.7 % before), before steps moved groups from their kept channels: at 0.7 of the MACs
+95.4 % (the default search) and 97.0 % (`--accept-by auto`: output) against 82.8 and 84.8 % by scores, at
+0.5 67.5 and 78.4 % against 61.7 and 65.0 %, for 85-348 forwards (2-12 s) on 48 samples; since, by the
+output error, 96.6 / 95.6 % at 0.7 and 66.2 / 79.4 % at 0.5 (README, `--round-by`).
 With a latency cost these moves spend the budget where a step buys the most latency per unit of damage.
 (Ordering the channels themselves by score / latency bought was tried: on YOLOv8n it measured the same
 latency as the score order at 1.5x the output error; benchmarks/latency_target.py compares the two orders
