@@ -25,6 +25,7 @@ from .groups import ChannelMap
 from .masking import KEEP_INPUT, keep_feed, masked_model
 from .modeldata import ModelData
 from .runtime import Runner
+from .trial import DEFAULT_MEMORY_BUDGET
 
 
 class OutputCheck:
@@ -105,7 +106,8 @@ class DownstreamParts:
     several groups or a group left whole), and `boundary`: the tensors those parts read from outside them,
     which `model` (the masked model) returns beside its `outputs`."""
 
-    def __init__(self, cmap: ChannelMap, provider: str = "auto", budget: int = 1 << 30, samples: int = 64):
+    def __init__(self, cmap: ChannelMap, provider: str = "auto", budget: int = DEFAULT_MEMORY_BUDGET,
+                 samples: int = 64):
         data, masks = masked_model(cmap, with_masks=True)
         self.provider, self._runner = provider, None
         self.slot_group = np.full(cmap.n_slots + 1, -1)
