@@ -279,7 +279,7 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
             before = accuracy(original, labelled, provider)
     target = latency_target if latency_target is not None else flops_target
     by = resolve_round_by(pruner.cmap, round_by)
-    errors = step_errors(pruner, by, provider, batch_size)
+    errors = step_errors(pruner, by, provider, batch_size, search_options.get("memory_budget"))
     keep, step, unreachable = round_to_target(pruner.cmap, keep, scores, step, round_to == "auto", min_channels,
                                               target, table.ratio if latency_target is not None else None, errors,
                                               weights)

@@ -27,6 +27,8 @@ from .modeldata import ModelData
 from .runtime import Runner
 from .trial import DEFAULT_MEMORY_BUDGET
 
+CHECK_SAMPLES = 64  # calibration samples every output check runs on (at most; `search_run.check_batches`)
+
 
 class OutputCheck:
     """`check(batches, keep, slots)`: the relative output error of the cut `keep` without `slots` against the
@@ -107,7 +109,7 @@ class DownstreamParts:
     which `model` (the masked model) returns beside its `outputs`."""
 
     def __init__(self, cmap: ChannelMap, provider: str = "auto", budget: int = DEFAULT_MEMORY_BUDGET,
-                 samples: int = 64):
+                 samples: int = CHECK_SAMPLES):
         data, masks = masked_model(cmap, with_masks=True)
         self.provider, self._runner = provider, None
         self.slot_group = np.full(cmap.n_slots + 1, -1)

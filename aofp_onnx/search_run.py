@@ -11,15 +11,15 @@ import numpy as np
 
 from . import damage_point, estimate
 from .errors import InputError
-from .check import DownstreamParts
+from .check import CHECK_SAMPLES, DownstreamParts
 from .oracle import oracle
 from .progress import SearchProgress
 from .search import (ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp, default_threshold,
                      macs_ratio_of)
 from .statefile import STATE_FORMAT, data_digest, load_state, save_state
-from .trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY_BUDGET, TrialEngine, activation_bytes
+from .trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, TrialEngine, activation_bytes
+from .trial import memory_budget as trial_memory
 
-CHECK_SAMPLES = 64  # calibration samples every output check runs on (at most; the leading batches)
 # the most cuts `--round-by output` runs (CutErrors): 17-348 on the digits nets and the PP-OCR classifier, where
 # PP-LCNet (224², 17 groups) asked 1437 at 0.8 of the MACs: 66 s, most of its prune
 FIT_FORWARDS = 512
@@ -57,11 +57,12 @@ class CutErrors:
     search runs on (`check_batches`); a keep that differs from the first of its call within one group runs that
     group's downstream part (`check.DownstreamParts`; a fit's steps do); each distinct keep is run once (`checks`
     counts them), at most `budget` of them: past it, None (the caller values its steps otherwise); `seconds` sums
-    the time its runs took. What `select.fit_to_target` values the rounding's steps by with `--round-by output`."""
+    the time its runs took; the parts' boundary tensors held within `memory` bytes (`trial.memory_budget`), as
+    the search's are. What `select.fit_to_target` values the rounding's steps by with `--round-by output`."""
 
     def __init__(self, cmap, batches: list[dict[str, np.ndarray]], provider: str = "auto",
-                 budget: int = FIT_FORWARDS):
-        self.cmap, self.provider = cmap, provider
+                 budget: int = FIT_FORWARDS, memory: int | None = None):
+        self.cmap, self.provider, self.memory = cmap, provider, trial_memory(memory)
         self.batches = check_batches(batches)
         self.measure = None  # the masked model's session, built at the first cut to run (a fit may run none)
         self.budget = budget
@@ -84,7 +85,7 @@ class CutErrors:
             return None
         start = time.perf_counter()
         if new and self.measure is None:
-            self.measure = DownstreamParts(self.cmap, self.provider).check()
+            self.measure = DownstreamParts(self.cmap, self.provider, self.memory).check()
         for keep in keeps:
             if keep.tobytes() not in self.seen:
                 self.seen[keep.tobytes()] = self.measure.error(self.batches, keeps[0], keep)
@@ -127,7 +128,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     cmap = pruner.cmap
     if not cmap.prunable:
         return cmap.full_keep(), np.zeros(0), {"trials": 0, "seconds": 0.0, "provider": None}
-    budget = memory_budget or int(os.environ.get("AOFP_ONNX_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
+    budget = trial_memory(memory_budget)
     # a batch the file pins in a way the working copy could not prove away: its size per run, no stacking
     pinned = bool(getattr(pruner, "pinned", None))
     damage_at, auto = damage_point.resolve(cmap, damage_at, pinned)
@@ -166,7 +167,10 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
         per_round = max(1, batch_size // len(next(iter(batches[0].values())))) if pinned else 1
         rounds = [batches[k:k + per_round] for k in range(0, len(batches), per_round)]
 
-        measure = None
+        def output_check():  # --accept-by output; built again after fine-tuning changed the weights
+            return DownstreamParts(cmap, provider, budget).check()
+
+        measure = output_check() if accept_by == "output" else None
 
         def damage(keep, rows):
             chosen = rounds[next(counter) % len(rounds)]
@@ -182,10 +186,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
             tuner(keep)
             # the sessions hold their weights
             engine = TrialEngine(cmap, provider, budget, devices, damage_at, damage_norm)
-            measure = measure and DownstreamParts(cmap, provider, budget).check()
-
-        if accept_by == "output":
-            measure = DownstreamParts(cmap, provider, budget).check()
+            measure = measure and output_check()
 
         save = (lambda st: save_state(checkpoint, st, options)) if checkpoint else None
         keep, scores, stats = aofp(cmap, damage, threshold=threshold, trials_per_half=trials_per_half,

@@ -87,15 +87,15 @@ def round_to_target(cmap, keep: np.ndarray, scores: np.ndarray, step: int, auto:
     return round_widths(cmap, keep, scores, 1, min_channels, target, cost, damage, weights), 1, step
 
 
-def step_errors(pruner, by: str, provider: str, batch_size: int):
+def step_errors(pruner, by: str, provider: str, batch_size: int, memory: int | None = None):
     """What values the rounding's steps when `by` (`resolve_round_by`) is `output`: the cut's output error on
-    the search's check samples (`search_run.CutErrors`, shared by the landing and a latency target's refits);
-    None for the scores."""
+    the search's check samples (`search_run.CutErrors`, shared by the landing and a latency target's refits,
+    within the search's `memory` budget); None for the scores."""
     if by != "output" or not pruner.cmap.prunable:
         return None
     from .search_run import CutErrors, calibration_batches  # sessions only when the output error is read
 
-    return CutErrors(pruner.cmap, calibration_batches(pruner, batch_size), provider)
+    return CutErrors(pruner.cmap, calibration_batches(pruner, batch_size), provider, memory=memory)
 
 
 def fit_fields(by: str, errors) -> dict:

@@ -35,11 +35,14 @@ instead of T full forwards.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from onnx import helper
 
 from .damage_point import resolve_norm
+from .errors import InputError
 from .modeldata import ModelData
 from .groups import ChannelMap
 from .masking import KEEP_INPUT, MaskInserter, cast_to, keep_feed, mask_input
@@ -51,7 +54,7 @@ DAMAGE_AT = ("next", "block", "output")  # where a trial's damage is read (block
 TINY = 1e-30  # floor of a consumer's base energy: a consumer silent on the batch adds 0/TINY
 DAMAGE_NORMS = ("auto", "sample", "batch")  # what a damage is relative to (see the module docstring)
 DEFAULT_DAMAGE_NORM = "auto"
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations one stacked run may use
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations one stacked run may use (AOFP_ONNX_MEMORY_BUDGET)
 SAMPLE_FLOOR = 0.1  # a sample's base energy counts as at least this share of the batch's mean
 INT64_MAX = np.iinfo(np.int64).max
 # ops a consumer's damage is read through (elementwise; other inputs must be constants)
@@ -310,6 +313,19 @@ def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
 
 
 STACK_FACTOR = 4  # activation sets one stacked trial-sample may hold at once (see activation_bytes)
+
+
+def memory_budget(given: int | None = None) -> int:
+    """The bytes of activations a stacked run (trials, an output check's boundary tensors) may hold: `given`,
+    else the environment's AOFP_ONNX_MEMORY_BUDGET, else DEFAULT_MEMORY_BUDGET."""
+    if given is not None:
+        return given
+    value = os.environ.get("AOFP_ONNX_MEMORY_BUDGET", "")
+    if not value:
+        return DEFAULT_MEMORY_BUDGET
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"AOFP_ONNX_MEMORY_BUDGET must be a positive number of bytes, got {value!r}")
+    return int(value)
 
 
 def activation_bytes(cmap: ChannelMap) -> int:

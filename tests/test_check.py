@@ -12,6 +12,7 @@ import exportstyles
 import zoo
 from aofp_onnx import check, oracle, search_run
 from aofp_onnx.api import Pruner
+from aofp_onnx.errors import InputError
 from aofp_onnx.masking import masked_model
 from aofp_onnx.runtime import Runner
 
@@ -104,7 +105,7 @@ def test_a_search_checked_on_parts_makes_the_same_cut(tmp_path, monkeypatch):
     assert np.array_equal(keep, keep_whole) and np.array_equal(scores, scores_whole)
 
 
-def test_a_fit_values_its_steps_on_parts_as_on_the_whole_model(tmp_path, monkeypatch):
+def test_a_fit_values_its_steps_on_parts_as_on_the_whole_model(tmp_path):
     """`CutErrors` (prune's fit by the output error): each step changes one group of the first keep, and runs
     that group's part; a keep changed in two groups runs the whole model; the same errors either way."""
     m = zoo.build("resnet_bottleneck", tmp_path)
@@ -123,14 +124,29 @@ def test_a_fit_values_its_steps_on_parts_as_on_the_whole_model(tmp_path, monkeyp
     keeps.append(keeps[1] & keeps[-2])  # two groups changed
     fast = search_run.CutErrors(p.cmap, batches, "cpu")
     got = fast(keeps)
-    monkeypatch.setattr(search_run, "DownstreamParts",
-                        lambda cmap, provider: check.DownstreamParts(cmap, provider, budget=0))
-    whole = search_run.CutErrors(p.cmap, batches, "cpu")
+    whole = search_run.CutErrors(p.cmap, batches, "cpu", memory=0)  # no memory for any part's boundary
     np.testing.assert_allclose(got, whole(keeps), rtol=1e-5)
+    assert fast.measure.parts is not None and whole.measure.parts is None
     assert fast.checks == whole.checks == len(keeps)
     runs = len(fast.batches)  # forwards count per batch
     assert whole.measure.forwards == (len(keeps) + 1) * runs
     assert fast.measure.forwards == 3 * runs  # the original, the first keep, the keep changed in two groups
+
+
+def test_a_fit_holds_the_memory_budget_the_environment_sets(tmp_path, monkeypatch):
+    """AOFP_ONNX_MEMORY_BUDGET bounds the fit's parts as it bounds the search's: too small for any part's
+    boundary, every cut runs the whole model; a value that is not a positive number of bytes is refused."""
+    m = zoo.build("resnet_bottleneck", tmp_path)
+    p = Pruner.load(m.path, data="random:8")
+    batches = search_run.calibration_batches(p, 4)
+    keep = p.cmap.full_keep()
+    keep[p.cmap.prunable[0].slots[:1]] = False
+    monkeypatch.setenv("AOFP_ONNX_MEMORY_BUDGET", "1")
+    small = search_run.CutErrors(p.cmap, batches, "cpu")
+    assert small.memory == 1 and small([keep])[0] > 0 and small.measure.parts is None
+    monkeypatch.setenv("AOFP_ONNX_MEMORY_BUDGET", "1GB")
+    with pytest.raises(InputError, match="AOFP_ONNX_MEMORY_BUDGET must be a positive number of bytes"):
+        search_run.CutErrors(p.cmap, batches, "cpu")
 
 
 @pytest.mark.parametrize("name", ["yolov8_neck", "mobilenet_v3"])
