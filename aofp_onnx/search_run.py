@@ -17,12 +17,24 @@ from .progress import SearchProgress
 from .search import (ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp, default_threshold,
                      macs_ratio_of)
 from .statefile import STATE_FORMAT, data_digest, load_state, save_state
-from .trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, TrialEngine, activation_bytes
-from .trial import memory_budget as trial_memory
+from .trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY_BUDGET, TrialEngine, activation_bytes
 
 # the most cuts `--round-by output` runs (CutErrors): 17-348 on the digits nets and the PP-OCR classifier, where
 # PP-LCNet (224², 17 groups) asked 1437 at 0.8 of the MACs: 66 s, most of its prune
 FIT_FORWARDS = 512
+
+
+def memory_budget_of(given: int | None = None) -> int:
+    """The bytes of activations a stacked run (trials, an output check's boundary tensors) may hold: `given`,
+    else the environment's AOFP_ONNX_MEMORY_BUDGET, else DEFAULT_MEMORY_BUDGET."""
+    if given is not None:
+        return given
+    value = os.environ.get("AOFP_ONNX_MEMORY_BUDGET", "")
+    if not value:
+        return DEFAULT_MEMORY_BUDGET
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"AOFP_ONNX_MEMORY_BUDGET must be a positive number of bytes, got {value!r}")
+    return int(value)
 
 
 def check_batches(batches: list[dict[str, np.ndarray]], limit: int = CHECK_SAMPLES) -> list[dict[str, np.ndarray]]:
@@ -57,12 +69,12 @@ class CutErrors:
     search runs on (`check_batches`); a keep that differs from the first of its call within one group runs that
     group's downstream part (`check.DownstreamParts`; a fit's steps do); each distinct keep is run once (`checks`
     counts them), at most `budget` of them: past it, None (the caller values its steps otherwise); `seconds` sums
-    the time its runs took; the parts' boundary tensors held within `memory` bytes (`trial.memory_budget`), as
+    the time its runs took; the parts' boundary tensors held within `memory` bytes (`memory_budget_of`), as
     the search's are. What `select.fit_to_target` values the rounding's steps by with `--round-by output`."""
 
     def __init__(self, cmap, batches: list[dict[str, np.ndarray]], provider: str = "auto",
                  budget: int = FIT_FORWARDS, memory: int | None = None):
-        self.cmap, self.provider, self.memory = cmap, provider, trial_memory(memory)
+        self.cmap, self.provider, self.memory = cmap, provider, memory_budget_of(memory)
         self.batches = check_batches(batches)
         self.measure = None  # the masked model's session, built at the first cut to run (a fit may run none)
         self.budget = budget
@@ -128,7 +140,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     cmap = pruner.cmap
     if not cmap.prunable:
         return cmap.full_keep(), np.zeros(0), {"trials": 0, "seconds": 0.0, "provider": None}
-    budget = trial_memory(memory_budget)
+    budget = memory_budget_of(memory_budget)
     # a batch the file pins in a way the working copy could not prove away: its size per run, no stacking
     pinned = bool(getattr(pruner, "pinned", None))
     damage_at, auto = damage_point.resolve(cmap, damage_at, pinned)

@@ -35,14 +35,11 @@ instead of T full forwards.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 from onnx import helper
 
 from .damage_point import resolve_norm
-from .errors import InputError
 from .modeldata import ModelData
 from .groups import ChannelMap
 from .masking import KEEP_INPUT, MaskInserter, cast_to, keep_feed, mask_input
@@ -313,19 +310,6 @@ def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
 
 
 STACK_FACTOR = 4  # activation sets one stacked trial-sample may hold at once (see activation_bytes)
-
-
-def memory_budget(given: int | None = None) -> int:
-    """The bytes of activations a stacked run (trials, an output check's boundary tensors) may hold: `given`,
-    else the environment's AOFP_ONNX_MEMORY_BUDGET, else DEFAULT_MEMORY_BUDGET."""
-    if given is not None:
-        return given
-    value = os.environ.get("AOFP_ONNX_MEMORY_BUDGET", "")
-    if not value:
-        return DEFAULT_MEMORY_BUDGET
-    if not value.isdigit() or int(value) < 1:
-        raise InputError(f"AOFP_ONNX_MEMORY_BUDGET must be a positive number of bytes, got {value!r}")
-    return int(value)
 
 
 def activation_bytes(cmap: ChannelMap) -> int:

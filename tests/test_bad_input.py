@@ -383,7 +383,7 @@ def test_malformed_options_are_refused(work, in_process):
 
 
 def test_a_memory_budget_that_is_not_bytes_is_refused(work, in_process, monkeypatch):
-    for k, value in enumerate(("1GB", "-5")):
+    for value in ("1GB", "-5"):
         monkeypatch.setenv("AOFP_ONNX_MEMORY_BUDGET", value)
         assert_refused(work, ["prune", MODEL, "-o", "out.onnx", "--calib", "random:2", "--flops-target", "0.5"],
                        "AOFP_ONNX_MEMORY_BUDGET", runner=in_process)
