@@ -113,13 +113,14 @@ def main():
     args = parser.parse_args()
     original = textlines.corpus_model("ddddocr_det_yolox")
     calib = args.command == "calib"
-    x, truth = make(args.samples or (64 if calib else 128), args.seed if args.seed is not None else int(not calib))
+    seed = args.seed if args.seed is not None else int(not calib)
+    x, truth = make(args.samples or (64 if calib else 128), seed)
     if calib:
         np.savez(args.paths[0], images=x)
         print(f"{args.paths[0]}: {len(x)} captchas, {sum(map(len, truth))} characters; model {original}")
         return
     reference = boxes_of(original, x)
-    print(f"{len(x)} captchas, {sum(map(len, truth))} characters (seed {args.seed if args.seed is not None else 1})")
+    print(f"{len(x)} captchas, {sum(map(len, truth))} characters (seed {seed})")
     print("| model | boxes | recall / precision vs drawn characters | vs the original's boxes |")
     print("|---|---|---|---|")
     for path in [original, *args.paths]:
