@@ -106,7 +106,9 @@ def inspect(model, input_shape, json_out, show_all):
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Pruned model path.")
 @click.option("--calib", required=True, metavar="SRC", help=".npz, .npy, image folder, or random:N.")
-@click.option("--criterion", type=click.Choice(list(api.CRITERIA)), default="aofp", show_default=True)
+@click.option("--criterion", type=click.Choice(list(api.CRITERIA)), default="aofp", show_default=True,
+              help="aofp: the paper's search; descent (a target): one ablation per channel ranks each layer, the "
+                   "output error sets the widths; oracle: exact ablations at the outputs (slow); l1, random.")
 @click.option("--flops-target", type=float, help="Fraction of the original MACs to keep (0.5 = half).")
 @click.option("--threshold", type=float, default=None,  # search.DEFAULT_THRESHOLD, OUTPUT_THRESHOLD (tested)
               help="AOFP damage threshold (x1.25 whenever a target needs more; lower: slower, cuts by damage) "
@@ -194,6 +196,8 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
         search_options.update(checkpoint=checkpoint, resume=resume)
         search_options.update({k: v for k, v in (("estimator", estimator), ("damage_at", damage_at),
                                                  ("damage_norm", damage_norm), ("accept_by", accept_by)) if v})
+    if criterion == "descent":
+        search_options.update({k: v for k, v in (("damage_at", damage_at), ("damage_norm", damage_norm)) if v})
     if devices:
         search_options.update(devices=devices)
     if finetune_steps:

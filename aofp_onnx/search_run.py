@@ -63,6 +63,11 @@ def calibration_batches(pruner, batch_size: int) -> list[dict[str, np.ndarray]]:
     return batches
 
 
+def pinned_note(batches: list[dict[str, np.ndarray]]) -> str:
+    """The report's `search.batch` where the file pins the batch."""
+    return f"pinned in the model to {len(next(iter(batches[0].values())))} sample(s) per run"
+
+
 class CutErrors:
     """`errors(keeps) -> [len(keeps)]`: each cut's relative output error against the original
     (`check.OutputCheck`, the masked model without the removed channels) on the samples an output check of the
@@ -219,7 +224,7 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
     if devices:
         info["devices"] = [str(d) for d in devices]
     if pinned:
-        info["batch"] = f"pinned in the model to {len(next(iter(batches[0].values())))} sample(s) per run"
+        info["batch"] = pinned_note(batches)
     if tuner is not None:
         info["finetune"] = tuner.to_json()
     if flops_target is not None and (cost or macs_ratio_of(cmap))(keep) > flops_target:

@@ -202,7 +202,7 @@ def test_prune_aofp_apply_verify_bench(exports, convention):
 
 
 @pytest.mark.parametrize("convention", ["pinned", "paddle"])
-@pytest.mark.parametrize("criterion", ["l1", "oracle"])
+@pytest.mark.parametrize("criterion", ["l1", "descent", "oracle"])
 def test_prune_l1_oracle(exports, convention, criterion):
     folder, paths, calib = exports
     out, rep = folder / f"{convention}_{criterion}.onnx", folder / f"{convention}_{criterion}.json"
@@ -216,7 +216,7 @@ def test_prune_l1_oracle(exports, convention, criterion):
 
 def test_pinned_outside_reshapes_runs_one_sample_per_trial(exports):
     folder, paths, calib = exports
-    for criterion in ("aofp", "oracle"):
+    for criterion in ("aofp", "descent", "oracle"):
         out, rep = folder / f"concat_{criterion}.onnx", folder / f"concat_{criterion}.json"
         ok(run_cli("prune", paths["pinned_concat"], "-o", out, "--calib", calib, "--criterion", criterion,
                    "--flops-target", "0.7", "--report", rep, "--no-progress", "--provider", "cpu"))

@@ -135,7 +135,7 @@ def test_keras_channels_last_is_prunable_and_cut(tmp_path, head):
 # --- item 4: float16 ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("keep_io", [True, False], ids=["float32-io", "float16-io"])
-@pytest.mark.parametrize("criterion", ["l1", "random", "aofp", "oracle"])
+@pytest.mark.parametrize("criterion", ["l1", "random", "aofp", "descent", "oracle"])
 def test_float16_model_is_pruned_by_every_criterion(tmp_path, keep_io, criterion):
     model = float16.convert_float_to_float16(exportstyles.paddle_cnn(), keep_io_types=keep_io)
     rep, pruned = _prune(tmp_path, model, "fp16", criterion=criterion)

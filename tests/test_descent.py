@@ -1,0 +1,120 @@
+"""The descent criterion (aofp_onnx.descent): its ranking against single ablations run one at a time, its
+steps' sizes, its cut against L1's and random's at the same MACs, and `prune --criterion descent` end to end."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import zoo
+from aofp_onnx import api, descent, select
+from aofp_onnx.api import Pruner
+from aofp_onnx.criteria import l1_scores, random_scores
+from aofp_onnx.search_run import CutErrors
+from aofp_onnx.trial import TrialEngine
+from cliutil import ok, run_cli
+
+MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.fixture(scope="module")
+def vgg(tmp_path_factory):
+    path = zoo.build("vgg", tmp_path_factory.mktemp("descent_vgg")).path
+    p = Pruner.load(path)
+    m = zoo.ZooModel("vgg", path, {"input": (1, 3, 32, 32)}, None)
+    return p.cmap, [m.feeds(batch=8, seed=0), m.feeds(batch=8, seed=1)]
+
+
+def test_the_ranking_is_each_channel_removed_alone(vgg):
+    """Row i of a stacked run removes channel i of every group at once; each group's damage is read on its own
+    consumers, so d_c equals the damage of a trial that removes c and nothing else, averaged over the batches."""
+    cmap, batches = vgg
+    engine = TrialEngine(cmap, "cpu", damage_at="next", damage_norm="sample")
+    keep = cmap.full_keep()
+    d, trials = descent.ablations(cmap, engine, keep, batches, stack=5)
+    assert trials == max(g.width for g in cmap.prunable) * len(batches)
+    rng = np.random.default_rng(0)
+    for k, g in enumerate(cmap.prunable):
+        live = g.slots[d[g.slots] > 0]  # (a ReLU channel dead on these samples does no damage)
+        assert len(live) > g.width // 2
+        for c in rng.choice(live, 2, replace=False):
+            row = np.ones((1, cmap.n_slots + 1), np.float32)
+            row[0, c] = 0.0
+            alone = np.mean([engine.damage(keep, row, feeds)[0, k] for feeds in batches])
+            np.testing.assert_allclose(d[c], alone, rtol=1e-5)
+
+
+def test_a_step_down_removes_a_share_of_the_width(vgg):
+    """With stride s and step q, a group of width w gives up max(q, q·round(w·s/q)) channels per step down."""
+    cmap, _ = vgg
+    calls = []
+
+    def damage(keeps):
+        calls.append(keeps)
+        return np.arange(len(keeps), dtype=float)  # the first group's step adds the least error per MAC
+
+    scores = np.random.default_rng(0).random(cmap.n_slots)
+    select.fit_to_target(cmap, cmap.full_keep(), scores, 0.99, 8, 1, None, damage, stride=1 / 8)
+    first = calls[0]
+    removed = [int((~k[:-1]).sum()) for k in first[1:]]
+    assert min(g.width for g in cmap.prunable) >= 16 and max(g.width for g in cmap.prunable) >= 64
+    assert removed == [max(8, 8 * round(g.width / 8 / 8)) for g in cmap.prunable]
+
+
+def test_the_descent_cut_errs_less_than_l1_and_random_at_the_same_macs(vgg):
+    cmap, batches = vgg
+    engine = TrialEngine(cmap, "cpu", damage_at="next", damage_norm="sample")
+    errors = CutErrors(cmap, batches, "cpu")
+    keep, scores, info = descent.descend(cmap, engine, batches, target=0.6, step=1, stack=8, errors=errors)
+    assert cmap.macs(keep) <= 0.6 * cmap.total_macs
+    assert info["forwards"] == errors.checks > len(cmap.prunable)
+    measure = CutErrors(cmap, batches, "cpu")
+    ours = measure([cmap.full_keep(), keep])[1]
+    for other in (l1_scores(cmap), random_scores(cmap, 0)):
+        theirs = measure([cmap.full_keep(), select.select_by_score(cmap, other, 0.6)])[1]
+        assert ours < theirs
+
+
+def test_prune_descent_end_to_end(tmp_path):
+    out, rep_path = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    args = ("--calib", MODELS / "mnist_calib.npz", "--calib-limit", "64", "--batch-size", "16", "--provider", "cpu",
+            "--no-progress", "--round-to", "8", "--eval", MODELS / "mnist_test.npz")
+    ok(run_cli("prune", MODELS / "mnist_cnn.onnx", "-o", out, *args, "--criterion", "descent", "--flops-target", "0.5",
+               "--report", rep_path))
+    rep = json.loads(rep_path.read_text())
+    assert rep["criterion"] == "descent" and rep["verification"]["passed"]
+    assert rep["macs_after"] <= 0.5 * rep["macs_before"] * 1.001
+    search = rep["search"]
+    assert search["forwards"] > 0 and 0 < search["ranking_seconds"] <= search["seconds"]
+    assert search["damage_at"] in ("next", "output") and search["stride"] == descent.STRIDE
+    assert rep["round_to"]["latency_weighted"] is False
+    assert all(g["width_after"] % 8 == 0 or g["width_after"] == g["width_before"] for g in rep["groups"])
+    ok(run_cli("prune", MODELS / "mnist_cnn.onnx", "-o", tmp_path / "l1.onnx", *args, "--criterion", "l1",
+               "--flops-target", "0.5", "--report", tmp_path / "l1.json"))
+    assert rep["accuracy"]["after"] >= json.loads((tmp_path / "l1.json").read_text())["accuracy"]["after"]
+
+
+def test_descent_needs_a_target(tmp_path):
+    proc = run_cli("prune", MODELS / "mnist_cnn.onnx", "-o", tmp_path / "x.onnx", "--calib",
+                   MODELS / "mnist_calib.npz", "--criterion", "descent", "--no-progress")
+    assert proc.returncode == 2 and "--criterion descent needs --flops-target" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
+
+
+def test_a_model_with_nothing_to_prune_is_written_whole(tmp_path):
+    """Every group blocked (the conv's channels are a graph output): the descent keeps everything, as L1 does."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g", [x], [y], [w])
+    src = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), src)
+    reports = {c: api.prune(src, tmp_path / f"{c}.onnx", calib="random:4", criterion=c, flops_target=0.5,
+                            latency=False) for c in ("descent", "l1")}
+    for rep in reports.values():
+        assert rep["verification"]["passed"] and rep["macs_after"] == rep["macs_before"]
+    assert reports["descent"]["search"]["trials"] == 0
