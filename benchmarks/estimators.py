@@ -20,9 +20,11 @@ calibration samples and provider:
    one variant per estimator, damage point, normalization and `--thresholds` value);
 3. per MACs target, test accuracy of the cut without recovery and after least-squares reconstruction
    (`--reconstruct`, on `--recon-samples` calibration samples): oracle, every AOFP variant (mean and
-   min over seeds), L1, random (mean over seeds); then the issue's checks for the default settings:
-   without recovery the variant the default `--accept-by` runs when the cut ships as it is, with
-   reconstruction the one it runs under `--reconstruct` (the same unless the default is `auto`).
+   min over seeds), the descent criterion (`--descent-step`: `prune --criterion descent --round-to K`;
+   one run, nothing in it is random), L1, random (mean over seeds); then the issue's checks for the
+   default settings (without recovery the variant the default `--accept-by` runs when the cut ships as
+   it is, with reconstruction the one it runs under `--reconstruct`, the same unless the default is
+   `auto`) and for the descent.
 
 Variants are named ESTIMATOR@POINT/NORM[ by=ACCEPT][ t=THRESHOLD][ fit=K] (by: `--accept-by`, its default
 where not given; `by=auto` resolves as `prune` without `--reconstruct` does; fit=K: the widths then rounded to
@@ -46,6 +48,7 @@ from aofp_onnx.calib import input_specs, load_data
 from aofp_onnx.check import DownstreamParts
 from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.damage_point import resolve, resolve_accept, resolve_norm
+from aofp_onnx.descent import descend
 from aofp_onnx.estimate import ESTIMATORS, RIDGE, mean_scores, ridge_scores
 from aofp_onnx.masking import masked_model
 from aofp_onnx.oracle import oracle, output_damage
@@ -104,6 +107,8 @@ def run_task(name: str, args) -> list[str]:
                   f"{auto['limit']:g})", flush=True)
     engines = {site: TrialEngine(cmap, args.provider, damage_at=points[site.split("/")[0]][0],
                                  damage_norm=site.split("/")[1]) for site in sites}
+
+    descent_engine = TrialEngine(cmap, args.provider, damage_at="next", damage_norm=resolve_norm(cmap, "auto"))
 
     def search(variant, seed, target, trials_per_half=args.trials_per_half, max_trials=None):
         est, at, t, by, fit = variant_parts(variant)
@@ -190,6 +195,14 @@ def run_task(name: str, args) -> list[str]:
             rows[f"aofp {variant}"] = (accs, secs, cpus)
             print(f"   [{name} x{target}] aofp {variant}: {np.mean(accs, axis=0)} {np.median(secs):.1f} s "
                   f"(CPU {np.median(cpus):.1f} s)", flush=True)
+        if args.descent_step:  # deterministic: one run
+            start, cpu = time.perf_counter(), time.process_time()
+            keep, _, info = descend(cmap, descent_engine, check_batches(batches), target=target, step=args.descent_step,
+                                    stack=descent_engine.max_stack(args.batch), errors=CutErrors(cmap, batches,
+                                                                                                args.provider))
+            rows["descent"] = ([scores_of(keep)], [time.perf_counter() - start], [time.process_time() - cpu])
+            print(f"   [{name} x{target}] descent: {rows['descent'][0][0]} {rows['descent'][1][0]:.1f} s "
+                  f"({info['forwards']} forwards)", flush=True)
         rows["l1"] = ([scores_of(select_by_score(cmap, l1_scores(cmap), target))], [0.0], [0.0])
         rows["random"] = ([scores_of(select_by_score(cmap, random_scores(cmap, s), target)) for s in args.seeds],
                           [0.0], [0.0])
@@ -211,26 +224,27 @@ def run_task(name: str, args) -> list[str]:
         # the default settings, also when run under the names auto resolves to (e.g. --damage-norm sample, and
         # --accept-by: without recovery it may check at the outputs, with --reconstruct it may not)
         default = {k: default_row(rows, cmap, refit=bool(k)) for k in (0, 1)}
-        if None in default.values():  # the default variant was not run: no checks
-            continue
+        checked = ([default] if None not in default.values() else []) + \
+            ([{0: "descent", 1: "descent"}] if "descent" in rows else [])  # the default AOFP when it ran
         mean = lambda key, k: float(np.mean(np.array(rows[key][0])[:, k]))  # noqa: E731
-        for k, kind in ((0, "no recovery"), (1, "reconstructed")):
-            aofp_acc = mean(default[k], k)
-            # one test set's resolution: the binomial standard error of an accuracy p on n samples
-            se = 100 * np.sqrt(aofp_acc * (1 - aofp_acc) / len(test))
-            lines.append(f"{name} x{target} {kind} ({default[k]}): AOFP {100 * aofp_acc:.2f}% >= L1 "
-                         f"{100 * mean('l1', k):.2f}%: {aofp_acc >= mean('l1', k)}; >= random "
-                         f"{100 * mean('random', k):.2f}%: {aofp_acc >= mean('random', k)} (standard error of one "
-                         f"accuracy on these {len(test)} test samples: {se:.2f} points)")
-        if "oracle" not in rows:
-            continue
-        gap = 100 * (mean("oracle", 0) - mean(default[0], 0))
-        lines.append(f"{name} x{target}: oracle - AOFP (no recovery) {gap:.2f} points (<= 2: {gap <= 2})")
-        for k in (0, 1) if default[0] != default[1] else (0,):
-            d = rows[default[k]]
-            speed, speed_cpu = oracle_s / statistics.median(d[1]), oracle_cpu / statistics.median(d[2])
-            lines.append(f"{name} x{target}: {default[k]} search x{speed:.1f} faster than the oracle in wall time, "
-                         f"x{speed_cpu:.1f} in CPU time (>= 10: {speed >= 10}, {speed_cpu >= 10})")
+        for row in checked:
+            for k, kind in ((0, "no recovery"), (1, "reconstructed")):
+                acc = mean(row[k], k)
+                # one test set's resolution: the binomial standard error of an accuracy p on n samples
+                se = 100 * np.sqrt(acc * (1 - acc) / len(test))
+                lines.append(f"{name} x{target} {kind} ({row[k]}): {100 * acc:.2f}% >= L1 "
+                             f"{100 * mean('l1', k):.2f}%: {acc >= mean('l1', k)}; >= random "
+                             f"{100 * mean('random', k):.2f}%: {acc >= mean('random', k)} (standard error of one "
+                             f"accuracy on these {len(test)} test samples: {se:.2f} points)")
+            if "oracle" not in rows:
+                continue
+            gap = 100 * (mean("oracle", 0) - mean(row[0], 0))
+            lines.append(f"{name} x{target}: oracle - {row[0]} (no recovery) {gap:.2f} points (<= 2: {gap <= 2})")
+            for k in (0, 1) if row[0] != row[1] else (0,):
+                d = rows[row[k]]
+                speed, speed_cpu = oracle_s / statistics.median(d[1]), oracle_cpu / statistics.median(d[2])
+                lines.append(f"{name} x{target}: {row[k]} search x{speed:.1f} faster than the oracle in wall time, "
+                             f"x{speed_cpu:.1f} in CPU time (>= 10: {speed >= 10}, {speed_cpu >= 10})")
 
     return lines
 
@@ -331,6 +345,8 @@ def main():
     parser.add_argument("--no-oracle", action="store_true", help="AOFP, L1 and random only (no oracle column)")
     parser.add_argument("--no-spearman", action="store_true", help="only the accuracy tables")
     parser.add_argument("--spearman-only", action="store_true", help="only the Spearman table (and one oracle run)")
+    parser.add_argument("--descent-step", type=int, default=8,
+                        help="the descent criterion's row, in steps of this many channels (prune --round-to); 0: none")
     parser.add_argument("--provider", default="cpu")
     args = parser.parse_args()
     for variant in args.variants or []:
@@ -341,7 +357,7 @@ def main():
     checks = []
     for name in args.tasks:
         checks += run_task(name, args)
-    print(f"\nchecks for the default AOFP ({DEFAULT}):")
+    print(f"\nchecks for the default AOFP ({DEFAULT}) and the descent criterion:")
     for line in checks:
         print("   " + line)
 
