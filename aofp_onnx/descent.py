@@ -58,7 +58,8 @@ def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: 
 
 
 def descend(cmap: ChannelMap, engine: TrialEngine, batches: list[dict[str, np.ndarray]], *, target: float,
-            step: int, stack: int, min_channels: int = 1, cost=None, errors=None) -> tuple[np.ndarray, np.ndarray, dict]:
+            step: int, stack: int, min_channels: int = 1, cost=None,
+            errors=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(keep, scores, the report's search section): the ranking on `batches`, then the descent to `target` in
     steps of `step` channels, valued by `errors` (`search_run.CutErrors`, its budget raised to
     DESCENT_FORWARDS) or, without, by the scores."""

@@ -96,6 +96,9 @@ def prune_hints(rep: dict, *, reconstruct: bool, flops_target: float | None) -> 
         hints.append("a lower --threshold")
     if rep.get("criterion") in ("l1", "random"):
         hints.append("--criterion aofp")
+    by_output = (rep.get("round_to") or {}).get("by") == "output"  # a classifier: the output error is read
+    if flops_target is not None and by_output and rep.get("criterion") != "descent":
+        hints.append("--criterion descent (one ablation per channel, widths by the output error)")
     hints.append("fine-tuning the result (aofp-onnx finetune OUT --teacher MODEL --data SRC)")
     return tuple(hints)
 

@@ -117,6 +117,7 @@ def test_a_collapsed_cut_warns_loudly_and_reports_numpy_exact_fidelity(tmp_path)
     assert "<- COLLAPSED" in proc.stdout and "fidelity pruned vs original on 64 held-out samples" in proc.stdout
     assert "WARNING: the output collapsed ('logits')" in proc.stderr
     assert "Try: --reconstruct" in proc.stderr and "--flops-target 0.5" in proc.stderr
+    assert "--criterion descent" in proc.stderr  # a classifier: its landing read the output error
     assert rep["latency_ms"] is None  # --no-latency
     assert not any(line.startswith("latency") for line in proc.stdout.splitlines())
 
