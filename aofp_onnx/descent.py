@@ -1,9 +1,12 @@
 """The descent criterion: channels ranked by one ablation each, widths found by the output error.
 
 Ranking: every prunable channel c is removed alone from the full model and its damage d_c read where AOFP
-reads a trial's (`trial.TrialEngine`; by default the next layers, the paper's damage), on the output checks'
-samples (`search_run.check_batches`). Row i of a stacked run removes channel i of every group at once, so the
-whole ranking is W trial rows for the widest group's W channels. Widths: from the full model,
+reads a trial's (`--damage-at auto`: the outputs on the digits nets, the next layers on the PP-OCR
+classifier), on the output checks' samples (`search_run.check_batches`). At the next layers (or a block),
+through the trial graph (`trial.TrialEngine`): row i of a stacked run removes channel i of every group at once,
+so the whole ranking is W trial rows for the widest group's W channels (a cost that grows with W: over 9
+minutes on open_nsfw's ResNet-50, W 2048, 224², 24 images, where AOFP's whole prune took 51 s). At the
+outputs, through the oracle's single ablations on each group's downstream part. Widths: from the full model,
 `select.fit_to_target` with `stride`: for every group, the cut that removes the lowest-ranked share STRIDE of
 its kept channels (a multiple of the rounding step, at least one); the one whose output error
 (`search_run.CutErrors`, Σ_o ‖y_o − y_o,K‖² / Σ_o ‖y_o‖²) grows least per unit of cost saved is taken, until
@@ -30,7 +33,7 @@ import numpy as np
 from . import damage_point
 from .groups import ChannelMap
 from .select import fit_to_target
-from .trial import TrialEngine
+from .trial import DEFAULT_MEMORY_BUDGET, TrialEngine
 
 # share of its width a group gives up per step down: 1/4 took 40 % fewer forwards on the PP-OCR classifier
 # (97.1 / 91.6 % at 0.7 / 0.5) but kept 12.2 % of the digits at 0.5 against 22.1 % (the oracle 14.9 %)
@@ -57,30 +60,59 @@ def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: 
     return damage, widest * len(batches)
 
 
-def descend(cmap: ChannelMap, engine: TrialEngine, batches: list[dict[str, np.ndarray]], *, target: float,
-            step: int, stack: int, min_channels: int = 1, cost=None,
-            errors=None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(keep, scores, the report's search section): the ranking on `batches`, then the descent to `target` in
-    steps of `step` channels, valued by `errors` (`search_run.CutErrors`, its budget raised to
+def descend(cmap: ChannelMap, rank, batches: list[dict[str, np.ndarray]], *, target: float, step: int,
+            min_channels: int = 1, cost=None, errors=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(keep, scores, the report's search section): `rank(batches) -> (d, trial rows)`, then the descent to
+    `target` in steps of `step` channels, valued by `errors` (`search_run.CutErrors`, its budget raised to
     DESCENT_FORWARDS) or, without, by the scores."""
     start = time.perf_counter()
-    scores, trials = ablations(cmap, engine, cmap.full_keep(), batches, stack)
+    scores, trials = rank(batches)
     ranked = time.perf_counter() - start
     if errors is not None:
         errors.allow(DESCENT_FORWARDS)
     keep = fit_to_target(cmap, cmap.full_keep(), scores, target, step, min_channels, cost, errors, stride=STRIDE)
-    info = {"trials": trials, "seconds": time.perf_counter() - start, "ranking_seconds": ranked,
-            "provider": engine.provider, "stride": STRIDE}
+    info = {"trials": trials, "seconds": time.perf_counter() - start, "ranking_seconds": ranked, "stride": STRIDE}
     if errors is not None:
         info.update(forwards=errors.checks, **({"budget_spent": True} if errors.spent else {}))
     return keep, scores, info
 
 
+def ranking(cmap: ChannelMap, point: str, norm: str, provider: str = "auto", memory: int = DEFAULT_MEMORY_BUDGET,
+            pinned: bool = False):
+    """(`rank(batches) -> (d, trial rows)`, the provider it runs on): at the outputs the oracle's single
+    ablations (`oracle.output_damage`, each group's on its downstream part, stacked: x4-5 faster than the
+    output trial graph on the digits ResNet-20), elsewhere `ablations` through the trial graph."""
+    from .check import DownstreamParts
+    from .oracle import output_damage
+    from .trial import activation_bytes
+
+    full = cmap.full_keep()
+    if point == "output":
+        parts = DownstreamParts(cmap, provider, memory)
+        slots = np.concatenate([g.slots for g in cmap.prunable])
+
+        def rank(batches):
+            n = len(next(iter(batches[0].values())))
+            stack = 1 if pinned else min(64, max(1, int(memory // (activation_bytes(cmap) * n))))
+            damage = np.zeros(cmap.n_slots)
+            damage[slots] = output_damage(parts.runner, batches, full, slots, stack, parts)
+            return damage, len(slots) * len(batches)
+
+        return rank, parts.runner.provider
+    engine = TrialEngine(cmap, provider, memory, None, point, norm)
+
+    def rank(batches):
+        stack = 1 if pinned else engine.max_stack(len(next(iter(batches[0].values()))))
+        return ablations(cmap, engine, full, batches, stack)
+
+    return rank, engine.provider
+
+
 def run(pruner, *, target: float, step: int, min_channels: int = 1, cost=None, errors=None, provider: str = "auto",
-        batch_size: int = 32, memory_budget: int | None = None, damage_at: str = "next", damage_norm: str = "auto",
+        batch_size: int = 32, memory_budget: int | None = None, damage_at: str = "auto", damage_norm: str = "auto",
         ) -> tuple[np.ndarray, np.ndarray, dict]:
     """`descend` on the pruner's output-check samples (`search_run.check_batches`), its damage read where
-    `damage_at` and `damage_norm` say (`auto` resolves as AOFP's do, `damage_point`)."""
+    `damage_at` and `damage_norm` resolve as AOFP's do (`damage_point`)."""
     from .search_run import calibration_batches, check_batches, memory_budget_of, pinned_note
 
     cmap = pruner.cmap
@@ -89,10 +121,10 @@ def run(pruner, *, target: float, step: int, min_channels: int = 1, cost=None, e
     pinned = bool(getattr(pruner, "pinned", None))
     point, auto = damage_point.resolve(cmap, damage_at, pinned)
     norm = damage_point.resolve_norm(cmap, damage_norm)
-    engine = TrialEngine(cmap, provider, memory_budget_of(memory_budget), None, point, norm)
+    rank, used = ranking(cmap, point, norm, provider, memory_budget_of(memory_budget), pinned)
     batches = check_batches(calibration_batches(pruner, batch_size))
-    stack = 1 if pinned else engine.max_stack(len(next(iter(batches[0].values()))))
-    keep, scores, info = descend(cmap, engine, batches, target=target, step=step, stack=stack,
-                                 min_channels=min_channels, cost=cost, errors=errors)
-    return keep, scores, {**info, "damage_at": point, "damage_norm": norm, **({"damage_at_auto": auto} if auto else {}),
+    keep, scores, info = descend(cmap, rank, batches, target=target, step=step, min_channels=min_channels, cost=cost,
+                                 errors=errors)
+    return keep, scores, {**info, "provider": used, "damage_at": point, "damage_norm": norm,
+                          **({"damage_at_auto": auto} if auto else {}),
                           **({"batch": pinned_note(batches)} if pinned else {})}

@@ -48,7 +48,7 @@ from aofp_onnx.calib import input_specs, load_data
 from aofp_onnx.check import DownstreamParts
 from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.damage_point import resolve, resolve_accept, resolve_norm
-from aofp_onnx.descent import descend
+from aofp_onnx.descent import descend, ranking
 from aofp_onnx.estimate import ESTIMATORS, RIDGE, mean_scores, ridge_scores
 from aofp_onnx.masking import masked_model
 from aofp_onnx.oracle import oracle, output_damage
@@ -108,7 +108,7 @@ def run_task(name: str, args) -> list[str]:
     engines = {site: TrialEngine(cmap, args.provider, damage_at=points[site.split("/")[0]][0],
                                  damage_norm=site.split("/")[1]) for site in sites}
 
-    descent_engine = TrialEngine(cmap, args.provider, damage_at="next", damage_norm=resolve_norm(cmap, "auto"))
+    descent_rank = ranking(cmap, resolve(cmap, "auto")[0], resolve_norm(cmap, "auto"), args.provider)[0]
 
     def search(variant, seed, target, trials_per_half=args.trials_per_half, max_trials=None):
         est, at, t, by, fit = variant_parts(variant)
@@ -197,9 +197,8 @@ def run_task(name: str, args) -> list[str]:
                   f"(CPU {np.median(cpus):.1f} s)", flush=True)
         if args.descent_step:  # deterministic: one run
             start, cpu = time.perf_counter(), time.process_time()
-            keep, _, info = descend(cmap, descent_engine, check_batches(batches), target=target, step=args.descent_step,
-                                    stack=descent_engine.max_stack(args.batch), errors=CutErrors(cmap, batches,
-                                                                                                args.provider))
+            keep, _, info = descend(cmap, descent_rank, check_batches(batches), target=target, step=args.descent_step,
+                                    errors=CutErrors(cmap, batches, args.provider))
             rows["descent"] = ([scores_of(keep)], [time.perf_counter() - start], [time.process_time() - cpu])
             print(f"   [{name} x{target}] descent: {rows['descent'][0][0]} {rows['descent'][1][0]:.1f} s "
                   f"({info['forwards']} forwards)", flush=True)

@@ -14,6 +14,8 @@ import zoo
 from aofp_onnx import api, descent, select
 from aofp_onnx.api import Pruner
 from aofp_onnx.criteria import l1_scores, random_scores
+from aofp_onnx.masking import KEEP_INPUT, keep_feed, masked_model
+from aofp_onnx.runtime import Runner
 from aofp_onnx.search_run import CutErrors
 from aofp_onnx.trial import TrialEngine
 from cliutil import ok, run_cli
@@ -48,6 +50,25 @@ def test_the_ranking_is_each_channel_removed_alone(vgg):
             np.testing.assert_allclose(d[c], alone, rtol=1e-5)
 
 
+def test_at_the_outputs_the_ranking_is_each_channel_removed_alone_from_the_model(vgg):
+    """d_c = Σ_b Σ‖y − y_c‖² / Σ_b Σ‖y‖², the masked model run whole without c, on every batch."""
+    cmap, batches = vgg
+    rank, _ = descent.ranking(cmap, "output", "sample", "cpu")
+    d, trials = rank(batches)
+    assert trials == cmap.n_slots * len(batches)
+    runner = Runner(masked_model(cmap), "cpu")
+    full = cmap.full_keep()
+    for c in np.random.default_rng(0).choice(np.flatnonzero(d[:cmap.n_slots] > 0), 3, replace=False):
+        keep = full.copy()
+        keep[c] = False
+        num = den = 0.0
+        for feeds in batches:
+            (y,), (y_c,) = (runner.run({**feeds, KEEP_INPUT: keep_feed(k)}) for k in (full, keep))
+            num += np.sum((y.astype(np.float64) - y_c) ** 2)
+            den += np.sum(y.astype(np.float64) ** 2)
+        np.testing.assert_allclose(d[c], num / den, rtol=1e-4)
+
+
 def test_a_step_down_removes_a_share_of_the_width(vgg):
     """With stride s and step q, a group of width w gives up max(q, q·round(w·s/q)) channels per step down."""
     cmap, _ = vgg
@@ -67,9 +88,9 @@ def test_a_step_down_removes_a_share_of_the_width(vgg):
 
 def test_the_descent_cut_errs_less_than_l1_and_random_at_the_same_macs(vgg):
     cmap, batches = vgg
-    engine = TrialEngine(cmap, "cpu", damage_at="next", damage_norm="sample")
+    rank, _ = descent.ranking(cmap, "next", "sample", "cpu")
     errors = CutErrors(cmap, batches, "cpu")
-    keep, scores, info = descent.descend(cmap, engine, batches, target=0.6, step=1, stack=8, errors=errors)
+    keep, scores, info = descent.descend(cmap, rank, batches, target=0.6, step=1, errors=errors)
     assert cmap.macs(keep) <= 0.6 * cmap.total_macs
     assert info["forwards"] == errors.checks > len(cmap.prunable)
     measure = CutErrors(cmap, batches, "cpu")
