@@ -244,8 +244,8 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     if criterion == "descent":  # it lands as it searches, on the same forwards
         search_options.update(step=step, errors=errors)
     # (AOFP and the oracle show their own progress)
-    with phases("descent", "ranking every channel, then the widths by the output error") if criterion == "descent" \
-            else nullcontext():
+    what = f"ranking {pruner.cmap.n_slots} channels, one ablation each, then the widths by the output error"
+    with phases("descent", what) if criterion == "descent" else nullcontext():
         keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
                                            seed=seed, provider=provider, batch_size=batch_size, table=table,
                                            latency_target=latency_target, weights=weights, **search_options)
