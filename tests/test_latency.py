@@ -226,7 +226,7 @@ def fake_measurements(ratios: list[float]):
     return fake_measure, calls
 
 
-@pytest.mark.parametrize("criterion", ["l1", "aofp"])
+@pytest.mark.parametrize("criterion", ["l1", "aofp", "descent"])
 def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp_path, monkeypatch, criterion):
     pruner = api.Pruner.load(chain, data="random:8")
     monkeypatch.setattr(latency, "build_table", lambda cmap, *a, **k: fake_table(pruner))
@@ -242,7 +242,7 @@ def test_prune_latency_target_reports_target_estimate_and_measurement(chain, tmp
     assert rounds[1]["estimated"] > rounds[0]["estimated"] and rounds[1]["kept"] and "kept" not in rounds[0]
     assert lat["target"] == 0.6 and lat["measured"] == 0.6 and lat["estimated"] == rounds[1]["estimated"] <= 0.8
     assert {k: v for k, v in rep["round_to"].items() if k != "tensorrt"} == \
-        {"given": 8, "used": 8, "latency_weighted": True, "by": "scores"}
+        {"given": 8, "used": 8, "latency_weighted": criterion != "descent", "by": "scores"}
     assert rep["round_to"]["tensorrt"]["fp16"]["off"] == []
     assert rep["targets"]["macs"]["target"] is None
     assert all(g["width_after"] % 8 == 0 for g in rep["groups"] if g["width_after"] != g["width_before"])
