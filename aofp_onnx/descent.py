@@ -31,7 +31,10 @@ import time
 import numpy as np
 
 from . import damage_point
+from .check import DownstreamParts
 from .groups import ChannelMap
+from .oracle import ablation_stack, output_damage
+from .search_run import calibration_batches, check_batches, memory_budget_of, pinned_note
 from .select import fit_to_target
 from .trial import DEFAULT_MEMORY_BUDGET, TrialEngine
 
@@ -50,13 +53,12 @@ def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: 
     damage = np.zeros(cmap.n_slots)
     for start in range(0, widest, stack):
         index = np.arange(start, min(widest, start + stack))
+        within = [index[index < len(g.slots)] for g in cmap.prunable]  # the indices each group is wide enough for
         rows = np.ones((len(index), cmap.n_slots + 1), dtype=np.float32)
-        for g in cmap.prunable:
-            at = index[index < len(g.slots)]
+        for g, at in zip(cmap.prunable, within):
             rows[at - start, g.slots[at]] = 0.0
         got = sum(engine.damage(keep, rows, feeds) for feeds in batches) / len(batches)
-        for k, g in enumerate(cmap.prunable):
-            at = index[index < len(g.slots)]
+        for k, (g, at) in enumerate(zip(cmap.prunable, within)):
             damage[g.slots[at]] = got[at - start, k]
     return damage, widest * len(batches)
 
@@ -82,19 +84,15 @@ def ranking(cmap: ChannelMap, point: str, norm: str, provider: str = "auto", mem
             pinned: bool = False):
     """(`rank(batches) -> (d, trial rows)`, the provider it runs on): at the outputs the oracle's single
     ablations (`oracle.output_damage`, each group's on its downstream part, stacked: 4.8 s against 12.3 s
-    through the output trial graph on the digits ResNet-20, 64 samples), elsewhere `ablations` through the trial graph."""
-    from .check import DownstreamParts
-    from .oracle import output_damage
-    from .trial import activation_bytes
-
+    through the output trial graph on the digits ResNet-20, 64 samples), elsewhere `ablations` through the
+    trial graph."""
     full = cmap.full_keep()
     if point == "output":
         parts = DownstreamParts(cmap, provider, memory)
         slots = np.concatenate([g.slots for g in cmap.prunable])
 
         def rank(batches):
-            n = len(next(iter(batches[0].values())))
-            stack = 1 if pinned else min(64, max(1, int(memory // (activation_bytes(cmap) * n))))
+            stack = ablation_stack(cmap, memory, len(next(iter(batches[0].values()))), pinned)
             damage = np.zeros(cmap.n_slots)
             damage[slots] = output_damage(parts.runner, batches, full, slots, stack, parts)
             return damage, len(slots) * len(batches)
@@ -114,8 +112,6 @@ def run(pruner, *, target: float, step: int, min_channels: int = 1, cost=None, e
         ) -> tuple[np.ndarray, np.ndarray, dict]:
     """`descend` on the pruner's output-check samples (`search_run.check_batches`), its damage read where
     `damage_at` and `damage_norm` resolve as AOFP's do (`damage_point`)."""
-    from .search_run import calibration_batches, check_batches, memory_budget_of, pinned_note
-
     cmap = pruner.cmap
     if not cmap.prunable:
         return cmap.full_keep(), np.zeros(cmap.n_slots), {"trials": 0, "seconds": 0.0, "provider": None}

@@ -23,6 +23,15 @@ from .masking import KEEP_INPUT, keep_feed
 from .runtime import Runner
 from .search import SearchStats, macs_ratio_of
 from .select import floor_for
+from .trial import activation_bytes, stack_within
+
+MAX_STACK = 64  # ablations per stacked run at most, whatever the memory budget allows
+
+
+def ablation_stack(cmap: ChannelMap, memory: int, batch: int, pinned: bool = False) -> int:
+    """Single ablations per stacked run on a `batch` of samples within `memory` bytes (1 where the file pins the
+    batch)."""
+    return 1 if pinned else min(MAX_STACK, stack_within(activation_bytes(cmap), memory, batch))
 
 
 def _tile(feeds: dict[str, np.ndarray], times: int) -> dict[str, np.ndarray]:

@@ -12,12 +12,12 @@ import numpy as np
 from . import damage_point, estimate
 from .errors import InputError
 from .check import CHECK_SAMPLES, DownstreamParts
-from .oracle import oracle
+from .oracle import ablation_stack, oracle
 from .progress import SearchProgress
 from .search import (ACCEPT_BY, DEFAULT_ACCEPT_BY, DEFAULT_DAMAGE_AT, DEFAULT_ESTIMATOR, aofp, default_threshold,
                      macs_ratio_of)
 from .statefile import STATE_FORMAT, data_digest, load_state, save_state
-from .trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY_BUDGET, TrialEngine, activation_bytes
+from .trial import DAMAGE_AT, DAMAGE_NORMS, DEFAULT_DAMAGE_NORM, DEFAULT_MEMORY_BUDGET, TrialEngine
 
 # the most cuts `--round-by output` runs (CutErrors): 17-348 on the digits nets and the PP-OCR classifier, where
 # PP-LCNet (224², 17 groups) asked 1437 at 0.8 of the MACs: 66 s, most of its prune
@@ -160,10 +160,9 @@ def run(pruner, criterion: str, *, flops_target: float | None, min_channels: int
             raise InputError("--criterion oracle needs --flops-target")
         parts = DownstreamParts(cmap, provider, budget)
         runner = parts.runner
-        stack = 1 if pinned else max(1, int(budget // (activation_bytes(cmap) * len(next(iter(batches[0].values()))))))
+        stack = ablation_stack(cmap, budget, len(next(iter(batches[0].values()))), pinned)
         keep, scores, stats = oracle(cmap, runner, batches, flops_target=flops_target, oracle_step=oracle_step,
-                                     min_channels=min_channels, stack=min(stack, 64), progress=show, cost=cost,
-                                     parts=parts)
+                                     min_channels=min_channels, stack=stack, progress=show, cost=cost, parts=parts)
         used = runner.provider
     else:
         if tuner is not None:

@@ -337,6 +337,11 @@ def activation_bytes(cmap: ChannelMap) -> int:
     return max(min(STACK_FACTOR * peak, total), 1)
 
 
+def stack_within(sample_bytes: int, memory: int, batch: int) -> int:
+    """How many stacked copies of a `batch` of samples of `sample_bytes` activations each fit `memory` (at least 1)."""
+    return max(1, int(memory // (sample_bytes * batch)))
+
+
 class TrialEngine:
     """The trial graph's session; scores stacked trials for every group in one run.
 
@@ -359,7 +364,7 @@ class TrialEngine:
         self.memory_budget = memory_budget
 
     def max_stack(self, batch: int) -> int:
-        return max(1, int(self.memory_budget // (self.sample_bytes * batch)))
+        return stack_within(self.sample_bytes, self.memory_budget, batch)
 
     def _session_for(self, active: tuple[int, ...]) -> tuple[tuple[int, ...], Runner]:
         covered = self._session[0]
