@@ -79,11 +79,33 @@ def test_a_step_down_removes_a_share_of_the_width(vgg):
         return np.arange(len(keeps), dtype=float)  # the first group's step adds the least error per MAC
 
     scores = np.random.default_rng(0).random(cmap.n_slots)
-    select.fit_to_target(cmap, cmap.full_keep(), scores, 0.99, 8, 1, None, damage, stride=1 / 8)
+    descent.lower(cmap, cmap.full_keep(), scores, 0.99, 8, 1, None, damage)
     first = calls[0]
     removed = [int((~k[:-1]).sum()) for k in first[1:]]
     assert min(g.width for g in cmap.prunable) >= 16 and max(g.width for g in cmap.prunable) >= 64
     assert removed == [max(8, 8 * round(g.width / 8 / 8)) for g in cmap.prunable]
+
+
+def test_the_lazy_descent_takes_the_steps_a_full_valuation_would_where_values_do_not_move(vgg, monkeypatch):
+    """An additive output error (each channel's removal adds its own weight) leaves every step's value as it
+    was: reusing values between full valuations takes the same steps, for fewer forwards."""
+    cmap, _ = vgg
+    weight = np.random.default_rng(1).random(cmap.n_slots + 1)
+    scores = np.random.default_rng(2).random(cmap.n_slots)
+
+    def run(refresh):
+        monkeypatch.setattr(descent, "REFRESH", refresh)
+        seen = set()
+
+        def damage(keeps):
+            seen.update(k.tobytes() for k in keeps)
+            return np.array([float(weight[~k].sum()) for k in keeps])
+        return descent.lower(cmap, cmap.full_keep(), scores, 0.5, 4, 1, None, damage), len(seen)
+
+    shipped = descent.REFRESH
+    (full, full_runs), (lazy, lazy_runs) = run(1), run(shipped)
+    assert np.array_equal(full, lazy) and cmap.macs(lazy) <= 0.5 * cmap.total_macs
+    assert lazy_runs < full_runs  # few groups here: 28 against 34
 
 
 def test_the_descent_cut_errs_less_than_l1_and_random_at_the_same_macs(vgg):
