@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import onnx
@@ -208,7 +207,7 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     _check_verify_samples(verify_samples)
     check_criterion(criterion, flops_target, latency_target)
     phases = Phases(progress)
-    if criterion in ("aofp", "oracle"):
+    if criterion in ("aofp", "oracle", "descent"):
         search_options["progress"] = progress
     if criterion == "aofp":
         search_options["refit"] = reconstruct  # what --accept-by auto decides by (damage_point)
@@ -243,12 +242,9 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     errors = step_errors(pruner, by, provider, batch_size, search_options.get("memory_budget"))
     if criterion == "descent":  # it lands as it searches, on the same forwards
         search_options.update(step=step, errors=errors)
-    # (AOFP and the oracle show their own progress)
-    what = f"ranking {pruner.cmap.n_slots} channels, one ablation each, then the widths by the output error"
-    with phases("descent", what) if criterion == "descent" else nullcontext():
-        keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
-                                           seed=seed, provider=provider, batch_size=batch_size, table=table,
-                                           latency_target=latency_target, weights=weights, **search_options)
+    keep, scores, search = choose_keep(pruner, criterion, flops_target=flops_target, min_channels=min_channels,
+                                       seed=seed, provider=provider, batch_size=batch_size, table=table,
+                                       latency_target=latency_target, weights=weights, **search_options)
     if labelled is not None:  # after the search, so that refused options never wait for it
         with phases("accuracy", f"the original on {len(labelled)} labelled samples"):
             before = accuracy(original, labelled, provider)

@@ -5,7 +5,7 @@ reads a trial's (`--damage-at auto`: the outputs on the digits nets, the next la
 classifier), on the output checks' samples (`search_run.check_batches`). At the next layers (or a block),
 through the trial graph (`trial.TrialEngine`): row i of a stacked run removes channel i of every group at once,
 so the whole ranking is W trial rows for the widest group's W channels (a cost that grows with W: over 9
-minutes on open_nsfw's ResNet-50, W 2048, 224², 24 images, where AOFP's whole prune took 51 s). At the
+minutes on open_nsfw's ResNet-50, W 1024, 224², 24 images, where AOFP's whole prune took 51 s). At the
 outputs, through the oracle's single ablations on each group's downstream part. Widths: from the full model
 (`lower`), for every group the cut that removes the lowest-ranked share STRIDE of its kept channels (a multiple
 of the rounding step, at least one); the one whose output error (`search_run.CutErrors`, Σ_o ‖y_o − y_o,K‖² /
@@ -27,6 +27,8 @@ its landing). Through `prune` (README, `--criterion`): 88.1 % at 0.5 (the oracle
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -34,6 +36,7 @@ from . import damage_point
 from .check import DownstreamParts
 from .groups import ChannelMap
 from .oracle import ablation_stack, output_damage
+from .progress import SearchProgress
 from .search_run import calibration_batches, check_batches, memory_budget_of, pinned_note
 from .select import allowed_widths, fit_to_target, macs_cost, step_from
 from .trial import DEFAULT_MEMORY_BUDGET, TrialEngine
@@ -50,9 +53,10 @@ RECHECK = 3
 
 
 def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: list[dict[str, np.ndarray]],
-              stack: int) -> tuple[np.ndarray, int]:
+              stack: int, progress=None) -> tuple[np.ndarray, int]:
     """(d [slots], trial rows run): each prunable channel's damage when removed alone on top of `keep`, as
-    `engine` reads it, averaged over `batches`; row i removes channel i of every group wide enough."""
+    `engine` reads it, averaged over `batches`; row i removes channel i of every group wide enough.
+    `progress(trial rows run)` after each stacked run."""
     widest = max(len(g.slots) for g in cmap.prunable)
     damage = np.zeros(cmap.n_slots)
     for start in range(0, widest, stack):
@@ -64,11 +68,13 @@ def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: 
         got = sum(engine.damage(keep, rows, feeds) for feeds in batches) / len(batches)
         for k, (g, at) in enumerate(zip(cmap.prunable, within)):
             damage[g.slots[at]] = got[at - start, k]
+        if progress:
+            progress((start + len(index)) * len(batches))
     return damage, widest * len(batches)
 
 
 def lower(cmap: ChannelMap, keep: np.ndarray, scores: np.ndarray, target: float, step: int, min_channels: int = 1,
-          cost=None, errors=None) -> np.ndarray:
+          cost=None, errors=None, progress=None) -> np.ndarray:
     """`keep` narrowed until cost(keep) ≤ target, one step at a time: each step removes the lowest-ranked share
     STRIDE of one group's kept channels, from the group whose step adds the least output error
     (`errors(keeps)`, e_K' − e_K) per unit of cost saved, or, where `errors` is None or its budget spent, the
@@ -80,7 +86,8 @@ def lower(cmap: ChannelMap, keep: np.ndarray, scores: np.ndarray, target: float,
     the oracle (`benchmarks/estimators.py`) 96.7 / 89.5 % against 97.1 / 89.5 %; on the digits ResNet-20 (64
     samples) 91.7 / 34.8 % against 91.7 / 39.8 % (the oracle 55.1 / 14.9 %) for 83 / 135 forwards against
     134 / 225. In a first trial without RECHECK, refreshed every 3rd step: 97.5 / 86.7 % on the classifier;
-    every 2nd 97.1 / 85.7 %; never 76.6-81.1 % (steps of a quarter)."""
+    every 2nd 97.1 / 85.7 %; never 76.6-81.1 % (steps of a quarter). `progress(forwards (steps where no error
+    is read), cost, groups that can still narrow, groups)` after each step."""
     cost = cost or macs_cost(cmap)
     allowed = {g.id: allowed_widths(g.width, step, min_channels) for g in cmap.prunable}
     value: dict[int, float] = {}  # per group: its step's error (or score) per unit of cost, at some earlier keep
@@ -114,20 +121,29 @@ def lower(cmap: ChannelMap, keep: np.ndarray, scores: np.ndarray, target: float,
             fresh = [] if best in valued else [best]
         keep = found[best]
         del value[best]
+        if progress:
+            progress(errors.checks if errors is not None else taken + 1, cost(keep), len(found), len(cmap.prunable))
     return keep
 
 
 def descend(cmap: ChannelMap, rank, batches: list[dict[str, np.ndarray]], *, target: float, step: int,
-            min_channels: int = 1, cost=None, errors=None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(keep, scores, the report's search section): `rank(batches) -> (d, trial rows)`, then the descent to
-    `target` in steps of `step` channels, valued by `errors` (`search_run.CutErrors`, its budget raised to
-    DESCENT_FORWARDS) or, without, by the scores."""
+            min_channels: int = 1, cost=None, errors=None, progress: bool = False,
+            ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(keep, scores, the report's search section): `rank(batches, progress) -> (d, trial rows)`, then the
+    descent to `target` in steps of `step` channels, valued by `errors` (`search_run.CutErrors`, its budget
+    raised to DESCENT_FORWARDS) or, without, by the scores. With `progress`, a status line for each (on
+    open_nsfw's ResNet-50 the ranking alone ran over 9 minutes)."""
     start = time.perf_counter()
-    scores, trials = rank(batches)
+    with _status(progress, f"of {rank.rows(batches)} ranking rows", rank.rows(batches)) as show:
+        scores, trials = rank(batches, show and (lambda done: show(done, None, 0, 0)))
     ranked = time.perf_counter() - start
     if errors is not None:
         errors.allow(DESCENT_FORWARDS)
-    keep = lower(cmap, cmap.full_keep(), scores, target, step, min_channels, cost, errors)
+    name = "MACs" if cost is None else "latency"
+    with _status(progress, "forwards" if errors is not None else "steps", None, {name: target}) as show:
+        keep = lower(cmap, cmap.full_keep(), scores, target, step, min_channels, cost, errors,
+                     show and (lambda count, ratio, active, total: show(count, None, active, total,
+                                                                        **{name.lower(): ratio})))
     keep = fit_to_target(cmap, keep, scores, target, step, min_channels, cost, errors)  # the fill back up
     info = {"trials": trials, "seconds": time.perf_counter() - start, "ranking_seconds": ranked, "stride": STRIDE,
             "refresh": REFRESH, "recheck": RECHECK}
@@ -136,9 +152,26 @@ def descend(cmap: ChannelMap, rank, batches: list[dict[str, np.ndarray]], *, tar
     return keep, scores, info
 
 
+@contextmanager
+def _status(enabled: bool, counted: str, rows: int | None, targets: dict | None = None):
+    """`show(count, MACs ratio, active, total, **ratios)`: a `progress.SearchProgress` status line, its ETA from
+    the share of `rows` counted (the ranking) or from the `targets`' ratios (the steps); None when disabled."""
+    if not enabled:
+        yield None
+        return
+    line = SearchProgress("descent", targets, max_trials=rows, counted=counted,
+                          active="" if rows else "groups narrowing")
+    rounds = iter(range(1, 1 << 40))
+    try:
+        yield lambda count, *args, **ratios: line(SimpleNamespace(trials=count, rounds=next(rounds)), *args, **ratios)
+    finally:
+        line.close()
+
+
 def ranking(cmap: ChannelMap, point: str, norm: str, provider: str = "auto", memory: int = DEFAULT_MEMORY_BUDGET,
             pinned: bool = False):
-    """(`rank(batches) -> (d, trial rows)`, the provider it runs on): at the outputs the oracle's single
+    """(`rank(batches, progress=None) -> (d, trial rows)`, the provider it runs on; `rank.rows(batches)`: the
+    trial rows it will run, `progress(rows run)` after each stacked run): at the outputs the oracle's single
     ablations (`oracle.output_damage`, each group's on its downstream part, stacked: 4.8 s against 12.3 s
     through the output trial graph on the digits ResNet-20, 64 samples), elsewhere `ablations` through the
     trial graph."""
@@ -147,25 +180,27 @@ def ranking(cmap: ChannelMap, point: str, norm: str, provider: str = "auto", mem
         parts = DownstreamParts(cmap, provider, memory)
         slots = np.concatenate([g.slots for g in cmap.prunable])
 
-        def rank(batches):
+        def rank(batches, progress=None):
             stack = ablation_stack(cmap, memory, len(next(iter(batches[0].values()))), pinned)
             damage = np.zeros(cmap.n_slots)
-            damage[slots] = output_damage(parts.runner, batches, full, slots, stack, parts)
-            return damage, len(slots) * len(batches)
+            damage[slots] = output_damage(parts.runner, batches, full, slots, stack, parts, progress)
+            return damage, rank.rows(batches)
 
+        rank.rows = lambda batches: len(slots) * len(batches)
         return rank, parts.runner.provider
     engine = TrialEngine(cmap, provider, memory, None, point, norm)
 
-    def rank(batches):
+    def rank(batches, progress=None):
         stack = 1 if pinned else engine.max_stack(len(next(iter(batches[0].values()))))
-        return ablations(cmap, engine, full, batches, stack)
+        return ablations(cmap, engine, full, batches, stack, progress)
 
+    rank.rows = lambda batches: max(len(g.slots) for g in cmap.prunable) * len(batches)
     return rank, engine.provider
 
 
 def run(pruner, *, target: float, step: int, min_channels: int = 1, cost=None, errors=None, provider: str = "auto",
         batch_size: int = 32, memory_budget: int | None = None, damage_at: str = "auto", damage_norm: str = "auto",
-        ) -> tuple[np.ndarray, np.ndarray, dict]:
+        progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """`descend` on the pruner's output-check samples (`search_run.check_batches`), its damage read where
     `damage_at` and `damage_norm` resolve as AOFP's do (`damage_point`)."""
     cmap = pruner.cmap
@@ -177,7 +212,7 @@ def run(pruner, *, target: float, step: int, min_channels: int = 1, cost=None, e
     rank, used = ranking(cmap, point, norm, provider, memory_budget_of(memory_budget), pinned)
     batches = check_batches(calibration_batches(pruner, batch_size))
     keep, scores, info = descend(cmap, rank, batches, target=target, step=step, min_channels=min_channels, cost=cost,
-                                 errors=errors)
+                                 errors=errors, progress=progress)
     return keep, scores, {**info, "provider": used, "damage_at": point, "damage_norm": norm,
                           **({"damage_at_auto": auto} if auto else {}),
                           **({"batch": pinned_note(batches)} if pinned else {})}

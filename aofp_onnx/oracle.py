@@ -91,15 +91,15 @@ def _record_passing(passing: dict, now: float, keep: np.ndarray, seconds: float,
 
 
 def output_damage(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
-                  stack: int, parts: DownstreamParts | None = None) -> np.ndarray:
+                  stack: int, parts: DownstreamParts | None = None, progress=None) -> np.ndarray:
     """Σ‖y − y_c‖² / Σ‖y‖² over outputs and all batches, for removing each slot c alone on top of
-    `keep`."""
-    num, den = squared_errors(runner, batches, keep, slots, stack, parts)
+    `keep`; `progress(ablations run)` after each stacked run."""
+    num, den = squared_errors(runner, batches, keep, slots, stack, parts, progress)
     return num.sum(axis=1) / max(den.sum(), 1e-30)
 
 
 def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: np.ndarray, slots: np.ndarray,
-                   stack: int, parts: DownstreamParts | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   stack: int, parts: DownstreamParts | None = None, progress=None) -> tuple[np.ndarray, np.ndarray]:
     """Per runner output o: num[c, o] = Σ‖y_o − y_o,c‖² for removing slot c alone on top of `keep`, and
     den[o] = Σ‖y_o‖², summed over all batches. With `parts` (`check.DownstreamParts`, whose runner then runs
     the cut), each group's slots run on its downstream part, stacked, fed `keep`'s boundary tensors."""
@@ -108,6 +108,7 @@ def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: n
     outputs = runner.outputs
     num, den = np.zeros((len(slots), len(outputs))), np.zeros(len(outputs))
     groups = [(None, np.arange(len(slots)))] if parts is None else _by_part(parts, slots)
+    done = 0
     for feeds in batches:
         n = len(next(iter(feeds.values())))
         if parts is None:
@@ -130,6 +131,9 @@ def squared_errors(runner: Runner, batches: list[dict[str, np.ndarray]], keep: n
                     o = outputs.index(name)
                     diff = y.reshape(len(at), n, -1) - base[o].reshape(1, n, -1)
                     num[at, o] += np.square(diff, dtype=np.float64).sum(axis=(1, 2))
+                done += len(at)
+                if progress:
+                    progress(done)
     return num, den
 
 

@@ -73,8 +73,12 @@ class SearchProgress:
     {"latency": 0.6}); the search calls the printer with the current ratios as keywords named the same
     way in lower case (`macs=0.73`, `latency=0.81`)."""
 
-    def __init__(self, kind: str, targets: dict[str, float] | None = None, max_trials: int | None = None):
+    def __init__(self, kind: str, targets: dict[str, float] | None = None, max_trials: int | None = None,
+                 counted: str = "trials", active: str | None = None):
         self.kind, self.targets, self.max_trials = kind, dict(targets or {}), max_trials
+        # what the line counts, and what its active/total are (the descent's: ranking rows, forwards, groups)
+        self.counted = counted
+        self.active = ("groups searching" if kind == "aofp" else "candidates") if active is None else active
         self.start = time.perf_counter()
         self.threshold = None
         self.tty = _stream().isatty()
@@ -82,8 +86,8 @@ class SearchProgress:
         self.last = None  # the latest status line, shown or not
         self.written = self.start  # when a status line was last written
 
-    def __call__(self, stats, macs_ratio: float, active: int, total: int, **ratios) -> None:
-        ratios = {"macs": macs_ratio, **ratios}
+    def __call__(self, stats, macs_ratio: float | None, active: int, total: int, **ratios) -> None:
+        ratios = {**({"macs": macs_ratio} if macs_ratio is not None else {}), **ratios}
         threshold = getattr(stats, "threshold", None)
         if self.threshold is not None and threshold and threshold != self.threshold:
             self._line(f"{self.kind}: every group saturated before the target at MACs x{macs_ratio:.3f}: "
@@ -92,12 +96,13 @@ class SearchProgress:
                        True, own_line=True)
         self.threshold = threshold
         elapsed = time.perf_counter() - self.start
-        parts = [f"{self.kind}: {stats.trials} trials"]
+        parts = [f"{self.kind}: {stats.trials} {self.counted}"]
         for name, value in ratios.items():
             target = next((t for k, t in self.targets.items() if k.lower() == name), None)
             label = "MACs" if name == "macs" else name
             parts.append(f"{label} x{value:.3f}" + (f" (target x{target:.3f})" if target is not None else ""))
-        parts.append(f"{active}/{total} {'groups searching' if self.kind == 'aofp' else 'candidates'}")
+        if self.active:  # "": the line has no active/total (the descent's ranking)
+            parts.append(f"{active}/{total} {self.active}")
         parts.append(f"{elapsed:.0f} s")
         eta = self.eta(ratios, stats.trials, elapsed)
         if eta is not None:

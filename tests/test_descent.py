@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import onnx
@@ -120,6 +121,22 @@ def test_the_descent_cut_errs_less_than_l1_and_random_at_the_same_macs(vgg):
     for other in (l1_scores(cmap), random_scores(cmap, 0)):
         theirs = measure([cmap.full_keep(), select.select_by_score(cmap, other, 0.6)])[1]
         assert ours < theirs
+
+
+def test_the_descent_says_how_far_its_ranking_and_its_steps_are(vgg, capsys):
+    """Status lines on stderr (as AOFP's): the ranking's rows run of all, then the steps' forwards and MACs
+    against the target; each phase's last state is written when it ends."""
+    cmap, batches = vgg
+    rank, _ = descent.ranking(cmap, "next", "sample", "cpu")
+    descent.descend(cmap, rank, batches, target=0.6, step=1, errors=CutErrors(cmap, batches, "cpu"), progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    rows = max(g.width for g in cmap.prunable) * len(batches)
+    ranked = [line for line in lines if "ranking rows" in line]
+    assert ranked and ranked[-1].startswith(f"descent: {rows} of {rows} ranking rows, ")
+    steps = [re.match(r"descent: (\d+) forwards, MACs x([\d.]+) \(target x0.600\), \d+/(\d+) groups narrowing",
+                      line) for line in lines if "forwards" in line]
+    assert steps and all(steps) and int(steps[-1][3]) == len(cmap.prunable)
+    assert float(steps[-1][2]) <= 0.6 < float(steps[0][2]) and int(steps[-1][1]) > int(steps[0][1])
 
 
 def test_prune_descent_end_to_end(tmp_path):
