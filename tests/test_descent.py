@@ -137,6 +137,11 @@ def test_the_descent_says_how_far_its_ranking_and_its_steps_are(vgg, capsys):
                       line) for line in lines if "forwards" in line]
     assert steps and all(steps) and int(steps[-1][3]) == len(cmap.prunable)
     assert float(steps[-1][2]) <= 0.6 < float(steps[0][2]) and int(steps[-1][1]) > int(steps[0][1])
+    with descent._status(True, "of 1000 ranking rows", 1000) as show:  # one row per run (a pinned batch)
+        for done in range(1, 1001):
+            show(done, None, 0, 0)
+    lines = capsys.readouterr().err.splitlines()  # in a log: at each tenth of the rows, not at every run
+    assert [int(line.split()[1]) for line in lines] == [1] + list(range(100, 1001, 100))
 
 
 def test_prune_descent_end_to_end(tmp_path):
