@@ -4,8 +4,9 @@ Ranking: every prunable channel c is removed alone from the full model and its d
 reads a trial's (`--damage-at auto`: the outputs on the digits nets, the next layers on the PP-OCR
 classifier), on the output checks' samples (`search_run.check_batches`). At the next layers (or a block),
 through the trial graph (`trial.TrialEngine`): row i of a stacked run removes channel i of every group at once,
-so the whole ranking is W trial rows for the widest group's W channels (a cost that grows with W: over 9
-minutes on open_nsfw's ResNet-50, W 1024, 224², 24 images, where AOFP's whole prune took 51 s). At the
+so the whole ranking is W trial rows for the widest group's W channels (a cost that grows with W: 458 s on
+open_nsfw's ResNet-50, W 1024, its batch pinned (a row per run), 224², 24 images, where AOFP's whole prune
+took 51 s). At the
 outputs, through the oracle's single ablations on each group's downstream part. Widths: from the full model
 (`lower`), for every group the cut that removes the lowest-ranked share STRIDE of its kept channels (a multiple
 of the rounding step, at least one); the one whose output error (`search_run.CutErrors`, Σ_o ‖y_o − y_o,K‖² /
@@ -132,7 +133,7 @@ def descend(cmap: ChannelMap, rank, batches: list[dict[str, np.ndarray]], *, tar
     """(keep, scores, the report's search section): `rank(batches, progress) -> (d, trial rows)`, then the
     descent to `target` in steps of `step` channels, valued by `errors` (`search_run.CutErrors`, its budget
     raised to DESCENT_FORWARDS) or, without, by the scores. With `progress`, a status line for each (on
-    open_nsfw's ResNet-50 the ranking alone ran over 9 minutes)."""
+    open_nsfw's ResNet-50 the ranking alone ran 458 s)."""
     start = time.perf_counter()
     with _status(progress, f"of {rank.rows(batches)} ranking rows", rank.rows(batches)) as show:
         scores, trials = rank(batches, show and (lambda done: show(done, None, 0, 0)))
