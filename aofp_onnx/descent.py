@@ -57,9 +57,10 @@ def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: 
               stack: int, progress=None) -> tuple[np.ndarray, int]:
     """(d [slots], trial rows run): each prunable channel's damage when removed alone on top of `keep`, as
     `engine` reads it, averaged over `batches`; row i removes channel i of every group wide enough.
-    `progress(trial rows run)` after each stacked run."""
+    `progress(single ablations run: channels times batches)` after each stacked run."""
     widest = max(len(g.slots) for g in cmap.prunable)
     damage = np.zeros(cmap.n_slots)
+    done = 0
     for start in range(0, widest, stack):
         index = np.arange(start, min(widest, start + stack))
         within = [index[index < len(g.slots)] for g in cmap.prunable]  # the indices each group is wide enough for
@@ -69,8 +70,9 @@ def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: 
         got = sum(engine.damage(keep, rows, feeds) for feeds in batches) / len(batches)
         for k, (g, at) in enumerate(zip(cmap.prunable, within)):
             damage[g.slots[at]] = got[at - start, k]
-        if progress:
-            progress((start + len(index)) * len(batches))
+        done += sum(map(len, within)) * len(batches)
+        if progress:  # (a row costs about as many consumer copies as it ablates channels)
+            progress(done)
     return damage, widest * len(batches)
 
 
@@ -135,7 +137,8 @@ def descend(cmap: ChannelMap, rank, batches: list[dict[str, np.ndarray]], *, tar
     raised to DESCENT_FORWARDS) or, without, by the scores. With `progress`, a status line for each (on
     open_nsfw's ResNet-50 the ranking alone ran 458 s)."""
     start = time.perf_counter()
-    with _status(progress, f"of {rank.rows(batches)} ranking rows", rank.rows(batches)) as show:
+    total = sum(len(g.slots) for g in cmap.prunable) * len(batches)
+    with _status(progress, f"of {total} single ablations", total) as show:
         scores, trials = rank(batches, show and (lambda done: show(done, None, 0, 0)))
     ranked = time.perf_counter() - start
     if errors is not None:
@@ -154,23 +157,23 @@ def descend(cmap: ChannelMap, rank, batches: list[dict[str, np.ndarray]], *, tar
 
 
 @contextmanager
-def _status(enabled: bool, counted: str, rows: int | None, targets: dict | None = None):
+def _status(enabled: bool, counted: str, total: int | None, targets: dict | None = None):
     """`show(count, MACs ratio, active, total, **ratios)`: a `progress.SearchProgress` status line, its ETA from
-    the share of `rows` counted (the ranking) or from the `targets`' ratios (the steps); None when disabled."""
+    the share of `total` counted (the ranking) or from the `targets`' ratios (the steps); None when disabled."""
     if not enabled:
         yield None
         return
-    line = SearchProgress("descent", targets, max_trials=rows, counted=counted,
-                          active="" if rows else "groups narrowing")
+    line = SearchProgress("descent", targets, max_trials=total, counted=counted,
+                          active="" if total else "groups narrowing")
     calls, tenths = iter(range(1, 1 << 40)), set()
 
     def show(count, *args, **ratios):
         # in a log, a line every 10 steps (or 30 s) as AOFP's, and for the ranking (a stacked run of one row
-        # where the batch is pinned: 1024 runs on open_nsfw) at each tenth of its rows
-        tenth = 10 * count // rows if rows else None
+        # where the batch is pinned: 1024 runs on open_nsfw) at each tenth of its ablations
+        tenth = 10 * count // total if total else None
         first = tenth not in tenths
         tenths.add(tenth)
-        line(SimpleNamespace(trials=count, rounds=int(first) if rows else next(calls)), *args, **ratios)
+        line(SimpleNamespace(trials=count, rounds=int(first) if total else next(calls)), *args, **ratios)
 
     try:
         yield show
@@ -180,8 +183,8 @@ def _status(enabled: bool, counted: str, rows: int | None, targets: dict | None 
 
 def ranking(cmap: ChannelMap, point: str, norm: str, provider: str = "auto", memory: int = DEFAULT_MEMORY_BUDGET,
             pinned: bool = False):
-    """(`rank(batches, progress=None) -> (d, trial rows)`, the provider it runs on; `rank.rows(batches)`: the
-    trial rows it will run, `progress(rows run)` after each stacked run): at the outputs the oracle's single
+    """(`rank(batches, progress=None) -> (d, trial rows)`, the provider it runs on; `progress(single ablations
+    run)` after each stacked run): at the outputs the oracle's single
     ablations (`oracle.output_damage`, each group's on its downstream part, stacked: 4.8 s against 12.3 s
     through the output trial graph on the digits ResNet-20, 64 samples), elsewhere `ablations` through the
     trial graph."""
@@ -194,9 +197,8 @@ def ranking(cmap: ChannelMap, point: str, norm: str, provider: str = "auto", mem
             stack = ablation_stack(cmap, memory, len(next(iter(batches[0].values()))), pinned)
             damage = np.zeros(cmap.n_slots)
             damage[slots] = output_damage(parts.runner, batches, full, slots, stack, parts, progress)
-            return damage, rank.rows(batches)
+            return damage, len(slots) * len(batches)
 
-        rank.rows = lambda batches: len(slots) * len(batches)
         return rank, parts.runner.provider
     engine = TrialEngine(cmap, provider, memory, None, point, norm)
 
@@ -204,7 +206,6 @@ def ranking(cmap: ChannelMap, point: str, norm: str, provider: str = "auto", mem
         stack = 1 if pinned else engine.max_stack(len(next(iter(batches[0].values()))))
         return ablations(cmap, engine, full, batches, stack, progress)
 
-    rank.rows = lambda batches: max(len(g.slots) for g in cmap.prunable) * len(batches)
     return rank, engine.provider
 
 

@@ -76,7 +76,7 @@ class SearchProgress:
     def __init__(self, kind: str, targets: dict[str, float] | None = None, max_trials: int | None = None,
                  counted: str = "trials", active: str | None = None):
         self.kind, self.targets, self.max_trials = kind, dict(targets or {}), max_trials
-        # what the line counts, and what its active/total are (the descent's: ranking rows, forwards, groups)
+        # what the line counts, and what its active/total are (the descent's: single ablations, forwards, groups)
         self.counted = counted
         self.active = ("groups searching" if kind == "aofp" else "candidates") if active is None else active
         self.start = time.perf_counter()

@@ -124,23 +124,23 @@ def test_the_descent_cut_errs_less_than_l1_and_random_at_the_same_macs(vgg):
 
 
 def test_the_descent_says_how_far_its_ranking_and_its_steps_are(vgg, capsys):
-    """Status lines on stderr (as AOFP's): the ranking's rows run of all, then the steps' forwards and MACs
+    """Status lines on stderr (as AOFP's): the ranking's single ablations run of all, then the steps' forwards and MACs
     against the target; each phase's last state is written when it ends."""
     cmap, batches = vgg
     rank, _ = descent.ranking(cmap, "next", "sample", "cpu")
     descent.descend(cmap, rank, batches, target=0.6, step=1, errors=CutErrors(cmap, batches, "cpu"), progress=True)
     lines = capsys.readouterr().err.splitlines()
-    rows = max(g.width for g in cmap.prunable) * len(batches)
-    ranked = [line for line in lines if "ranking rows" in line]
-    assert ranked and ranked[-1].startswith(f"descent: {rows} of {rows} ranking rows, ")
+    total = sum(g.width for g in cmap.prunable) * len(batches)
+    ranked = [line for line in lines if "single ablations" in line]
+    assert ranked and ranked[-1].startswith(f"descent: {total} of {total} single ablations, ")
     steps = [re.match(r"descent: (\d+) forwards, MACs x([\d.]+) \(target x0.600\), \d+/(\d+) groups narrowing",
                       line) for line in lines if "forwards" in line]
     assert steps and all(steps) and int(steps[-1][3]) == len(cmap.prunable)
     assert float(steps[-1][2]) <= 0.6 < float(steps[0][2]) and int(steps[-1][1]) > int(steps[0][1])
-    with descent._status(True, "of 1000 ranking rows", 1000) as show:  # one row per run (a pinned batch)
+    with descent._status(True, "of 1000 single ablations", 1000) as show:  # one per run (a pinned batch)
         for done in range(1, 1001):
             show(done, None, 0, 0)
-    lines = capsys.readouterr().err.splitlines()  # in a log: at each tenth of the rows, not at every run
+    lines = capsys.readouterr().err.splitlines()  # in a log: at each tenth, not at every run
     assert [int(line.split()[1]) for line in lines] == [1] + list(range(100, 1001, 100))
 
 
