@@ -104,16 +104,20 @@ class SearchProgress:
         if self.active:  # "": the line has no active/total (the descent's ranking)
             parts.append(f"{active}/{total} {self.active}")
         parts.append(f"{elapsed:.0f} s")
-        eta = self.eta(ratios, stats.trials, elapsed)
+        eta = self.eta(ratios, stats.trials, elapsed, getattr(stats, "share", None))
         if eta is not None:
             parts.append(f"ETA ~{eta:.0f} s")
         now = time.perf_counter()
         self._line(", ".join(parts), self.tty or stats.rounds % 10 == 1 or now - self.written >= LOG_EVERY_S)
 
-    def eta(self, ratios: dict[str, float], trials: int, elapsed: float) -> float | None:
+    def eta(self, ratios: dict[str, float], trials: int, elapsed: float, share: float | None = None) -> float | None:
+        """`share`: the share of the work done, where the caller knows it better than the counts (the descent's
+        ranking)."""
         done = [(1 - ratios[k.lower()]) / (1 - t) for k, t in self.targets.items() if k.lower() in ratios and t < 1]
         if self.max_trials:
             done.append(trials / self.max_trials)
+        if share is not None:
+            done = [share]
         best = min(max(done, default=0.0), 1.0)
         return elapsed * (1 - best) / best if best > 0.02 else None
 

@@ -16,6 +16,7 @@ from aofp_onnx import api, descent, select
 from aofp_onnx.api import Pruner
 from aofp_onnx.criteria import l1_scores, random_scores
 from aofp_onnx.masking import KEEP_INPUT, keep_feed, masked_model
+from aofp_onnx.progress import SearchProgress
 from aofp_onnx.runtime import Runner
 from aofp_onnx.search_run import CutErrors
 from aofp_onnx.trial import TrialEngine
@@ -137,6 +138,10 @@ def test_the_descent_says_how_far_its_ranking_and_its_steps_are(vgg, capsys):
                       line) for line in lines if "forwards" in line]
     assert steps and all(steps) and int(steps[-1][3]) == len(cmap.prunable)
     assert float(steps[-1][2]) <= 0.6 < float(steps[0][2]) and int(steps[-1][1]) > int(steps[0][1])
+    seen = []  # the ranking's share of its work (base forwards and consumer copies, in MACs): up to 1
+    descent.ablations(cmap, TrialEngine(cmap, "cpu"), cmap.full_keep(), batches, 3, lambda n, share: seen.append(share))
+    assert seen == sorted(seen) and 0 < seen[0] and seen[-1] == pytest.approx(1.0)
+    assert SearchProgress("descent", None, max_trials=100).eta({}, 90, 30.0, share=0.5) == pytest.approx(30.0)
     with descent._status(True, "of 1000 single ablations", 1000) as show:  # one per run (a pinned batch)
         for done in range(1, 1001):
             show(done, None, 0, 0)
