@@ -6,14 +6,15 @@ classifier), on the output checks' samples (`search_run.check_batches`). At the 
 through the trial graph (`trial.TrialEngine`): row i of a stacked run removes channel i of every group at once,
 so the whole ranking is W trial rows for the widest group's W channels (a cost that grows with W: 458 s on
 open_nsfw's ResNet-50, W 1024, its batch pinned (a row per run), 224², 24 images, where AOFP's whole prune
-took 51 s). At the
-outputs, through the oracle's single ablations on each group's downstream part. Widths: from the full model
-(`lower`), for every group the cut that removes the lowest-ranked share STRIDE of its kept channels (a multiple
+took 51 s). At the outputs, through the oracle's single ablations on each group's downstream part. Widths:
+from the full model (`lower`), for every group the cut that removes the lowest-ranked share STRIDE of its kept channels (a multiple
 of the rounding step, at least one); the one whose output error (`search_run.CutErrors`, Σ_o ‖y_o − y_o,K‖² /
 Σ_o ‖y_o‖²) grows least per unit of cost saved is taken (its value reused between full valuations, see
 `lower`), until the cost (MACs, or a latency table's estimate) meets the target; steps that lower the error
 then come back while it holds (`select.fit_to_target`). Where the output error is not read (`--round-by
-scores`, `auto` on a detector) the steps are valued by the ranking's damages instead (not measured yet).
+scores`, `auto` on a detector) the steps are valued by the ranking's damages instead (ddddocr's YOLOX captcha
+detector at 0.9 of the MACs: 83.3 / 99.8 % recall / precision against the original's boxes, AOFP's cut 72.2 /
+87.0 %; README, Measured).
 
 Why not AOFP's random halves: a half's damage is far from the sum of its channels' (within-group Spearman of
 AOFP's estimates against single ablations at the outputs 0.19-0.41 on the PP-OCR classifier, README,
@@ -166,8 +167,9 @@ def descend(cmap: ChannelMap, rank, batches: list[dict[str, np.ndarray]], *, tar
 
 @contextmanager
 def _status(enabled: bool, counted: str, total: int | None, targets: dict | None = None):
-    """`show(count, MACs ratio, active, total, **ratios)`: a `progress.SearchProgress` status line, its ETA from
-    the share of `total` counted (the ranking) or from the `targets`' ratios (the steps); None when disabled."""
+    """`show(count, MACs ratio, active, total, share=None, **ratios)`: a `progress.SearchProgress` status line,
+    its ETA from the ranking's `share` of its work (else the share of `total` counted) or from the `targets`'
+    ratios (the steps); None when disabled."""
     if not enabled:
         yield None
         return
