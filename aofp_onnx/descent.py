@@ -1,20 +1,19 @@
 """The descent criterion: channels ranked by one ablation each, widths found by the output error.
 
-Ranking: every prunable channel c is removed alone from the full model and its damage d_c read where AOFP
-reads a trial's (`--damage-at auto`: the outputs on the digits nets, the next layers on the PP-OCR
-classifier), on the output checks' samples (`search_run.check_batches`). At the next layers (or a block),
-through the trial graph (`trial.TrialEngine`): row i of a stacked run removes channel i of every group at once,
-so the whole ranking is W trial rows for the widest group's W channels (a cost that grows with W: 458 s on
-open_nsfw's ResNet-50, W 1024, its batch pinned (a row per run), 224², 24 images, where AOFP's whole prune
-took 51 s). At the outputs, through the oracle's single ablations on each group's downstream part. Widths:
-from the full model (`lower`), for every group the cut that removes the lowest-ranked share STRIDE of its kept channels (a multiple
-of the rounding step, at least one); the one whose output error (`search_run.CutErrors`, Σ_o ‖y_o − y_o,K‖² /
-Σ_o ‖y_o‖²) grows least per unit of cost saved is taken (its value reused between full valuations, see
-`lower`), until the cost (MACs, or a latency table's estimate) meets the target; steps that lower the error
-then come back while it holds (`select.fit_to_target`). Where the output error is not read (`--round-by
-scores`, `auto` on a detector) the steps are valued by the ranking's damages instead (ddddocr's YOLOX captcha
-detector at 0.9 of the MACs: 83.3 / 99.8 % recall / precision against the original's boxes, AOFP's cut 72.2 /
-87.0 %; README, Measured).
+Ranking: every prunable channel c is removed alone from the full model and its damage d_c read where AOFP reads a
+trial's (`--damage-at auto`: the outputs on the digits nets, the next layers on the PP-OCR classifier), on the
+output checks' samples (`search_run.check_batches`). At the next layers (or a block), through the trial graph
+(`trial.TrialEngine`): row i of a stacked run removes channel i of every group at once, so the whole ranking is W
+trial rows for the widest group's W channels (a cost that grows with W: 458 s on open_nsfw's ResNet-50, W 1024,
+its batch pinned (a row per run), 224², 24 images, where AOFP's whole prune took 51 s). At the outputs, through
+the oracle's single ablations on each group's downstream part. Widths: from the full model (`lower`), for every
+group the cut that removes the lowest-ranked share STRIDE of its kept channels (a multiple of the rounding step,
+at least one); the one whose output error (`search_run.CutErrors`, Σ_o ‖y_o − y_o,K‖² / Σ_o ‖y_o‖²) grows least
+per unit of cost saved is taken (its value reused between full valuations, see `lower`), until the cost (MACs, or
+a latency table's estimate) meets the target; steps that lower the error then come back while it holds
+(`select.fit_to_target`). Where the output error is not read (`--round-by scores`, `auto` on a detector) the steps
+are valued by the ranking's damages instead (ddddocr's YOLOX captcha detector at 0.9 of the MACs: 83.3 / 99.8 %
+recall / precision against the original's boxes, AOFP's cut 72.2 / 87.0 %; README, Measured).
 
 Why not AOFP's random halves: a half's damage is far from the sum of its channels' (within-group Spearman of
 AOFP's estimates against single ablations at the outputs 0.19-0.41 on the PP-OCR classifier, README,
@@ -24,7 +23,7 @@ and the output error compares the layers. Both halves matter: on the PP-OCR clas
 (48 search lines, 512 test lines, 97.7 % before, no recovery, steps of 8 without stride) the descent kept
 88.5 % ranked so, 58.2 % ranked by L1, 54.7 % by AOFP's scores, 88.1 % by the oracle's removal order; the
 oracle's widths with AOFP's channels 54.1 %, AOFP's widths with the oracle's 62.3 % (the oracle 81.3 % before
-its landing). Through `prune` (README, `--criterion`): 88.1 % at 0.5 (the oracle 89.1 %, AOFP 66.2 %).
+its landing). Through `prune` (README, `--criterion`): 87.3 % at 0.5 (the oracle 89.1 %, AOFP 66.2 %).
 """
 from __future__ import annotations
 
