@@ -5,7 +5,7 @@ trial's (`--damage-at auto`: the outputs on the digits nets, the next layers on 
 output checks' samples (`search_run.check_batches`). At the next layers (or a block), through the trial graph
 (`trial.TrialEngine`): row i of a stacked run removes channel i of every group at once, so the whole ranking is W
 trial rows for the widest group's W channels (a cost that grows with W: 458 s on open_nsfw's ResNet-50, W 1024,
-its batch pinned (a row per run), 224², 24 images, where AOFP's whole prune took 51 s). At the outputs, through
+a row per run within the memory budget at 24 images, 224², where AOFP's whole prune took 51 s). At the outputs, through
 the oracle's single ablations on each group's downstream part. Widths: from the full model (`lower`), for every
 group the cut that removes the lowest-ranked share STRIDE of its kept channels (a multiple of the rounding step,
 at least one); the one whose output error (`search_run.CutErrors`, Σ_o ‖y_o − y_o,K‖² / Σ_o ‖y_o‖²) grows least
@@ -59,7 +59,7 @@ def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: 
     `engine` reads it, averaged over `batches`; row i removes channel i of every group wide enough.
     `progress(single ablations run: channels times batches, share of the work done)` after each stacked run.
     The work, in MACs: each stacked run's base forward (the model's) and, for each ablation, its group's
-    consumers (the copies the row runs). On open_nsfw (one row per run: its batch is pinned) that put 32 / 56 /
+    consumers (the copies the row runs). On open_nsfw (one row per run within the memory budget) that put 32 / 56 /
     78 % of the work at rows 256 / 512 / 771 of 1024, where 34 / 57 / 80 % of the 458 s had passed (by rows
     alone 25 / 50 / 75 %, by ablations alone 82 / 91 / 96 %)."""
     widest = max(len(g.slots) for g in cmap.prunable)
@@ -178,7 +178,7 @@ def _status(enabled: bool, counted: str, total: int | None, targets: dict | None
 
     def show(count, *args, share=None, **ratios):
         # in a log, a line every 10 steps (or 30 s) as AOFP's, and for the ranking (a stacked run of one row
-        # where the batch is pinned: 1024 runs on open_nsfw) at each tenth of its ablations
+        # where the memory budget holds a run to one row: 1024 runs on open_nsfw) at each tenth of its ablations
         tenth = 10 * count // total if total else None
         first = tenth not in tenths
         tenths.add(tenth)
@@ -213,7 +213,8 @@ def ranking(cmap: ChannelMap, point: str, norm: str, provider: str = "auto", mem
     engine = TrialEngine(cmap, provider, memory, None, point, norm)
 
     def rank(batches, progress=None):
-        stack = 1 if pinned else engine.max_stack(len(next(iter(batches[0].values()))))
+        # the trial graph stacks its copies past the base, which alone runs the pinned batch (AOFP's trials too)
+        stack = engine.max_stack(len(next(iter(batches[0].values()))))
         return ablations(cmap, engine, full, batches, stack, progress)
 
     return rank, engine.provider

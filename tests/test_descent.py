@@ -142,7 +142,7 @@ def test_the_descent_says_how_far_its_ranking_and_its_steps_are(vgg, capsys):
     descent.ablations(cmap, TrialEngine(cmap, "cpu"), cmap.full_keep(), batches, 3, lambda n, share: seen.append(share))
     assert seen == sorted(seen) and 0 < seen[0] and seen[-1] == pytest.approx(1.0)
     assert SearchProgress("descent", None, max_trials=100).eta({}, 90, 30.0, share=0.5) == pytest.approx(30.0)
-    with descent._status(True, "of 1000 single ablations", 1000) as show:  # one per run (a pinned batch)
+    with descent._status(True, "of 1000 single ablations", 1000) as show:  # one per run (a memory budget)
         for done in range(1, 1001):
             show(done, None, 0, 0)
     lines = capsys.readouterr().err.splitlines()  # in a log: at each tenth, not at every run
