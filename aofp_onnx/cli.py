@@ -192,12 +192,11 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
     if criterion in ("aofp", "oracle"):
         search_options = dict(threshold=threshold, trials_per_half=trials_per_half, max_trials=max_trials,
                               oracle_step=oracle_step)
+    if criterion in ("aofp", "descent"):  # where a trial's (or an ablation's) damage is read
+        search_options.update({k: v for k, v in (("damage_at", damage_at), ("damage_norm", damage_norm)) if v})
     if criterion == "aofp":
         search_options.update(checkpoint=checkpoint, resume=resume)
-        search_options.update({k: v for k, v in (("estimator", estimator), ("damage_at", damage_at),
-                                                 ("damage_norm", damage_norm), ("accept_by", accept_by)) if v})
-    if criterion == "descent":
-        search_options.update({k: v for k, v in (("damage_at", damage_at), ("damage_norm", damage_norm)) if v})
+        search_options.update({k: v for k, v in (("estimator", estimator), ("accept_by", accept_by)) if v})
     if devices:
         search_options.update(devices=devices)
     if finetune_steps:
