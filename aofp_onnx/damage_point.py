@@ -48,15 +48,21 @@ from .groups import ChannelMap
 AUTO_LIMIT = 8.0  # the largest MACs ratio R at which `auto` reads the damage at the outputs
 
 
+def sink_macs(cmap: ChannelMap) -> list[int]:
+    """Per prunable group, M(g's sinks): the MACs of the consumer copies its next-layer trial row runs, per
+    sample (also what weighs the descent's ranking progress)."""
+    macs = {c.node_index: c.macs for c in cmap.counted}
+    return [sum(macs.get(k, 0) for k in {s.node_index for s in g.sinks}) for g in cmap.prunable]
+
+
 def downstream_ratio(cmap: ChannelMap) -> float:
     """R: the MACs every group's output-damage trial runs over those its next-layer trial runs."""
     graph = cmap.graph
     index = {id(n): k for k, n in enumerate(graph.nodes)}
     macs = {c.node_index: c.macs for c in cmap.counted}
-    near = far = 0
+    near, far = sum(sink_macs(cmap)), 0
     for g in cmap.prunable:
         sinks = {s.node_index for s in g.sinks}
-        near += sum(macs.get(k, 0) for k in sinks)
         seen, todo = set(), [graph.nodes[k] for k in sinks]
         while todo:
             node = todo.pop()

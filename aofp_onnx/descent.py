@@ -64,8 +64,7 @@ def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: 
     alone 25 / 50 / 75 %, by ablations alone 82 / 91 / 96 %)."""
     widest = max(len(g.slots) for g in cmap.prunable)
     damage = np.zeros(cmap.n_slots)
-    macs = {c.node_index: c.macs for c in cmap.counted}
-    work = np.array([sum(macs.get(s.node_index, 0) for s in g.sinks) for g in cmap.prunable], dtype=float)
+    work = np.array(damage_point.sink_macs(cmap), dtype=float)
     total = -(-widest // stack) * cmap.total_macs + float(sum(w * len(g.slots) for w, g in zip(work, cmap.prunable)))
     done = worked = 0
     for start in range(0, widest, stack):
