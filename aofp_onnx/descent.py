@@ -101,6 +101,7 @@ def lower(cmap: ChannelMap, keep: np.ndarray, scores: np.ndarray, target: float,
     cost = cost or macs_cost(cmap)
     allowed = {g.id: allowed_widths(g.width, step, min_channels) for g in cmap.prunable}
     value: dict[int, float] = {}  # per group: its step's error (or score) per unit of cost, at some earlier keep
+    counted = errors  # `errors` becomes None once its budget is spent; the status still counts its forwards
     for taken in range(cmap.n_slots):
         now = cost(keep)
         if now <= target:
@@ -132,7 +133,7 @@ def lower(cmap: ChannelMap, keep: np.ndarray, scores: np.ndarray, target: float,
         keep = found[best]
         del value[best]
         if progress:
-            progress(errors.checks if errors is not None else taken + 1, cost(keep), len(found), len(cmap.prunable))
+            progress(counted.checks if counted is not None else taken + 1, cost(keep), len(found), len(cmap.prunable))
     return keep
 
 
