@@ -18,7 +18,7 @@ import onnx
 from . import fidelity as fid
 from .calib import Data, ImageOptions, apply_input_shapes, input_specs, load_data
 from .count import count_params
-from .criteria import CRITERIA, check_criterion, choose_keep  # noqa: F401 (the API's too)
+from .criteria import CRITERIA, DESCENT_OPTIONS, check_criterion, choose_keep, resolve_auto  # noqa: F401 (API)
 from .batch import working_model
 from .errors import InputError, VerificationError
 from .graph import load_model, read_model
@@ -169,7 +169,7 @@ def verify_plan(original, pruned_path, plan_path, *, calib: str | None = None, i
     return verify(pruner.cmap, keep, load_model(pruned_path), pruner.feeds(verify_samples), provider)
 
 
-def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_target: float | None = None,
+def prune(model_path, output, *, calib: str, criterion: str = "auto", flops_target: float | None = None,
           latency_target: float | None = None, round_to: int | str = "auto", round_by: str = "auto",
           min_channels: int = 1, provider: str = "auto", seed: int = 0, input_shapes: dict | None = None, plan_out=None,
           batch_size: int = 32, latency_batch: int | None = None, threads: int | None = None,
@@ -179,7 +179,8 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
           finetune_options=None, verify_samples: int = VERIFY_SAMPLES, progress: bool = False,
           **search_options) -> dict:
     """Search (criterion) → plan → cut → verify → [reconstruct →] fidelity → write; returns the report (the
-    `prune --report` contract; with `reconstruct`, also `reconstruction`).
+    `prune --report` contract; with `reconstruct`, also `reconstruction`). `criterion="auto"` runs the descent
+    or AOFP (`criteria.resolve_auto`; the report's `criterion_auto` says which and why).
 
     Up to `fidelity.HELD_OUT` calibration samples (a quarter at most) are held out of the search and the
     reconstruction; the written model's outputs are compared with the original's on them (`fidelity`).
@@ -207,12 +208,20 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
     _check_verify_samples(verify_samples)
     check_criterion(criterion, flops_target, latency_target)
     phases = Phases(progress)
+    pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=calib_limit,
+                         image_options=image_options, seed=seed, hold_out=True)
+    chosen = None
+    if criterion == "auto":
+        given = [k for k, v in search_options.items() if v is not None] + ["finetune_steps"] * bool(finetune_steps)
+        chosen = resolve_auto(pruner, flops_target, latency_target, given, batch_size,
+                              search_options.get("memory_budget"), search_options.get("damage_at", "auto"))
+        criterion = chosen["criterion"]
+        if criterion == "descent":  # AOFP's options (unset, and its checkpoint's path) are not the descent's
+            search_options = {k: v for k, v in search_options.items() if k in DESCENT_OPTIONS}
     if criterion in ("aofp", "oracle", "descent"):
         search_options["progress"] = progress
     if criterion == "aofp":
         search_options["refit"] = reconstruct  # what --accept-by auto decides by (damage_point)
-    pruner = Pruner.load(model_path, input_shapes=input_shapes, data=calib, limit=calib_limit,
-                         image_options=image_options, seed=seed, hold_out=True)
     labelled = _labelled(pruner, eval_src, image_options)
     original = pruner.graph.data
     if finetune_steps:
@@ -262,6 +271,8 @@ def prune(model_path, output, *, calib: str, criterion: str = "aofp", flops_targ
                          latency=latency, batch_size=lat_batch, reconstruct=reconstruct,
                          verify_samples=verify_samples, phases=phases, original=original, threads=threads,
                          round_to=round_to)
+    if chosen:
+        rep["criterion_auto"] = chosen
     rep["round_to"] = {"given": round_to, "used": step, "latency_weighted": weights is not None,
                        "tensorrt": tensorrt_widths(pruner.cmap, keep), **fit_fields(by, errors),
                        **({"unreachable": unreachable} if unreachable else {})}

@@ -106,14 +106,15 @@ def inspect(model, input_shape, json_out, show_all):
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Pruned model path.")
 @click.option("--calib", required=True, metavar="SRC", help=".npz, .npy, image folder, or random:N.")
-@click.option("--criterion", type=click.Choice(list(api.CRITERIA)), default="aofp", show_default=True,
+@click.option("--criterion", type=click.Choice(list(api.CRITERIA)), default="auto", show_default=True,
               help="aofp: the paper's search; descent (a target): one ablation per channel ranks each layer, the "
-                   "output error sets the widths; oracle: exact ablations at the outputs (slow); l1, random.")
+                   "output error sets the widths; oracle: exact ablations at the outputs (slow); l1, random; auto: "
+                   "descent with a target where its ranking costs at most 256 forwards of the model, else aofp.")
 @click.option("--flops-target", type=float, help="Fraction of the original MACs to keep (0.5 = half).")
 @click.option("--threshold", type=float, default=None,  # search.DEFAULT_THRESHOLD, OUTPUT_THRESHOLD (tested)
               help="AOFP damage threshold (x1.25 whenever a target needs more; lower: slower, cuts by damage) "
                    "[default: 0.01; 0.001 when halves are accepted by the output error].")
-@click.option("--trials-per-half", type=int, default=8, show_default=True, help="AOFP trials before ranking a half.")
+@click.option("--trials-per-half", type=int, default=None, help="AOFP trials before ranking a half [default: 8].")
 @click.option("--max-trials", type=int, default=None, help="Stop the search after this many trial rounds.")
 @click.option("--oracle-step", type=int, default=None, help="Oracle: channels removed per re-ranking.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -189,14 +190,18 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
 
         require_matplotlib()
     search_options = {}
-    if criterion in ("aofp", "oracle"):
-        search_options = dict(threshold=threshold, trials_per_half=trials_per_half, max_trials=max_trials,
-                              oracle_step=oracle_step)
-    if criterion in ("aofp", "descent"):  # where a trial's (or an ablation's) damage is read
+    aofp = criterion in ("aofp", "auto")  # auto: AOFP's options given decide for it (criteria.resolve_auto)
+    if aofp or criterion == "oracle":
+        search_options = {k: v for k, v in (("threshold", threshold), ("trials_per_half", trials_per_half),
+                                            ("max_trials", max_trials)) if v is not None}
+    if criterion == "oracle":
+        search_options.update(oracle_step=oracle_step)
+    if aofp or criterion == "descent":  # where a trial's (or an ablation's) damage is read
         search_options.update({k: v for k, v in (("damage_at", damage_at), ("damage_norm", damage_norm)) if v})
-    if criterion == "aofp":
-        search_options.update(checkpoint=checkpoint, resume=resume)
-        search_options.update({k: v for k, v in (("estimator", estimator), ("accept_by", accept_by)) if v})
+    if aofp:
+        search_options.update(checkpoint=checkpoint)
+        search_options.update({k: v for k, v in (("estimator", estimator), ("accept_by", accept_by),
+                                                 ("resume", resume)) if v})
     if devices:
         search_options.update(devices=devices)
     if finetune_steps:
@@ -214,7 +219,7 @@ def prune(model, output, calib, criterion, flops_target, threshold, trials_per_h
                         latency=not no_latency, verify_samples=verify_samples, progress=not no_progress,
                         **search_options)
     except KeyboardInterrupt:
-        if criterion == "aofp" and os.path.exists(checkpoint):
+        if criterion in ("aofp", "auto") and os.path.exists(checkpoint):
             raise Interrupted(f"interrupted; nothing written. The search state is in {checkpoint}: continue with "
                               f"the same command plus --resume {checkpoint}") from None
         raise

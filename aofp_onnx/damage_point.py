@@ -55,12 +55,13 @@ def sink_macs(cmap: ChannelMap) -> list[int]:
     return [sum(macs.get(k, 0) for k in {s.node_index for s in g.sinks}) for g in cmap.prunable]
 
 
-def downstream_ratio(cmap: ChannelMap) -> float:
-    """R: the MACs every group's output-damage trial runs over those its next-layer trial runs."""
+def downstream_macs(cmap: ChannelMap) -> list[int]:
+    """Per prunable group, M(downstream of g's sinks): the MACs of everything its sinks reach, per sample (what
+    an output trial or single ablation of g runs)."""
     graph = cmap.graph
     index = {id(n): k for k, n in enumerate(graph.nodes)}
     macs = {c.node_index: c.macs for c in cmap.counted}
-    near, far = sum(sink_macs(cmap)), 0
+    far = []
     for g in cmap.prunable:
         sinks = {s.node_index for s in g.sinks}
         seen, todo = set(), [graph.nodes[k] for k in sinks]
@@ -70,7 +71,13 @@ def downstream_ratio(cmap: ChannelMap) -> float:
                 continue
             seen.add(index[id(node)])
             todo.extend(c for out in node.output for c, _ in graph.consumers.get(out, []))
-        far += sum(macs.get(k, 0) for k in seen)
+        far.append(sum(macs.get(k, 0) for k in seen))
+    return far
+
+
+def downstream_ratio(cmap: ChannelMap) -> float:
+    """R: the MACs every group's output-damage trial runs over those its next-layer trial runs."""
+    near, far = sum(sink_macs(cmap)), sum(downstream_macs(cmap))
     return far / near if near else float("inf")
 
 

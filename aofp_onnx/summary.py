@@ -14,6 +14,9 @@ def cut_lines(rep: dict) -> list[str]:
     """MACs, params, groups, verification, latency, refit, accuracy of a `prune`/`apply` report."""
     ratio = rep["macs_after"] / max(rep["macs_before"], 1)
     out = [f"note    {note}" for note in rep.get("notes", [])]
+    chosen = rep.get("criterion_auto")
+    if chosen:
+        out.append(f"search  --criterion auto -> {chosen['criterion']}: {chosen['why']}")
     out += [f"MACs    {rep['macs_before']:,} -> {rep['macs_after']:,}  (x{ratio:.3f})",
            f"params  {rep['params_before']:,} -> {rep['params_after']:,}  "
            f"(x{rep['params_after'] / max(rep['params_before'], 1):.3f})"]
@@ -95,7 +98,7 @@ def prune_hints(rep: dict, *, reconstruct: bool, flops_target: float | None) -> 
     else:
         hints.append("a lower --threshold")
     if rep.get("criterion") in ("l1", "random"):
-        hints.append("--criterion aofp")
+        hints.append("the default --criterion auto (the descent with a target, else AOFP)")
     by_output = (rep.get("round_to") or {}).get("by") == "output"  # a classifier: the output error is read
     if flops_target is not None and by_output and rep.get("criterion") != "descent":
         hints.append("--criterion descent (one ablation per channel, widths by the output error)")

@@ -46,7 +46,7 @@ import numpy as np
 from aofp_onnx.api import Pruner, accuracy
 from aofp_onnx.calib import input_specs, load_data
 from aofp_onnx.check import DownstreamParts
-from aofp_onnx.criteria import l1_scores, random_scores
+from aofp_onnx.criteria import l1_scores, random_scores, resolve_auto
 from aofp_onnx.damage_point import resolve, resolve_accept, resolve_norm
 from aofp_onnx.descent import descend, ranking
 from aofp_onnx.estimate import ESTIMATORS, RIDGE, mean_scores, ridge_scores
@@ -220,18 +220,25 @@ def run_task(name: str, args) -> list[str]:
             ratio = f"x{oracle_s / sec:.1f} / x{oracle_cpu / cpu:.1f}" if versus else ""
             print(f"   {label:<{width}} {a[:, 0].mean():7.2f}% ({a[:, 0].min():6.2f}%) {a[:, 1].mean():7.2f}% "
                   f"({a[:, 1].min():6.2f}%) {sec:9.1f} {cpu:9.1f} {ratio:>13}")
-        # the default settings, also when run under the names auto resolves to (e.g. --damage-norm sample, and
-        # --accept-by: without recovery it may check at the outputs, with --reconstruct it may not)
-        default = {k: default_row(rows, cmap, refit=bool(k)) for k in (0, 1)}
-        checked = ([default] if None not in default.values() else []) + \
-            ([{0: "descent", 1: "descent"}] if "descent" in rows else [])  # the default AOFP when it ran
+        # the default settings (--criterion auto: the descent or AOFP, resolve_auto) and AOFP's defaults, also when
+        # run under the names auto resolves to (e.g. --damage-norm sample, and --accept-by: without recovery it may
+        # check at the outputs, with --reconstruct it may not)
+        chosen = resolve_auto(pruner, target, None, [], args.batch)
+        print(f"   [{name} x{target}] default settings: --criterion auto -> {chosen['criterion']} ({chosen['why']})",
+              flush=True)
+        descent_row, aofp_default = {0: "descent", 1: "descent"}, {k: default_row(rows, cmap, bool(k)) for k in (0, 1)}
+        default = descent_row if chosen["criterion"] == "descent" else aofp_default
+        checked = [row for row in (default, descent_row, aofp_default)  # the default first, then the other that ran
+                   if row[0] in rows and row[1] in rows]
+        checked = [row for k, row in enumerate(checked) if row not in checked[:k]]
         mean = lambda key, k: float(np.mean(np.array(rows[key][0])[:, k]))  # noqa: E731
         for row in checked:
             for k, kind in ((0, "no recovery"), (1, "reconstructed")):
                 acc = mean(row[k], k)
                 # one test set's resolution: the binomial standard error of an accuracy p on n samples
                 se = 100 * np.sqrt(acc * (1 - acc) / len(test))
-                lines.append(f"{name} x{target} {kind} ({row[k]}): {100 * acc:.2f}% >= L1 "
+                lines.append(f"{name} x{target} {kind} ({row[k]}{', the default' * (row == default)}): "
+                             f"{100 * acc:.2f}% >= L1 "
                              f"{100 * mean('l1', k):.2f}%: {acc >= mean('l1', k)}; >= random "
                              f"{100 * mean('random', k):.2f}%: {acc >= mean('random', k)} (standard error of one "
                              f"accuracy on these {len(test)} test samples: {se:.2f} points)")
@@ -356,7 +363,8 @@ def main():
     checks = []
     for name in args.tasks:
         checks += run_task(name, args)
-    print(f"\nchecks for the default AOFP ({DEFAULT}) and the descent criterion:")
+    print(f"\nchecks for the default settings (--criterion auto: the descent where a target is given and its ranking "
+          f"is affordable, as each task's lines above say), the descent and AOFP's defaults ({DEFAULT}):")
     for line in checks:
         print("   " + line)
 

@@ -13,7 +13,7 @@ tables, targets and timings at batch B), `--criterion l1`:
      the run are printed);
   C  `--flops-target F`, F found on the latency table so that C estimates B's latency (fidelity at equal
      latency);
-  D  (with `--aofp`) `--flops-target 0.6` with the default criterion, AOFP (its search takes minutes);
+  D  (with `--aofp`) `--flops-target 0.6` with `--criterion aofp` (its search takes minutes);
   E  (with `--aofp`) `--latency-target 0.6` with AOFP.
 Then the original, A, B, C (and D, E) are timed in one interleaved run (wall: medians, p10-p90) and, with one
 thread, in a second interleaved run by the calling thread's CPU clock (onnxruntime runs there with one
@@ -118,8 +118,8 @@ def run_model(model_id: str, path: Path, tmp: Path, args) -> dict:
                                  args)
     reps = [rep_a, rep_b, api.prune(path, out["C"], flops_target=f_c, criterion=args.criterion, **common)]
     if args.aofp:
-        reps.append(api.prune(path, out["D"], flops_target=0.6, **common))
-        reps.append(api.prune(path, out["E"], latency_target=0.6, **common))
+        reps.append(api.prune(path, out["D"], flops_target=0.6, criterion="aofp", **common))
+        reps.append(api.prune(path, out["E"], latency_target=0.6, criterion="aofp", **common))
     paths = [str(path)] + [str(out[k]) for k in runs]
     rows = bench_models(paths, provider=args.provider, batch_size=args.batch, repeats=args.repeats, warmup=2,
                         threads=args.threads, input_shapes={name: (args.batch, 3, SIZE, SIZE)})
@@ -149,7 +149,7 @@ def main():
     parser.add_argument("--criterion", default="l1", choices=["l1", "random"], help="criterion of A, B and C")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=1, help="batch of the latency tables, targets and timings")
-    parser.add_argument("--aofp", action="store_true", help="also D: the default criterion (AOFP) at 0.6 of the MACs")
+    parser.add_argument("--aofp", action="store_true", help="also D: AOFP at 0.6 of the MACs")
     args = parser.parse_args()
     paths = {m: corpus_model(MODELS[m][0]) for m in args.models.split(",")}
     start = time.perf_counter()

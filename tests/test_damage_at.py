@@ -270,7 +270,7 @@ def test_accept_by_on_the_command_line(tmp_path, extra, accepted):
     src = _chain_model(tmp_path / "chain.onnx")
     report = tmp_path / "r.json"
     proc = run_cli("prune", src, "-o", tmp_path / "out.onnx", "--calib", "random:16", "--flops-target", "0.7",
-                   *extra, "--no-progress", "--report", report)
+                   "--criterion", "aofp", *extra, "--no-progress", "--report", report)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(report.read_text())
     assert rep["verification"]["passed"]

@@ -23,7 +23,7 @@ CALIB = ROOT / "models" / "mnist_calib.npz"
 
 def prune_cmd(out: Path, plan: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "aofp_onnx", "prune", str(MODEL), "-o", str(out), "--calib", str(CALIB),
-            "--flops-target", "0.5", "--seed", "7", "--batch-size", "16", "--calib-limit", "64",
+            "--flops-target", "0.5", "--criterion", "aofp", "--seed", "7", "--batch-size", "16", "--calib-limit", "64",
             "--provider", "cpu", "--no-progress", "--plan-out", str(plan), *extra]
 
 
