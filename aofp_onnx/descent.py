@@ -230,6 +230,8 @@ def ranking_forwards(pruner, batch_size: int = 32, memory_budget: int | None = N
     508 on PP-OCRv4 det (36 pages at 320²), 682 on open_nsfw (18 images; 415 s), 499 on ddddocr's YOLOX (48
     captchas; 754 s)."""
     cmap = pruner.cmap
+    if not cmap.prunable:
+        return 0.0
     point, _ = damage_point.resolve(cmap, damage_at, bool(getattr(pruner, "pinned", None)))
     widths = np.array([len(g.slots) for g in cmap.prunable], dtype=float)
     if point == "output":

@@ -176,7 +176,8 @@ def test_descent_needs_a_target(tmp_path):
 
 
 def test_a_model_with_nothing_to_prune_is_written_whole(tmp_path):
-    """Every group blocked (the conv's channels are a graph output): the descent keeps everything, as L1 does."""
+    """Every group blocked (the conv's channels are a graph output): the descent keeps everything, as L1 does, and
+    `auto` has no ranking to cost."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
@@ -184,7 +185,8 @@ def test_a_model_with_nothing_to_prune_is_written_whole(tmp_path):
     src = tmp_path / "conv.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), src)
     reports = {c: api.prune(src, tmp_path / f"{c}.onnx", calib="random:4", criterion=c, flops_target=0.5,
-                            latency=False) for c in ("descent", "l1")}
+                            latency=False) for c in ("descent", "l1", "auto")}
     for rep in reports.values():
         assert rep["verification"]["passed"] and rep["macs_after"] == rep["macs_before"]
     assert reports["descent"]["search"]["trials"] == 0
+    assert reports["auto"]["criterion_auto"]["ranking_forwards"] == 0 and reports["auto"]["criterion"] == "descent"
