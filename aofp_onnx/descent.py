@@ -58,14 +58,14 @@ def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: 
     """(d [slots], trial rows run): each prunable channel's damage when removed alone on top of `keep`, as
     `engine` reads it, averaged over `batches`; row i removes channel i of every group wide enough.
     `progress(single ablations run: channels times batches, share of the work done)` after each stacked run.
-    The work, in MACs: each stacked run's base forward (the model's) and, for each ablation, its group's
+    The work, in MACs (`next_layer_work`): each stacked run's base forward (the model's) and, for each ablation, its group's
     consumers (the copies the row runs). On open_nsfw (one row per run within the memory budget) that put 32 / 56 /
     78 % of the work at rows 256 / 512 / 771 of 1024, where 34 / 57 / 80 % of the 458 s had passed (by rows
     alone 25 / 50 / 75 %, by ablations alone 82 / 91 / 96 %)."""
     widest = max(len(g.slots) for g in cmap.prunable)
     damage = np.zeros(cmap.n_slots)
-    work = np.array(damage_point.sink_macs(cmap), dtype=float)
-    total = -(-widest // stack) * cmap.total_macs + float(sum(w * len(g.slots) for w, g in zip(work, cmap.prunable)))
+    work = damage_point.sink_macs(cmap)
+    total = next_layer_work(cmap, stack)
     done = worked = 0
     for start in range(0, widest, stack):
         index = np.arange(start, min(widest, start + stack))
@@ -81,6 +81,13 @@ def ablations(cmap: ChannelMap, engine: TrialEngine, keep: np.ndarray, batches: 
         if progress:
             progress(done, worked / max(total, 1))
     return damage, widest * len(batches)
+
+
+def next_layer_work(cmap: ChannelMap, stack: int) -> float:
+    """The MACs per sample of `ablations` at `stack` rows per run: ⌈W / stack⌉ base forwards of the model, and
+    every channel's consumer copies, Σ_g w_g M(g's sinks)."""
+    widths = [len(g.slots) for g in cmap.prunable]
+    return -(-max(widths) // stack) * cmap.total_macs + float(np.dot(widths, damage_point.sink_macs(cmap)))
 
 
 def lower(cmap: ChannelMap, keep: np.ndarray, scores: np.ndarray, target: float, step: int, min_channels: int = 1,
@@ -222,8 +229,7 @@ def ranking(cmap: ChannelMap, point: str, norm: str, provider: str = "auto", mem
 
 def ranking_forwards(pruner, batch_size: int = 32, memory_budget: int | None = None, damage_at: str = "auto") -> float:
     """The ranking's work before it runs, in forwards of the whole model on the same samples: at the next layers
-    (or a block) ⌈W / stack⌉ stacked runs, each a base forward, plus every channel's consumer copies,
-    Σ_g w_g M(g's sinks) / M; at the outputs one base forward plus every channel's downstream part, Σ_g w_g
+    (or a block) `next_layer_work` / M at the stack the memory budget allows; at the outputs one base forward plus every channel's downstream part, Σ_g w_g
     M(downstream of g) / M. Through `prune` (batch 32): 62 on the PP-OCR classifier (48 search lines; a ranking of
     2-5 s), 79 on the MNIST CNN and 171 on the digits ResNet-20 (outputs), 161 on nudenet's YOLOv8n (12 images,
     batch pinned to 1); 276 on occular's orinet, 444 on the float16 PP-LCNet (24 pages, batch 16; ranked in 38 s),
@@ -233,12 +239,12 @@ def ranking_forwards(pruner, batch_size: int = 32, memory_budget: int | None = N
     if not cmap.prunable:
         return 0.0
     point, _ = damage_point.resolve(cmap, damage_at, bool(getattr(pruner, "pinned", None)))
-    widths = np.array([len(g.slots) for g in cmap.prunable], dtype=float)
     if point == "output":
-        return 1 + float(widths @ damage_point.downstream_macs(cmap)) / cmap.total_macs
+        widths = [len(g.slots) for g in cmap.prunable]
+        return 1 + float(np.dot(widths, damage_point.downstream_macs(cmap))) / cmap.total_macs
     batch = len(next(iter(check_batches(calibration_batches(pruner, batch_size))[0].values())))
-    stack = stack_within(activation_bytes(cmap), memory_budget_of(memory_budget), batch)
-    return -(-int(widths.max()) // stack) + float(widths @ damage_point.sink_macs(cmap)) / cmap.total_macs
+    return next_layer_work(cmap, stack_within(activation_bytes(cmap), memory_budget_of(memory_budget), batch)) / \
+        cmap.total_macs
 
 
 def run(pruner, *, target: float, step: int, min_channels: int = 1, cost=None, errors=None, provider: str = "auto",

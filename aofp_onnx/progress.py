@@ -113,11 +113,11 @@ class SearchProgress:
     def eta(self, ratios: dict[str, float], trials: int, elapsed: float, share: float | None = None) -> float | None:
         """`share`: the share of the work done, where the caller knows it better than the counts (the descent's
         ranking)."""
-        done = [(1 - ratios[k.lower()]) / (1 - t) for k, t in self.targets.items() if k.lower() in ratios and t < 1]
-        if self.max_trials:
-            done.append(trials / self.max_trials)
         if share is not None:
             done = [share]
+        else:
+            done = [(1 - ratios[k.lower()]) / (1 - t) for k, t in self.targets.items() if k.lower() in ratios and t < 1]
+            done += [trials / self.max_trials] if self.max_trials else []
         best = min(max(done, default=0.0), 1.0)
         return elapsed * (1 - best) / best if best > 0.02 else None
 

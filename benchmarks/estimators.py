@@ -178,6 +178,7 @@ def run_task(name: str, args) -> list[str]:
         if cached is not None:
             np.savez(cached, **{f"keep_{t}": k for t, (k, *_) in oracle_runs.items()},
                      **{f"seconds_{t}": np.array(secs) for t, (_, *secs) in oracle_runs.items()})
+    chosen = resolve_auto(pruner, min(targets, default=None), None, [], args.batch)  # the same at any target
     for target in targets:
         rows = {}
         if target in oracle_runs:
@@ -223,14 +224,11 @@ def run_task(name: str, args) -> list[str]:
         # the default settings (--criterion auto: the descent or AOFP, resolve_auto) and AOFP's defaults, also when
         # run under the names auto resolves to (e.g. --damage-norm sample, and --accept-by: without recovery it may
         # check at the outputs, with --reconstruct it may not)
-        chosen = resolve_auto(pruner, target, None, [], args.batch)
         print(f"   [{name} x{target}] default settings: --criterion auto -> {chosen['criterion']} ({chosen['why']})",
               flush=True)
         descent_row, aofp_default = {0: "descent", 1: "descent"}, {k: default_row(rows, cmap, bool(k)) for k in (0, 1)}
-        default = descent_row if chosen["criterion"] == "descent" else aofp_default
-        checked = [row for row in (default, descent_row, aofp_default)  # the default first, then the other that ran
-                   if row[0] in rows and row[1] in rows]
-        checked = [row for k, row in enumerate(checked) if row not in checked[:k]]
+        default, other = (descent_row, aofp_default) if chosen["criterion"] == "descent" else (aofp_default, descent_row)
+        checked = [row for row in (default, other) if row[0] in rows and row[1] in rows]  # each that ran
         mean = lambda key, k: float(np.mean(np.array(rows[key][0])[:, k]))  # noqa: E731
         for row in checked:
             for k, kind in ((0, "no recovery"), (1, "reconstructed")):
